@@ -1,0 +1,129 @@
+"""Test accuracy of saved checkpoints: python evaluate.py noteLearning_20.pth [more.pth ...]"""
+
+import argparse
+import json
+import sys
+
+import mnist_mlp
+from mnist_mlp import UsageError
+
+
+def parse_args(argv):
+    parser = mnist_mlp.ArgumentParser(
+        description="Report test accuracy and loss of NoteModel checkpoints.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint files (.pth)")
+    parser.add_argument("--data-dir", default=mnist_mlp.DEFAULT_DATA_DIR, help="dataset root folder")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch-size", type=mnist_mlp.positive_int, default=1000, help="evaluation batch size")
+    parser.add_argument("--json", action="store_true", help="print JSON: an object for one file, a list for several")
+    parser.add_argument("--per-class", action="store_true", help="also print the accuracy of each class")
+    parser.add_argument("--confusion", action="store_true", help="also print the confusion matrix (rows = true class)")
+    parser.add_argument("--save-errors", metavar="PATH.png",
+                        help="save a grid of up to 64 misclassified test images, captioned true->predicted")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow pickled whole models (the tutorial's torch.save(model, ...)): runs code from the file")
+    args = parser.parse_args(argv)
+    if args.save_errors and len(args.checkpoints) != 1:
+        parser.error("--save-errors takes exactly one checkpoint")
+    if args.save_errors and not args.save_errors.lower().endswith(".png"):
+        parser.error("--save-errors must name a .png file")
+    return args
+
+
+def evaluate_checkpoints(args):
+    """One result dict per checkpoint; data is read once per dataset."""
+    device = mnist_mlp.resolve_device(args.device)
+    loaded = [(path, mnist_mlp.load_checkpoint(path, map_location=device, trust_pickle=args.trust_pickle))
+              for path in args.checkpoints]
+    models = [mnist_mlp.model_from_checkpoint(path, checkpoint, device) for path, checkpoint in loaded]
+    test_sets = {}
+    results = []
+    for (path, checkpoint), model in zip(loaded, models):
+        dataset = checkpoint["config"].get("dataset", "mnist")
+        if dataset not in test_sets:
+            test_sets[dataset] = mnist_mlp.load_dataset(args.data_dir, dataset)[1].to(device)
+        evaluation = mnist_mlp.evaluate(model, test_sets[dataset], args.batch_size)
+        results.append({
+            "checkpoint": path, "epoch": checkpoint["epoch"], "dataset": dataset,
+            "accuracy": round(evaluation.accuracy, 2), "correct": evaluation.correct,
+            "total": evaluation.total, "loss": round(evaluation.loss, 6),
+            "classes": mnist_mlp.DATASETS[dataset][1],
+            "per_class": [round(value, 2) for value in evaluation.per_class],
+            "confusion": evaluation.confusion.tolist(),
+        })
+    if args.save_errors:
+        save_error_grid(args.save_errors, models[0], test_sets[results[0]["dataset"]], results[0]["classes"])
+    return results
+
+
+def save_error_grid(path, model, split, class_names, columns=8, scale=2):
+    """A PNG of up to 64 misclassified images, each captioned 'true→predicted'."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    indices, predictions = mnist_mlp.misclassified(model, split)
+    font = ImageFont.load_default()
+    captions = [f"{class_names[int(split.labels[i])]}→{class_names[int(p)]}" for i, p in zip(indices, predictions)]
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    text_width = max([measure.textlength(caption, font=font) for caption in captions] + [0])
+    cell_width = max(28 * scale, int(text_width) + 4)
+    cell_height = 28 * scale + 14
+    rows = max(1, (len(captions) + columns - 1) // columns)
+    grid = Image.new("L", (columns * cell_width, rows * cell_height), color=255)
+    draw = ImageDraw.Draw(grid)
+    for number, (index, caption) in enumerate(zip(indices, captions)):
+        left, top = (number % columns) * cell_width, (number // columns) * cell_height
+        digit = Image.fromarray(split.pixels[index].view(28, 28).cpu().numpy(), mode="L")
+        grid.paste(digit.resize((28 * scale, 28 * scale)), (left + (cell_width - 28 * scale) // 2, top))
+        draw.text((left + 2, top + 28 * scale + 1), caption, fill=0, font=font)
+    mnist_mlp.atomic_write(path, lambda file: grid.save(file, format="PNG"))
+    return len(captions)
+
+
+def print_results(results, args):
+    if len(results) == 1:
+        result = results[0]
+        print(f"{result['checkpoint']} (epoch {result['epoch']}, {result['dataset']} test set): "
+              f"accuracy {result['correct']}/{result['total']} = {result['accuracy']:.2f}%, "
+              f"mean loss {result['loss']:.4f}")
+    else:
+        best = max(range(len(results)), key=lambda i: (results[i]["accuracy"], -results[i]["loss"]))
+        width = max(len("checkpoint"), *(len(result["checkpoint"]) for result in results))
+        print(f"{'checkpoint':<{width}}  epoch  accuracy      correct    loss")
+        for number, result in enumerate(results):
+            mark = "  <- best" if number == best else ""
+            print(f"{result['checkpoint']:<{width}}  {result['epoch']:>5}  {result['accuracy']:>7.2f}%  "
+                  f"{result['correct']:>5}/{result['total']:<5}  {result['loss']:.4f}{mark}")
+    for result in results:
+        label = f"{result['checkpoint']}: " if len(results) > 1 else ""
+        names = result["classes"]
+        if args.per_class:
+            print(f"{label}accuracy per class:")
+            for name, value in zip(names, result["per_class"]):
+                print(f"  {name:>11}  {value:6.2f}%")
+        if args.confusion:
+            print(f"{label}confusion matrix (rows = true class, columns = predicted):")
+            short = [name[:5] for name in names]
+            print("       " + "".join(f"{name:>6}" for name in short))
+            for name, row in zip(short, result["confusion"]):
+                print(f"{name:>6} " + "".join(f"{count:>6}" for count in row))
+    if args.save_errors:
+        print(f"saved misclassified examples to {args.save_errors}")
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        results = evaluate_checkpoints(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    else:
+        print_results(results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

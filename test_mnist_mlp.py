@@ -1,0 +1,397 @@
+"""Tests for mnist_mlp, train.py and evaluate.py: python -m pytest -q"""
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import datasets, transforms
+
+import evaluate
+import mnist_mlp
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TUTORIAL_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+
+
+class TutorialNet(nn.Module):
+    """The blog tutorial's model, as it writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 128)
+        self.fc2 = nn.Linear(128, 64)
+        self.fc3 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = x.view(-1, 28 * 28)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def write_idx(path, tensor):
+    """Write a uint8 tensor as an IDX file, the format torchvision's MNIST reader parses."""
+    header = struct.pack(f">I{tensor.dim()}I", 0x800 + tensor.dim(), *tensor.shape)
+    with open(path, "wb") as file:
+        file.write(header + tensor.contiguous().numpy().tobytes())
+
+
+def make_tiny_mnist(root, n_train=256, n_test=64, seed=0, compress=False):
+    """A small learnable MNIST look-alike: each class is a bright bar at its own rows, plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    folder = os.path.join(root, "MNIST", "raw")
+    os.makedirs(folder, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 60, (n, 28, 28), generator=generator)
+        for index, label in enumerate(labels.tolist()):
+            images[index, 2 + 2 * label:4 + 2 * label, 4:24] = 255
+        for kind, tensor in (("images-idx3", images), ("labels-idx1", labels)):
+            path = os.path.join(folder, f"{prefix}-{kind}-ubyte")
+            write_idx(path, tensor.to(torch.uint8))
+            if compress:
+                with open(path, "rb") as raw, gzip.open(path + ".gz", "wb") as packed:
+                    packed.write(raw.read())
+                os.remove(path)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """The bundled real MNIST, as (train Split, test Split)."""
+    return mnist_mlp.load_dataset(mnist_mlp.DEFAULT_DATA_DIR, download=False)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One epoch of `python train.py` on the bundled MNIST: (checkpoint folder, printed output)."""
+    folder = tmp_path_factory.mktemp("trained")
+    import io
+    from contextlib import redirect_stdout
+    output = io.StringIO()
+    with redirect_stdout(output):
+        code = train.main(["--epochs", "1", "--checkpoint-dir", str(folder), "--device", "cpu"])
+    assert code == 0
+    return folder, output.getvalue()
+
+
+def run_main(module, argv, capsys):
+    """Call a script's main in-process: (exit code, stdout, stderr)."""
+    code = module.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_usage_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+# ----------------------------------------------------------------------------- model and data
+
+def test_model_matches_the_tutorials_keys_and_shapes():
+    ours, tutorial = mnist_mlp.NoteModel(), TutorialNet()
+    assert [(key, value.shape) for key, value in ours.state_dict().items()] == \
+           [(key, value.shape) for key, value in tutorial.state_dict().items()]
+    ours.load_state_dict(tutorial.state_dict())
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.equal(ours(x), tutorial(x))
+    assert torch.equal(ours(x.view(5, 784)), ours(x))
+    deeper = mnist_mlp.NoteModel([32, 16, 8])
+    assert [name for name, _ in deeper.named_children()] == ["fc1", "fc2", "fc3", "fc4"]
+    assert deeper(x).shape == (5, 10)
+    assert mnist_mlp.hidden_sizes(deeper.state_dict()) == [32, 16, 8]
+
+
+def test_normalization_equals_torchvision_transforms_bit_for_bit(mnist):
+    train_split, _ = mnist
+    dataset = datasets.MNIST(mnist_mlp.DEFAULT_DATA_DIR, train=True, transform=TUTORIAL_TRANSFORM)
+    indices = list(range(0, 60000, 97))
+    expected = torch.stack([dataset[i][0] for i in indices]).view(-1, 784)
+    ours = mnist_mlp.normalize(train_split.pixels[indices])
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, expected)
+    assert torch.equal(train_split.labels[indices], torch.tensor([dataset[i][1] for i in indices]))
+
+
+def test_one_epoch_visits_every_training_index_once_in_batches_of_64_then_32():
+    order = mnist_mlp.epoch_order(60000, torch.Generator().manual_seed(1))
+    batches = order.split(64)
+    assert [len(batch) for batch in batches] == [64] * 937 + [32]
+    assert torch.equal(torch.cat(batches).sort().values, torch.arange(60000))
+    assert not torch.equal(order, mnist_mlp.epoch_order(60000, torch.Generator().manual_seed(1)).flip(0))
+
+
+def test_batch_order_equals_the_dataloaders_over_two_epochs():
+    generator, ours = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    loader = torch.utils.data.DataLoader(list(range(60000)), batch_size=64, shuffle=True, generator=generator)
+    for _ in range(2):
+        expected = torch.cat(list(loader))
+        assert torch.equal(mnist_mlp.epoch_order(60000, ours), expected)
+
+
+def test_our_batches_equal_the_tutorials_dataloader_batches(tmp_path):
+    root = make_tiny_mnist(tmp_path, n_train=200)
+    train_split, _ = mnist_mlp.load_dataset(str(root), download=False)
+    dataset = datasets.MNIST(str(root), train=True, transform=TUTORIAL_TRANSFORM)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(3))
+    ours = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        order = mnist_mlp.epoch_order(len(train_split), ours)
+        their_batches = list(loader)
+        assert [len(y) for _, y in their_batches] == [64, 64, 64, 8]
+        for batch, (x, y) in zip(order.split(64), their_batches):
+            assert torch.equal(mnist_mlp.normalize(train_split.pixels[batch]), x.view(-1, 784))
+            assert torch.equal(train_split.labels[batch], y)
+
+
+def test_gz_files_are_decompressed_atomically_and_read_by_torchvision(tmp_path):
+    root = make_tiny_mnist(tmp_path, compress=True)
+    train_split, test_split = mnist_mlp.load_dataset(str(root), download=False)
+    assert (len(train_split), len(test_split)) == (256, 64)
+    raw = sorted(os.listdir(tmp_path / "MNIST" / "raw"))
+    assert [name for name in raw if not name.endswith(".gz")] == sorted(mnist_mlp.RAW_FILES)
+
+
+def test_bundled_data_has_the_canonical_mnist_checksums():
+    import hashlib
+    expected = {"train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+                "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+                "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+                "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"}
+    for name, md5 in expected.items():
+        with gzip.open(os.path.join(HERE, "data", "MNIST", "raw", name + ".gz"), "rb") as file:
+            assert hashlib.md5(file.read()).hexdigest() == md5, name
+
+
+# ----------------------------------------------------------------------------- training step
+
+def test_hand_written_backward_equals_autograd_bit_for_bit(mnist):
+    train_split, _ = mnist
+    x, labels = mnist_mlp.normalize(train_split.pixels[:64]), train_split.labels[:64]
+    for hidden in ([128, 64], [50, 40, 30]):
+        torch.manual_seed(0)
+        reference = mnist_mlp.NoteModel(hidden)
+        F.cross_entropy(reference(x), labels).backward()
+        torch.manual_seed(0)
+        model = mnist_mlp.NoteModel(hidden)
+
+        class NoStep:
+            def step(self):
+                pass
+
+        loss = mnist_mlp.TrainStep(model, NoStep())(x, labels)
+        assert torch.equal(loss, F.cross_entropy(reference(x), labels))
+        for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(ours.grad, theirs.grad), (hidden, name)
+
+
+@pytest.mark.parametrize("optimizer, fused", [("adam", False), ("adam", True), ("sgd", True)])
+def test_our_loop_equals_the_tutorials_pipeline_bit_for_bit(mnist, optimizer, fused):
+    """40 steps of DataLoader + transforms + autograd vs ours, from the same seed: same weights."""
+    steps, seed = 40, 5
+    torch.manual_seed(seed)
+    tutorial = TutorialNet()
+    tutorial_optimizer = mnist_mlp.make_optimizer(optimizer, tutorial.parameters(), 0.01, fused=fused)
+    dataset = datasets.MNIST(mnist_mlp.DEFAULT_DATA_DIR, train=True, transform=TUTORIAL_TRANSFORM)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    criterion = nn.CrossEntropyLoss()
+    for step, (images, labels) in zip(range(steps), loader):
+        tutorial_optimizer.zero_grad()
+        criterion(tutorial(images), labels).backward()
+        tutorial_optimizer.step()
+
+    torch.manual_seed(seed)
+    model = mnist_mlp.NoteModel()
+    train_split, _ = mnist
+    step = mnist_mlp.TrainStep(model, mnist_mlp.make_optimizer(optimizer, model.parameters(), 0.01, fused=fused))
+    order = mnist_mlp.epoch_order(len(train_split), torch.Generator().manual_seed(seed))
+    for batch in order.split(64)[:steps]:
+        step(mnist_mlp.normalize(train_split.pixels[batch]), train_split.labels[batch])
+    for ours, theirs in zip(model.parameters(), tutorial.parameters()):
+        assert torch.equal(ours, theirs)
+
+
+def test_adam_by_hand_with_bias_correction_equals_torch_adam():
+    torch.manual_seed(0)
+    param = torch.randn(100)
+    reference = nn.Parameter(param.clone())
+    optimizer = torch.optim.Adam([reference], lr=1e-3, foreach=False)
+    exp_avg, exp_avg_sq = torch.zeros(100), torch.zeros(100)
+    for step in range(1, 11):
+        grad = torch.randn(100)
+        reference.grad = grad.clone()
+        optimizer.step()
+        mnist_mlp.adam_update(param, grad, exp_avg, exp_avg_sq, step)
+        torch.testing.assert_close(param, reference.detach(), rtol=0, atol=1e-7)
+    # Without bias correction the first step would be (1 - beta1) / sqrt(1 - beta2) ~ 3.16 times
+    # too small... and with it, the first step moves each weight by almost exactly lr.
+    start = torch.randn(100)
+    moved = start.clone()
+    mnist_mlp.adam_update(moved, torch.randn(100), torch.zeros(100), torch.zeros(100), step=1)
+    torch.testing.assert_close((moved - start).abs(), torch.full((100,), 1e-3), rtol=1e-3, atol=0)
+
+
+def test_same_seed_twice_gives_identical_weights(tmp_path, capsys):
+    root = make_tiny_mnist(tmp_path / "data")
+    states = []
+    for run in ("a", "b"):
+        code, _, _ = run_main(train, ["--epochs", "2", "--data-dir", root, "--checkpoint-dir", tmp_path / run,
+                                      "--device", "cpu", "--seed", "3"], capsys)
+        assert code == 0
+        states.append(torch.load(tmp_path / run / "noteLearning_2.pth", weights_only=True)["model"])
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
+# ----------------------------------------------------------------------------- train.py and evaluate.py
+
+def test_tiny_idx_dataset_trains_and_checkpoints(tmp_path, capsys):
+    root = make_tiny_mnist(tmp_path / "data")
+    code, out, _ = run_main(train, ["--epochs", "3", "--data-dir", root, "--checkpoint-dir", tmp_path,
+                                    "--device", "cpu", "--batch-size", "32", "--log-interval", "4"], capsys)
+    assert code == 0
+    assert "epoch 1/3  step 4/8  loss" in out
+    for epoch in (1, 2, 3):
+        checkpoint = torch.load(tmp_path / f"noteLearning_{epoch}.pth", weights_only=True, map_location="cpu")
+        assert checkpoint["epoch"] == epoch
+    assert checkpoint["metrics"]["test_accuracy"] == 100.0  # the bars are easy to tell apart
+    assert checkpoint["config"] == {"hidden": [128, 64], "optimizer": "adam", "lr": 0.001, "betas": [0.9, 0.999],
+                                    "eps": 1e-08, "weight_decay": 0, "batch_size": 32, "seed": 1,
+                                    "dataset": "mnist", "val_size": 0}
+    with open(tmp_path / "metrics.csv") as file:
+        lines = file.read().splitlines()
+    assert lines[0].startswith("epoch,train_loss,")
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3"]
+
+
+def test_one_epoch_on_real_mnist_reaches_90_percent(trained):
+    folder, output = trained
+    final = [line for line in output.splitlines() if line.startswith("epoch 1/1  train loss")]
+    assert len(final) == 1
+    accuracy = float(final[0].split("test accuracy ")[1].split("%")[0])
+    assert accuracy >= 90.0
+    assert "epoch 1/1  step 900/938  loss" in output
+    assert (folder / "noteLearning_1.pth").is_file()
+    with open(folder / "metrics.csv") as file:
+        rows = file.read().splitlines()
+    assert len(rows) == 2 and rows[1].split(",")[5] == f"{accuracy:.2f}"
+
+
+def test_evaluate_reports_the_accuracy_train_printed(trained, capsys):
+    folder, output = trained
+    printed = output.split("test accuracy ")[1].split("%")[0]
+    path = folder / "noteLearning_1.pth"
+    code, out, _ = run_main(evaluate, [path, "--device", "cpu"], capsys)
+    assert code == 0 and f"= {printed}%" in out
+    code, out, _ = run_main(evaluate, [path, "--json"], capsys)
+    result = json.loads(out)
+    assert f"{result['accuracy']:.2f}" == printed and result["total"] == 10000 and result["epoch"] == 1
+    assert result["correct"] == round(float(printed) * 100)
+
+
+def test_evaluate_several_checkpoints_marks_the_best(trained, tmp_path, capsys):
+    folder, _ = trained
+    worse = mnist_mlp.NoteModel().state_dict()  # untrained: about 10%
+    torch.save(worse, tmp_path / "random.pth")
+    code, out, _ = run_main(evaluate, [tmp_path / "random.pth", folder / "noteLearning_1.pth"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["checkpoint", "epoch", "accuracy", "correct", "loss"]
+    assert lines[2].endswith("<- best") and "<- best" not in lines[1]
+    code, out, _ = run_main(evaluate, [tmp_path / "random.pth", folder / "noteLearning_1.pth", "--json"], capsys)
+    assert [result["epoch"] for result in json.loads(out)] == [0, 1]
+
+
+def test_checkpoint_is_plain_data_and_loads_on_the_cpu(trained):
+    folder, _ = trained
+    checkpoint = torch.load(folder / "noteLearning_1.pth", weights_only=True, map_location="cpu")
+    assert set(checkpoint) >= {"model", "optimizer", "epoch", "config", "metrics", "torch_version"}
+    tutorial = TutorialNet()
+    tutorial.load_state_dict(checkpoint["model"])  # the tutorial's own class takes our weights
+    assert all(value.device.type == "cpu" for value in checkpoint["model"].values())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("argv, words", [
+    (["--epochs", "0"], ["--epochs", "positive"]),
+    (["--batch-size", "-3"], ["--batch-size"]),
+    (["--lr", "0"], ["--lr", "positive"]),
+    (["--lr", "-0.1"], ["--lr"]),
+    (["--optimizer", "rmsprop"], ["--optimizer"]),
+])
+def test_train_rejects_bad_numbers(argv, words, capsys):
+    assert_usage_error(*run_main(train, argv, capsys)[::2], *words)
+
+
+def test_unavailable_device_is_an_error_not_a_fallback(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run_main(train, ["--device", "cuda", "--checkpoint-dir", tmp_path], capsys)
+    assert_usage_error(code, err, "CUDA is not available")
+    assert_usage_error(*run_main(train, ["--device", "tpu"], capsys)[::2], "tpu")
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_data_names_the_files_and_the_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(datasets.MNIST, "mirrors", [])  # no network in tests: the download fails at once
+    code, _, err = run_main(train, ["--data-dir", tmp_path / "nothing", "--checkpoint-dir", tmp_path / "out",
+                                    "--device", "cpu"], capsys)
+    assert_usage_error(code, err, "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "--data-dir",
+                       str(tmp_path / "nothing" / "MNIST" / "raw"))
+    assert not (tmp_path / "out" / "noteLearning_1.pth").exists()
+
+
+def test_unreadable_data_folder(tmp_path, capsys):
+    not_a_folder = tmp_path / "data.txt"
+    not_a_folder.write_text("hello")
+    code, _, err = run_main(train, ["--data-dir", not_a_folder, "--checkpoint-dir", tmp_path], capsys)
+    assert_usage_error(code, err, "data folder")
+
+
+def test_evaluate_rejects_missing_and_non_checkpoint_files(tmp_path, capsys):
+    assert_usage_error(*run_main(evaluate, [tmp_path / "nope.pth"], capsys)[::2], "no such file")
+    assert_usage_error(*run_main(evaluate, [tmp_path], capsys)[::2], "no such file")
+    (tmp_path / "notes.pth").write_text("not a checkpoint at all\n")
+    assert_usage_error(*run_main(evaluate, [tmp_path / "notes.pth"], capsys)[::2], "not a readable checkpoint")
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "other.pth")
+    assert_usage_error(*run_main(evaluate, [tmp_path / "other.pth"], capsys)[::2], "no model weights")
+
+
+def test_evaluate_rejects_a_checkpoint_whose_shapes_do_not_fit(tmp_path, capsys):
+    state = mnist_mlp.NoteModel().state_dict()
+    state["fc2.weight"] = torch.zeros(64, 100)
+    torch.save(state, tmp_path / "odd.pth")
+    assert_usage_error(*run_main(evaluate, [tmp_path / "odd.pth"], capsys)[::2], "does not fit")
+
+
+def test_scripts_exit_2_with_one_line_in_a_real_process(tmp_path):
+    for argv in (["train.py", "--epochs", "0"], ["evaluate.py", str(tmp_path / "missing.pth")]):
+        result = subprocess.run([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]],
+                                capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+        assert "Traceback" not in result.stderr
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("--epochs", "(default: 20)", "(default: 64)", "(default: 0.001)", "(default: adam)"):
+        assert text in out
