@@ -37,24 +37,34 @@ def evaluate_checkpoints(args):
     loaded = [(path, mnist_mlp.load_checkpoint(path, map_location=device, trust_pickle=args.trust_pickle))
               for path in args.checkpoints]
     models = [mnist_mlp.model_from_checkpoint(path, checkpoint, device) for path, checkpoint in loaded]
-    test_sets = {}
+    splits = {}  # dataset -> (train, test), each read once
     results = []
     for (path, checkpoint), model in zip(loaded, models):
-        dataset = checkpoint["config"].get("dataset", "mnist")
-        if dataset not in test_sets:
-            test_sets[dataset] = mnist_mlp.load_dataset(args.data_dir, dataset)[1].to(device)
-        evaluation = mnist_mlp.evaluate(model, test_sets[dataset], args.batch_size)
-        results.append({
+        config = checkpoint["config"]
+        dataset = config.get("dataset", "mnist")
+        if dataset not in splits:
+            train_split, test_split = mnist_mlp.load_dataset(args.data_dir, dataset)
+            splits[dataset] = (train_split, test_split.to(device))
+        evaluation = mnist_mlp.evaluate(model, splits[dataset][1], args.batch_size)
+        result = {
             "checkpoint": path, "epoch": checkpoint["epoch"], "dataset": dataset,
-            "accuracy": round(evaluation.accuracy, 2), "correct": evaluation.correct,
-            "total": evaluation.total, "loss": round(evaluation.loss, 6),
+            **summary(evaluation),
             "classes": mnist_mlp.DATASETS[dataset][1],
             "per_class": [round(value, 2) for value in evaluation.per_class],
             "confusion": evaluation.confusion.tolist(),
-        })
+        }
+        if config.get("val_size"):  # the images train.py held out, drawn again from the recorded seed
+            _, val_split = mnist_mlp.split_validation(splits[dataset][0], config["val_size"], config["seed"])
+            result["validation"] = summary(mnist_mlp.evaluate(model, val_split.to(device), args.batch_size))
+        results.append(result)
     if args.save_errors:
-        save_error_grid(args.save_errors, models[0], test_sets[results[0]["dataset"]], results[0]["classes"])
+        save_error_grid(args.save_errors, models[0], splits[results[0]["dataset"]][1], results[0]["classes"])
     return results
+
+
+def summary(evaluation):
+    return {"accuracy": round(evaluation.accuracy, 2), "correct": evaluation.correct,
+            "total": evaluation.total, "loss": round(evaluation.loss, 6)}
 
 
 def save_error_grid(path, model, split, class_names, columns=8, scale=2):
@@ -86,6 +96,10 @@ def print_results(results, args):
         print(f"{result['checkpoint']} (epoch {result['epoch']}, {result['dataset']} test set): "
               f"accuracy {result['correct']}/{result['total']} = {result['accuracy']:.2f}%, "
               f"mean loss {result['loss']:.4f}")
+        if "validation" in result:
+            val = result["validation"]
+            print(f"validation ({val['total']} held-out training images): "
+                  f"accuracy {val['correct']}/{val['total']} = {val['accuracy']:.2f}%, mean loss {val['loss']:.4f}")
     else:
         best = max(range(len(results)), key=lambda i: (results[i]["accuracy"], -results[i]["loss"]))
         width = max(len("checkpoint"), *(len(result["checkpoint"]) for result in results))

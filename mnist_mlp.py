@@ -12,8 +12,10 @@ import pickle
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import types
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -172,7 +174,7 @@ def decompress_raw_files(folder):
         try:
             with gzip.open(source, "rb") as compressed:
                 atomic_write(target, lambda file: shutil.copyfileobj(compressed, file, 1 << 20))
-        except (OSError, EOFError, gzip.BadGzipFile) as error:
+        except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
             raise UsageError(f"cannot decompress {source} ({_reason(error)})") from None
 
 
@@ -501,6 +503,7 @@ def load_checkpoint(path, map_location="cpu", trust_pickle=False):
                                  "from the file: pass --trust-pickle if you trust where it came from") from None
             raise UsageError(f"{path} is refused: loading it would run {name} (unsafe pickle); "
                              "pass --trust-pickle only if you trust where it came from") from None
+        print(f"warning: --trust-pickle: loading {path} runs code from the file", file=sys.stderr)
         try:
             data = _load_trusting_pickle(path, map_location)
         except Exception as trusted_error:

@@ -395,3 +395,340 @@ def test_help_shows_the_defaults(capsys):
     out = capsys.readouterr().out
     for text in ("--epochs", "(default: 20)", "(default: 64)", "(default: 0.001)", "(default: adam)"):
         assert text in out
+
+
+# ----------------------------------------------------------------------------- resume, crashes, safety
+
+def tiny_run(tmp_path, *extra):
+    """train.py flags for a quick run on a tiny IDX dataset in tmp_path/data."""
+    root = tmp_path / "data"
+    if not root.exists():
+        make_tiny_mnist(root)
+    return ["--data-dir", root, "--device", "cpu", "--batch-size", "32", *extra]
+
+
+def test_resume_continues_bit_identically_without_rewriting_earlier_epochs(tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", straight), capsys)[0] == 0
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", split), capsys)[0] == 0
+    first = (split / "noteLearning_1.pth").read_bytes()
+    code, out, _ = run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", split,
+                                            "--resume", split / "noteLearning_1.pth"), capsys)
+    assert code == 0 and "epoch 1/3" not in out and "epoch 2/3" in out
+    assert (split / "noteLearning_1.pth").read_bytes() == first
+    a = torch.load(straight / "noteLearning_3.pth", weights_only=True)
+    b = torch.load(split / "noteLearning_3.pth", weights_only=True)
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    assert a["metrics"] == b["metrics"]
+    assert (straight / "metrics.csv").read_text().split("\n")[1:] and \
+        [row.split(",")[:6] for row in (straight / "metrics.csv").read_text().splitlines()] == \
+        [row.split(",")[:6] for row in (split / "metrics.csv").read_text().splitlines()]
+
+
+def test_resume_refuses_other_hidden_sizes_and_finished_runs(tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)[0] == 0
+    before = (folder / "noteLearning_1.pth").read_bytes()
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder, "--hidden", "32",
+                                            "--resume", folder / "noteLearning_1.pth"), capsys)
+    assert_usage_error(code, err, "hidden sizes [128, 64]", "--hidden 128 64")
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder,
+                                            "--resume", folder / "noteLearning_1.pth"), capsys)
+    assert_usage_error(code, err, "already at epoch 1")
+    assert (folder / "noteLearning_1.pth").read_bytes() == before
+    assert sorted(os.listdir(folder)) == ["metrics.csv", "noteLearning_1.pth"]
+
+
+KILLER = """
+import io, os, signal, sys
+sys.path.insert(0, {here!r})
+import torch, mnist_mlp, train
+
+moment, epoch = sys.argv[1], int(sys.argv[2])
+real_atomic_write = mnist_mlp.atomic_write
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def atomic_write(path, write):
+    name = os.path.basename(path)
+    if (moment == "checkpoint" and name == f"noteLearning_{{epoch}}.pth") or \\
+       (moment == "metrics" and name == "metrics.csv" and os.path.exists(f"noteLearning_{{epoch}}.pth")):
+        def write_half(file):
+            buffer = io.BytesIO()
+            write(buffer)
+            file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            file.flush()
+            die()
+        return real_atomic_write(path, write_half)
+    return real_atomic_write(path, write)
+
+mnist_mlp.atomic_write = atomic_write
+if moment == "step":
+    real_call, calls = mnist_mlp.TrainStep.__call__, []
+    def call(self, x, labels):
+        calls.append(1)
+        if len(calls) == epoch:
+            die()
+        return real_call(self, x, labels)
+    mnist_mlp.TrainStep.__call__ = call
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("moment, epoch, survivors", [
+    ("checkpoint", 2, [1]),   # killed halfway through writing noteLearning_2.pth
+    ("checkpoint", 1, []),
+    ("metrics", 2, [1, 2]),   # killed halfway through rewriting metrics.csv
+    ("step", 20, [1, 2]),     # killed in the middle of epoch 3 (8 steps an epoch)
+])
+def test_sigkill_at_any_moment_leaves_only_complete_files(tmp_path, moment, epoch, survivors):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(here=HERE))
+    argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "4", "--checkpoint-dir", ".")]
+    result = subprocess.run([sys.executable, str(script), moment, str(epoch), *argv],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == -9, result.stderr
+    files = sorted(name for name in os.listdir(tmp_path) if name.endswith(".pth"))
+    assert files == [f"noteLearning_{number}.pth" for number in survivors]
+    for name in files:
+        checkpoint = mnist_mlp.load_checkpoint(str(tmp_path / name))
+        assert checkpoint["epoch"] == int(name.split("_")[1].split(".")[0])
+        mnist_mlp.model_from_checkpoint(name, checkpoint)
+    if survivors:
+        rows = (tmp_path / "metrics.csv").read_text().splitlines()
+        assert [row.split(",")[0] for row in rows[1:]] == [str(n) for n in survivors[:len(rows) - 1]]
+        assert len(rows) - 1 >= len(survivors) - (moment == "metrics")
+    leftovers = [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert all(name.startswith(".") for name in leftovers)  # hidden temp files, never a final name
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
+    argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if (tmp_path / "ck" / "noteLearning_2.pth").exists():
+                break
+            import time
+            time.sleep(0.1)
+        process.send_signal(subprocess.signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    last = max(int(name.split("_")[1].split(".")[0]) for name in os.listdir(tmp_path / "ck") if name.endswith(".pth"))
+    assert f"last complete checkpoint: ck/noteLearning_{last}.pth" in err
+    assert f"resume with: python train.py {' '.join(argv)} --resume ck/noteLearning_{last}.pth" in err
+    mnist_mlp.load_checkpoint(str(tmp_path / "ck" / f"noteLearning_{last}.pth"))
+
+
+def test_diverging_loss_stops_with_the_step_and_keeps_earlier_checkpoints(tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)[0] == 0
+    before = (folder / "noteLearning_1.pth").read_bytes()
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder,
+                                            "--optimizer", "sgd", "--lr", "1e6"), capsys)
+    assert_usage_error(code, err, "non-finite at step", "smaller --lr")
+    assert (folder / "noteLearning_1.pth").read_bytes() == before
+    assert not (folder / "noteLearning_2.pth").exists()
+
+
+class Hostile:
+    """Unpickling this creates a file: the kind of code a checkpoint must never get to run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_hostile_pickle_is_refused_and_does_not_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    torch.save({"model": Hostile(str(marker))}, tmp_path / "evil.pth")
+    code, _, err = run_main(evaluate, [tmp_path / "evil.pth"], capsys)
+    assert_usage_error(code, err, "refused", "open")
+    code, _, err = run_main(train, ["--resume", tmp_path / "evil.pth", "--checkpoint-dir", tmp_path], capsys)
+    assert_usage_error(code, err, "refused")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("make", ["empty", "truncated", "png"])
+def test_broken_checkpoints_are_one_line_errors(make, trained, tmp_path, capsys):
+    path = tmp_path / "broken.pth"
+    if make == "empty":
+        path.write_bytes(b"")
+    elif make == "truncated":
+        data = (trained[0] / "noteLearning_1.pth").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        from PIL import Image
+        Image.new("L", (28, 28)).save(path, format="PNG")
+    assert_usage_error(*run_main(evaluate, [path], capsys)[::2], "not a readable checkpoint")
+    code, _, err = run_main(train, ["--resume", path, "--checkpoint-dir", tmp_path / "out"], capsys)
+    assert_usage_error(code, err, "not a readable checkpoint")
+    assert not (tmp_path / "out" / "noteLearning_1.pth").exists()
+
+
+TUTORIAL_SCRIPT = """
+import sys, torch
+from torch import nn
+from torchvision import datasets, transforms
+
+class NoteModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 128)
+        self.fc2 = nn.Linear(128, 64)
+        self.fc3 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = x.view(-1, 28 * 28)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+model = NoteModel()
+model.load_state_dict(torch.load(sys.argv[1], weights_only=True)["model"])
+transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+test_loader = torch.utils.data.DataLoader(datasets.MNIST(sys.argv[2], train=False, transform=transform), batch_size=1000)
+correct = 0
+with torch.no_grad():
+    for images, labels in test_loader:
+        correct += (model(images).argmax(1) == labels).sum().item()
+print(f"Accuracy: {100 * correct / 10000:.2f}%")
+torch.save(model, sys.argv[3])
+"""
+
+
+def test_the_tutorials_pickled_model_loads_only_with_trust_pickle(trained, tmp_path, capsys):
+    script = tmp_path / "tutorial.py"
+    script.write_text(TUTORIAL_SCRIPT)
+    old = tmp_path / "old.pth"
+    result = subprocess.run([sys.executable, str(script), str(trained[0] / "noteLearning_1.pth"),
+                             mnist_mlp.DEFAULT_DATA_DIR, str(old)], capture_output=True, text=True, check=True)
+    printed = result.stdout.split("Accuracy: ")[1].split("%")[0]
+
+    assert_usage_error(*run_main(evaluate, [old], capsys)[::2], "pickled model", "--trust-pickle")
+    code, out, err = run_main(evaluate, [old, "--trust-pickle"], capsys)
+    assert code == 0 and f"= {printed}%" in out
+    assert err.startswith("warning: ") and "runs code" in err and err.count("\n") == 1
+
+    folder = tmp_path / "resumed"
+    code, _, _ = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder, "--lr", "1e-12",
+                                          "--resume", old, "--trust-pickle"), capsys)
+    assert code == 0
+    start = torch.load(trained[0] / "noteLearning_1.pth", weights_only=True)["model"]
+    after = torch.load(folder / "noteLearning_1.pth", weights_only=True)["model"]
+    for key in start:
+        torch.testing.assert_close(after[key], start[key], rtol=0, atol=1e-6)
+
+
+def write_raw(root, name, data):
+    folder = root / "MNIST" / "raw"
+    (folder / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncated", ["train-images-idx3-ubyte", "truncated"]),
+    ("magic", ["train-labels-idx1-ubyte", "magic"]),
+    ("gz", ["cannot decompress", "t10k-images-idx3-ubyte.gz"]),
+])
+def test_damaged_data_files_are_one_line_errors(damage, words, tmp_path, capsys):
+    root = make_tiny_mnist(tmp_path / "data")
+    raw = root / "MNIST" / "raw"
+    if damage == "truncated":
+        data = (raw / "train-images-idx3-ubyte").read_bytes()
+        write_raw(root, "train-images-idx3-ubyte", data[:1000])
+    elif damage == "magic":
+        data = (raw / "train-labels-idx1-ubyte").read_bytes()
+        write_raw(root, "train-labels-idx1-ubyte", b"\x00\x00\x08\x03" + data[4:])
+    else:
+        os.remove(raw / "t10k-images-idx3-ubyte")
+        write_raw(root, "t10k-images-idx3-ubyte.gz", b"\x1f\x8b\x08\x00 not really gzip")
+    code, _, err = run_main(train, ["--data-dir", root, "--checkpoint-dir", tmp_path / "out", "--device", "cpu"], capsys)
+    assert_usage_error(code, err, *words)
+    assert not (tmp_path / "out" / "noteLearning_1.pth").exists()
+    assert not (raw / "t10k-images-idx3-ubyte").exists() or damage != "gz"
+
+
+def test_checkpoint_folder_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    code, _, err = run_main(train, tiny_run(tmp_path, "--checkpoint-dir", blocker / "sub"), capsys)
+    assert_usage_error(code, err, "checkpoint folder")
+    if os.geteuid() != 0:  # root writes anywhere; the read-only case needs an ordinary user
+        readonly = tmp_path / "readonly"
+        readonly.mkdir(mode=0o500)
+        code, _, err = run_main(train, tiny_run(tmp_path, "--checkpoint-dir", readonly), capsys)
+        assert_usage_error(code, err, "not writable")
+
+
+# ----------------------------------------------------------------------------- reports, validation, datasets
+
+def test_per_class_and_confusion_agree_with_accuracy(trained, capsys):
+    path = trained[0] / "noteLearning_1.pth"
+    code, out, _ = run_main(evaluate, [path, "--json"], capsys)
+    result = json.loads(out)
+    confusion = torch.tensor(result["confusion"])
+    assert confusion.shape == (10, 10) and int(confusion.sum()) == 10000
+    assert int(confusion.trace()) == result["correct"]
+    assert torch.equal(confusion.sum(1), torch.bincount(mnist_mlp.load_dataset(
+        mnist_mlp.DEFAULT_DATA_DIR, download=False)[1].labels, minlength=10))
+    per_class = (100 * confusion.diag() / confusion.sum(1)).tolist()
+    assert result["per_class"] == [round(value, 2) for value in per_class]
+    code, out, _ = run_main(evaluate, [path, "--per-class", "--confusion"], capsys)
+    lines = out.splitlines()
+    assert lines[1] == "accuracy per class:" and lines[2].split() == ["0", f"{result['per_class'][0]:.2f}%"]
+    matrix_rows = lines[lines.index("confusion matrix (rows = true class, columns = predicted):") + 2:]
+    assert [int(value) for value in matrix_rows[3].split()[1:]] == result["confusion"][3]
+
+
+def test_save_errors_writes_a_png_grid_of_misclassified_images(trained, tmp_path, capsys):
+    from PIL import Image
+    path = tmp_path / "errors.png"
+    code, out, _ = run_main(evaluate, [trained[0] / "noteLearning_1.pth", "--save-errors", path], capsys)
+    assert code == 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[1] == 8 * (28 * 2 + 14)  # 64 errors: 8 rows
+        assert image.size[0] >= 8 * 28 * 2
+    assert_usage_error(*run_main(evaluate, [trained[0] / "noteLearning_1.pth", "--save-errors",
+                                            tmp_path / "errors.jpg"], capsys)[::2], ".png")
+
+
+def test_validation_split_is_held_out_from_training_and_reported(tmp_path, capsys):
+    root = make_tiny_mnist(tmp_path / "data")
+    full, _ = mnist_mlp.load_dataset(str(root), download=False)
+    train_part, val_part = mnist_mlp.split_validation(full, 56, seed=1)
+    assert (len(train_part), len(val_part)) == (200, 56)
+    rows = {tuple(row.tolist()) for row in full.pixels}
+    assert len(rows) == 256  # every tiny image is distinct, so rows identify images
+    train_rows = {tuple(row.tolist()) for row in train_part.pixels}
+    val_rows = {tuple(row.tolist()) for row in val_part.pixels}
+    assert not train_rows & val_rows and train_rows | val_rows == rows
+
+    folder = tmp_path / "out"
+    code, out, _ = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--val-size", "56", "--checkpoint-dir", folder),
+                            capsys)
+    assert code == 0 and "val accuracy" in out and "step" not in out.split("train loss")[0].split("\n", 1)[1]
+    header, row = (folder / "metrics.csv").read_text().splitlines()
+    assert header.split(",")[2:4] == ["val_loss", "val_accuracy"] and row.split(",")[3] != ""
+    code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", "--data-dir", root, "--json"], capsys)
+    assert json.loads(out)["validation"]["total"] == 56
+    assert_usage_error(*run_main(train, tiny_run(tmp_path, "--val-size", "256", "--checkpoint-dir", folder),
+                                 capsys)[::2], "--val-size")
+
+
+def test_fashion_mnist_from_local_gz_files(tmp_path, capsys):
+    root = make_tiny_mnist(tmp_path / "data", compress=True)
+    os.rename(root / "MNIST", root / "FashionMNIST")
+    folder = tmp_path / "out"
+    code, out, _ = run_main(train, ["--dataset", "fashion-mnist", "--data-dir", root, "--epochs", "1",
+                                    "--checkpoint-dir", folder, "--device", "cpu", "--batch-size", "32"], capsys)
+    assert code == 0 and "fashion-mnist" in out
+    assert torch.load(folder / "noteLearning_1.pth", weights_only=True)["config"]["dataset"] == "fashion-mnist"
+    code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", "--data-dir", root, "--per-class"], capsys)
+    assert code == 0 and "fashion-mnist test set" in out and "Ankle boot" in out
