@@ -1,6 +1,7 @@
 """Tests for mnist_mlp, train.py and evaluate.py: python -m pytest -q"""
 
 import gzip
+import inspect
 import json
 import os
 import struct
@@ -573,24 +574,13 @@ def test_broken_checkpoints_are_one_line_errors(make, trained, tmp_path, capsys)
     assert not (tmp_path / "out" / "noteLearning_1.pth").exists()
 
 
+# The tutorial's own program: its model class lives in __main__, and it pickles the whole model.
 TUTORIAL_SCRIPT = """
 import sys, torch
 from torch import nn
 from torchvision import datasets, transforms
 
-class NoteModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(28 * 28, 128)
-        self.fc2 = nn.Linear(128, 64)
-        self.fc3 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = x.view(-1, 28 * 28)
-        x = torch.relu(self.fc1(x))
-        x = torch.relu(self.fc2(x))
-        return self.fc3(x)
-
+""" + inspect.getsource(TutorialNet).replace("TutorialNet", "NoteModel") + """
 model = NoteModel()
 model.load_state_dict(torch.load(sys.argv[1], weights_only=True)["model"])
 transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
