@@ -72,8 +72,12 @@ def save_error_grid(path, model, split, class_names, columns=8, scale=2):
     from PIL import Image, ImageDraw, ImageFont
 
     indices, predictions = mnist_mlp.misclassified(model, split)
-    font = ImageFont.load_default()
-    captions = [f"{class_names[int(split.labels[i])]}→{class_names[int(p)]}" for i, p in zip(indices, predictions)]
+    try:  # a font with an arrow where the system has one; PIL's built-in font has no "→"
+        font, arrow = ImageFont.truetype("DejaVuSans.ttf", 11), "→"
+    except OSError:
+        font, arrow = ImageFont.load_default(), "->"
+    captions = [f"{class_names[int(split.labels[i])]}{arrow}{class_names[int(p)]}"
+                for i, p in zip(indices, predictions)]
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     text_width = max([measure.textlength(caption, font=font) for caption in captions] + [0])
     cell_width = max(28 * scale, int(text_width) + 4)

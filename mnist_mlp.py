@@ -7,6 +7,7 @@ Nothing runs at import time.
 import argparse
 import contextlib
 import gzip
+import math
 import os
 import pickle
 import re
@@ -188,25 +189,18 @@ def check_idx_file(path, ndim):
     if magic != 0x800 + ndim:
         raise UsageError(f"{path} is not an IDX file of {ndim}-D bytes (magic {magic:#010x}, "
                          f"expected {0x800 + ndim:#010x})")
-    expected_size = len(header) + _product(dims)
+    expected_size = len(header) + math.prod(dims)
     if os.path.getsize(path) != expected_size:
         raise UsageError(f"{path} has {os.path.getsize(path)} bytes, its header promises {expected_size}: "
                          "truncated or corrupt")
-
-
-def _product(numbers):
-    result = 1
-    for number in numbers:
-        result *= number
-    return result
 
 
 @dataclass
 class Split:
     """One split of a dataset: raw pixels (N, 784) uint8 and labels (N,) int64, on one device.
 
-    Keeping the pixels as bytes and normalizing each batch costs a few microseconds a step and
-    saves the 4x memory of a float copy of the whole dataset.
+    Keeping the pixels as bytes and normalizing each batch costs about 25 microseconds a step
+    (on one core) and saves the 4x memory of a float copy of the whole dataset.
     """
     pixels: torch.Tensor
     labels: torch.Tensor
@@ -354,7 +348,8 @@ class TrainStep:
         loss = F.nll_loss(log_probs, labels)
 
         # d(mean cross-entropy)/d(logits) = (softmax(logits) - onehot(labels)) / N, computed
-        # by the two kernels that autograd runs for nll_loss and log_softmax.
+        # by the two kernels that autograd runs for nll_loss and log_softmax (reduction 1 = mean,
+        # -100 = the default ignore_index, total weight = the batch size).
         batch_size = self.one.new_full((), len(labels))
         grad = torch.ops.aten.nll_loss_backward(self.one, log_probs, labels, None, 1, -100, batch_size)
         grad = torch.ops.aten._log_softmax_backward_data(grad, log_probs, 1, log_probs.dtype)
