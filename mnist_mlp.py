@@ -106,12 +106,16 @@ def hidden_sizes(state_dict):
 
 # ----------------------------------------------------------------------------- devices
 
+def _mps_available():
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
 def resolve_device(name):
     """torch.device for --device: auto picks cuda, then mps, then cpu; never a silent fallback."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -125,7 +129,7 @@ def resolve_device(name):
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif device.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        if not _mps_available():
             raise UsageError(f"--device {name}: MPS is not available on this machine; use --device cpu")
     elif device.type != "cpu":
         raise UsageError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
@@ -242,8 +246,6 @@ def load_dataset(data_dir, dataset="mnist", download=True):
     for train in (True, False):
         try:
             torchvision_dataset = getattr(datasets, class_name)(data_dir, train=train, download=not present)
-        except UsageError:
-            raise
         except Exception as error:  # torchvision raises many kinds: offline, corrupt, permissions
             if not present:
                 raise UsageError(f"{_missing_data_message(folder, dataset)} (download failed: {_reason(error)})") from None
@@ -427,13 +429,18 @@ class Evaluation:
 
 
 @torch.no_grad()
+def logits_in_batches(model, split, batch_size=1000):
+    """Yield (labels, logits) for `split`, batch_size samples at a time, in order."""
+    for start in range(0, len(split), batch_size):
+        yield split.labels[start:start + batch_size], model(normalize(split.pixels[start:start + batch_size]))
+
+
+@torch.no_grad()
 def evaluate(model, split, batch_size=1000, classes=10):
     """Mean loss, accuracy and confusion matrix of `model` on `split`."""
     loss_sum = torch.zeros((), device=split.pixels.device)
     confusion = torch.zeros(classes * classes, dtype=torch.long, device=split.pixels.device)
-    for start in range(0, len(split), batch_size):
-        labels = split.labels[start:start + batch_size]
-        logits = model(normalize(split.pixels[start:start + batch_size]))
+    for labels, logits in logits_in_batches(model, split, batch_size):
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         confusion += torch.bincount(labels * classes + logits.argmax(1), minlength=classes * classes)
     confusion = confusion.view(classes, classes).cpu()
@@ -442,9 +449,7 @@ def evaluate(model, split, batch_size=1000, classes=10):
 
 def misclassified(model, split, limit=64, batch_size=1000):
     """(indices, predictions) of the first `limit` misclassified samples of `split`."""
-    with torch.no_grad():
-        predictions = torch.cat([model(normalize(split.pixels[start:start + batch_size])).argmax(1)
-                                 for start in range(0, len(split), batch_size)])
+    predictions = torch.cat([logits.argmax(1) for _, logits in logits_in_batches(model, split, batch_size)])
     wrong = (predictions != split.labels).nonzero().flatten()[:limit]
     return wrong.cpu(), predictions[wrong].cpu()
 
@@ -467,7 +472,7 @@ def _load_trusting_pickle(path, map_location):
             try:
                 return super().find_class(module, name)
             except AttributeError:
-                if module == "__main__" and (name == "NoteModel" or not name.startswith("_")):
+                if module == "__main__" and not name.startswith("_"):
                     return type(name, (nn.Module,), {})
                 raise
 
