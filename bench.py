@@ -35,16 +35,31 @@ def batch_sizes(n, batch_size, steps):
     return (per_epoch * (steps // len(per_epoch) + 1))[:steps]
 
 
-def time_classic(data_dir, device, steps, warmup):
-    """The tutorial's pipeline; returns seconds for `steps` steps after `warmup` untimed ones."""
+def tutorial_pipeline(data_dir, device):
+    """The tutorial's pieces: per-image transforms, a shuffling DataLoader, the model, loss and Adam."""
     from torchvision import datasets, transforms
 
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    dataset = datasets.MNIST(data_dir, train=True, transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True)
+    train_loader = torch.utils.data.DataLoader(datasets.MNIST(data_dir, train=True, transform=transform),
+                                               batch_size=64, shuffle=True)
+    test_set = datasets.MNIST(data_dir, train=False, transform=transform)
     model = mnist_mlp.NoteModel().to(device)
-    criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    return train_loader, test_set, model, nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters(), lr=0.001)
+
+
+def tutorial_step(model, criterion, optimizer, images, labels, device):
+    """One step as the tutorial writes it; returns the loss, read every step (loss.item())."""
+    images, labels = images.to(device), labels.to(device)
+    optimizer.zero_grad()
+    loss = criterion(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def time_classic(data_dir, device, steps, warmup):
+    """The tutorial's pipeline; returns seconds for `steps` steps after `warmup` untimed ones."""
+    loader, _, model, criterion, optimizer = tutorial_pipeline(data_dir, device)
 
     def batches():
         while True:
@@ -56,38 +71,19 @@ def time_classic(data_dir, device, steps, warmup):
         if step == warmup:
             synchronize(device)
             started = time.perf_counter()
-        images, labels = next(batch_iterator)
-        images, labels = images.to(device), labels.to(device)
-        optimizer.zero_grad()
-        loss = criterion(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # tutorial-style loops read the loss every step: running_loss += loss.item()
+        tutorial_step(model, criterion, optimizer, *next(batch_iterator), device)
     synchronize(device)
     return time.perf_counter() - started
 
 
 def tutorial_run(data_dir, device, epochs, checkpoint_dir):
     """The tutorial's whole program: train, log every 100 steps, test and save after each epoch."""
-    from torchvision import datasets, transforms
-
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    train_loader = torch.utils.data.DataLoader(datasets.MNIST(data_dir, train=True, transform=transform),
-                                               batch_size=64, shuffle=True)
-    test_loader = torch.utils.data.DataLoader(datasets.MNIST(data_dir, train=False, transform=transform),
-                                              batch_size=1000)
-    model = mnist_mlp.NoteModel().to(device)
-    criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    train_loader, test_set, model, criterion, optimizer = tutorial_pipeline(data_dir, device)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=1000)
     for epoch in range(1, epochs + 1):
         running_loss = 0.0
         for step, (images, labels) in enumerate(train_loader, start=1):
-            images, labels = images.to(device), labels.to(device)
-            optimizer.zero_grad()
-            loss = criterion(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            running_loss += loss.item()
+            running_loss += tutorial_step(model, criterion, optimizer, images, labels, device)
             if step % 100 == 0:
                 print(f"epoch {epoch} step {step} loss {running_loss / 100:.4f}")
                 running_loss = 0.0
@@ -95,7 +91,7 @@ def tutorial_run(data_dir, device, epochs, checkpoint_dir):
         with torch.no_grad():
             for images, labels in test_loader:
                 correct += (model(images.to(device)).argmax(1) == labels.to(device)).sum().item()
-        print(f"epoch {epoch} test accuracy {100 * correct / len(test_loader.dataset):.2f}%", flush=True)
+        print(f"epoch {epoch} test accuracy {100 * correct / len(test_set):.2f}%", flush=True)
         torch.save(model.state_dict(), os.path.join(checkpoint_dir, f"noteLearning_{epoch}.pth"))
 
 
