@@ -1,5 +1,6 @@
 """Tests for mnist_mlp, train.py and evaluate.py: python -m pytest -q"""
 
+import contextlib
 import gzip
 import inspect
 import json
@@ -69,6 +70,15 @@ def make_tiny_mnist(root, n_train=256, n_test=64, seed=0, compress=False):
 def mnist():
     """The bundled real MNIST, as (train Split, test Split)."""
     return mnist_mlp.load_dataset(mnist_mlp.DEFAULT_DATA_DIR, download=False)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread, as train.py runs by default (the flush of denormals is per thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -190,12 +200,12 @@ def test_hand_written_backward_equals_autograd_bit_for_bit(mnist):
         torch.manual_seed(0)
         model = mnist_mlp.NoteModel(hidden)
 
-        class NoStep:
-            def step(self):
-                pass
-
-        loss = mnist_mlp.TrainStep(model, NoStep())(x, labels)
+        layers = list(model.children())
+        grads = [(torch.zeros_like(layer.weight), torch.zeros_like(layer.bias)) for layer in layers]
+        loss, _ = mnist_mlp.FastStep(layers).forward_backward(x, labels, grads)
         assert torch.equal(loss, F.cross_entropy(reference(x), labels))
+        for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+            ours.grad = grads[int(name[2]) - 1][name.endswith("bias")]
         for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
             assert torch.equal(ours.grad, theirs.grad), (hidden, name)
 
@@ -219,7 +229,9 @@ def test_our_loop_equals_the_tutorials_pipeline_bit_for_bit(mnist, optimizer, fu
     torch.manual_seed(seed)
     model = mnist_mlp.NoteModel()
     train_split, _ = mnist
-    step = mnist_mlp.TrainStep(model, mnist_mlp.make_optimizer(optimizer, model.parameters(), 0.01, fused=fused))
+    step, _ = mnist_mlp.make_train_step(model, nn.CrossEntropyLoss(),
+                                        mnist_mlp.make_optimizer(optimizer, model.parameters(), 0.01, fused=fused))
+    assert isinstance(step, mnist_mlp.FastStep)
     order = mnist_mlp.epoch_order(len(train_split), torch.Generator().manual_seed(seed))
     for batch in order.split(64)[:steps]:
         step(mnist_mlp.normalize(train_split.pixels[batch]), train_split.labels[batch])
@@ -256,6 +268,178 @@ def test_same_seed_twice_gives_identical_weights(tmp_path, capsys):
         assert code == 0
         states.append(torch.load(tmp_path / run / "noteLearning_2.pth", weights_only=True)["model"])
     assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
+class SigmoidModel(mnist_mlp.NoteModel):
+    """NoteModel as a student edits it first: sigmoid instead of ReLU."""
+
+    def forward(self, x):
+        x = x.view(-1, 784)
+        x = torch.sigmoid(self.fc1(x))
+        x = torch.sigmoid(self.fc2(x))
+        return self.fc3(x)
+
+
+class DropoutModel(mnist_mlp.NoteModel):
+    """NoteModel with an added nn.Dropout between the layers."""
+
+    def __init__(self, hidden=(128, 64)):
+        super().__init__(hidden)
+        self.dropout = nn.Dropout(0.2)
+
+    def forward(self, x):
+        x = x.view(-1, 784)
+        x = self.dropout(F.relu(self.fc1(x)))
+        x = self.dropout(F.relu(self.fc2(x)))
+        return self.fc3(x)
+
+
+def test_normalize_equals_the_three_step_form_for_every_byte_value():
+    every_byte = torch.arange(256, dtype=torch.uint8)
+    textbook = every_byte.float().div(255).sub(0.5).div(0.5)  # ToTensor, then Normalize((0.5,), (0.5,))
+    assert torch.equal(mnist_mlp.normalize(every_byte), textbook)
+    shifted = torch.cat([every_byte.roll(k) for k in range(40)]).view(-1, 64)  # vector and tail code paths
+    assert torch.equal(mnist_mlp.normalize(shifted), shifted.float().div(255).sub(0.5).div(0.5))
+
+
+def make_step(model, choice="auto", optimizer="adam", lr=0.001):
+    return mnist_mlp.make_train_step(model, nn.CrossEntropyLoss(),
+                                     mnist_mlp.make_optimizer(optimizer, model.parameters(), lr), choice)
+
+
+def test_the_plain_model_takes_the_fast_step_and_edited_models_the_autograd_step():
+    step, description = make_step(mnist_mlp.NoteModel())
+    assert isinstance(step, mnist_mlp.FastStep) and description.startswith("fast step")
+    for model, words in ((SigmoidModel(), "computes something other"), (DropoutModel(), "Dropout"),
+                         (mnist_mlp.NoteModel([32, 16, 8]), None)):
+        step, description = make_step(model)
+        if words is None:
+            assert isinstance(step, mnist_mlp.FastStep)
+        else:
+            assert not isinstance(step, mnist_mlp.FastStep) and description.startswith("autograd step") \
+                and words in description, description
+    hooked = mnist_mlp.NoteModel()
+    hooked.fc2.register_forward_hook(lambda module, inputs, output: None)
+    assert "hooks" in make_step(hooked)[1]
+    assert "as asked" in make_step(mnist_mlp.NoteModel(), "autograd")[1]
+    with pytest.raises(mnist_mlp.UsageError, match="--step fast cannot train this model exactly"):
+        make_step(SigmoidModel(), "fast")
+    loss_with_smoothing = mnist_mlp.make_train_step(mnist_mlp.NoteModel(), nn.CrossEntropyLoss(label_smoothing=0.1),
+                                                    torch.optim.SGD(mnist_mlp.NoteModel().parameters(), lr=0.1))
+    assert "nn.CrossEntropyLoss()" in loss_with_smoothing[1]
+
+
+def test_the_fast_step_check_leaves_no_trace():
+    class FunctionalDropout(mnist_mlp.NoteModel):  # no module to see: only the probe can tell
+        def forward(self, x):
+            return self.fc3(F.dropout(F.relu(self.fc2(F.relu(self.fc1(x.view(-1, 784))))), 0.5, self.training))
+
+    model, plain = FunctionalDropout(), mnist_mlp.NoteModel()
+    before = torch.get_rng_state()
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    assert "computes something other" in mnist_mlp.fast_step_problem(model, nn.CrossEntropyLoss(), 64)
+    assert mnist_mlp.fast_step_problem(model.eval(), nn.CrossEntropyLoss(), 64) is None  # no dropout in eval mode
+    assert mnist_mlp.fast_step_problem(plain, nn.CrossEntropyLoss(), 64) is None
+    assert all(parameter.grad is None for parameter in plain.parameters())
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_fast_and_autograd_steps_give_bit_identical_weights(mnist, optimizer):
+    train_split, _ = mnist
+    models = []
+    for choice in ("fast", "autograd"):
+        torch.manual_seed(4)
+        model = mnist_mlp.NoteModel()
+        step, _ = make_step(model, choice, optimizer, lr=0.01)
+        order = mnist_mlp.epoch_order(len(train_split), torch.Generator().manual_seed(4))
+        result = mnist_mlp.train_epoch(step, train_split, order[:40 * 64], 64)
+        models.append((model, result.step_losses))
+    (fast, fast_losses), (autograd, autograd_losses) = models
+    assert torch.equal(fast_losses, autograd_losses)
+    for a, b in zip(fast.parameters(), autograd.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_flat_adam_equals_torch_fused_adam_and_shares_its_state_dict():
+    torch.manual_seed(0)
+    ours, theirs = mnist_mlp.NoteModel([32, 16]), mnist_mlp.NoteModel([32, 16])
+    theirs.load_state_dict(ours.state_dict())
+    flat = mnist_mlp.FlatAdam(ours.parameters(), lr=0.01)
+    reference = torch.optim.Adam(theirs.parameters(), lr=0.01, fused=True)
+    x, labels = torch.randn(50, 784), torch.randint(0, 10, (50,))
+    for _ in range(25):
+        for model, optimizer in ((ours, flat), (theirs, reference)):
+            mnist_mlp.textbook_step(model, nn.CrossEntropyLoss(), optimizer, x, labels)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    saved, expected = flat.state_dict(), reference.state_dict()
+    assert saved["param_groups"][0]["params"] == expected["param_groups"][0]["params"]
+    for index, state in expected["state"].items():
+        assert set(saved["state"][index]) == set(state)
+        assert all(torch.equal(saved["state"][index][key], value) for key, value in state.items())
+    # and back: torch's Adam takes our state, ours takes torch's, and both go on identically
+    copy = mnist_mlp.NoteModel([32, 16])
+    copy.load_state_dict(ours.state_dict())
+    reloaded = mnist_mlp.FlatAdam(copy.parameters(), lr=0.01)
+    reloaded.load_state_dict(mnist_mlp.plain_copy(expected))
+    for model, optimizer in ((copy, reloaded), (theirs, reference)):
+        mnist_mlp.textbook_step(model, nn.CrossEntropyLoss(), optimizer, x, labels)
+    assert all(torch.equal(a, b) for a, b in zip(copy.parameters(), theirs.parameters()))
+
+
+def test_flushing_denormals_keeps_the_weights_bit_identical_over_two_real_epochs(mnist, one_thread):
+    train_split, _ = mnist
+    runs = []
+    for flush in (True, False):
+        torch.manual_seed(1)
+        model = mnist_mlp.NoteModel()
+        optimizer = mnist_mlp.make_optimizer("adam", model.parameters(), 0.001)
+        step, _ = mnist_mlp.make_train_step(model, nn.CrossEntropyLoss(), optimizer)
+        generator = torch.Generator().manual_seed(1)
+        with mnist_mlp.denormals_flushed() if flush else contextlib.nullcontext():
+            for _ in range(2):
+                mnist_mlp.train_epoch(step, train_split, mnist_mlp.epoch_order(len(train_split), generator), 64)
+        exp_avg = torch.cat([state["exp_avg"].flatten() for state in optimizer.state.values()])
+        denormal = (exp_avg != 0) & (exp_avg.abs() < torch.finfo(torch.float32).tiny)
+        runs.append((model, int(denormal.sum())))
+    (flushed, flushed_denormals), (plain, plain_denormals) = runs
+    assert plain_denormals > 1000 and flushed_denormals == 0  # the case is real, and flushing removes it
+    assert all(torch.equal(a, b) for a, b in zip(flushed.parameters(), plain.parameters()))
+    assert not mnist_mlp.denormals_are_flushed()
+
+
+def test_denormals_flushed_restores_the_setting_it_found():
+    assert not mnist_mlp.denormals_are_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        with mnist_mlp.denormals_flushed():
+            assert mnist_mlp.denormals_are_flushed()
+        assert mnist_mlp.denormals_are_flushed()
+    finally:
+        torch.set_flush_denormal(False)
+    with mnist_mlp.denormals_flushed():
+        assert mnist_mlp.denormals_are_flushed()
+    assert not mnist_mlp.denormals_are_flushed()
+
+
+def test_an_edited_model_trains_what_it_computes(monkeypatch, tmp_path, capsys):
+    """The student's first edit: sigmoid for ReLU. It must train as a sigmoid net, through autograd."""
+    monkeypatch.setattr(mnist_mlp, "NoteModel", SigmoidModel)
+    code, out, _ = run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path, "--device", "cpu"], capsys)
+    assert code == 0
+    assert out.splitlines()[0].startswith("training with the autograd step (the model's forward() computes")
+    accuracy = float(out.split("test accuracy ")[1].split("%")[0])
+    assert accuracy >= 90.0
+    assert_usage_error(*run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path / "fast", "--device", "cpu",
+                                         "--step", "fast"], capsys)[::2], "--step fast")
+
+
+def test_a_model_with_an_added_dropout_trains(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(mnist_mlp, "NoteModel", DropoutModel)
+    code, out, _ = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "out"), capsys)
+    assert code == 0 and "autograd step" in out.splitlines()[0] and "Dropout" in out.splitlines()[0]
+    assert (tmp_path / "out" / "noteLearning_2.pth").is_file()
 
 
 # ----------------------------------------------------------------------------- train.py and evaluate.py
@@ -366,7 +550,7 @@ def test_unreadable_data_folder(tmp_path, capsys):
 
 def test_evaluate_rejects_missing_and_non_checkpoint_files(tmp_path, capsys):
     assert_usage_error(*run_main(evaluate, [tmp_path / "nope.pth"], capsys)[::2], "no such file")
-    assert_usage_error(*run_main(evaluate, [tmp_path], capsys)[::2], "no such file")
+    assert_usage_error(*run_main(evaluate, [tmp_path], capsys)[::2], "is a folder")
     (tmp_path / "notes.pth").write_text("not a checkpoint at all\n")
     assert_usage_error(*run_main(evaluate, [tmp_path / "notes.pth"], capsys)[::2], "not a readable checkpoint")
     torch.save({"weights": [1, 2, 3]}, tmp_path / "other.pth")
@@ -466,13 +650,13 @@ def atomic_write(path, write):
 
 mnist_mlp.atomic_write = atomic_write
 if moment == "step":
-    real_call, calls = mnist_mlp.TrainStep.__call__, []
+    real_call, calls = mnist_mlp.FastStep.__call__, []
     def call(self, x, labels):
         calls.append(1)
         if len(calls) == epoch:
             die()
         return real_call(self, x, labels)
-    mnist_mlp.TrainStep.__call__ = call
+    mnist_mlp.FastStep.__call__ = call
 sys.exit(train.main(sys.argv[3:]))
 """
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 import mnist_mlp
 from mnist_mlp import UsageError
@@ -46,6 +47,10 @@ def parse_args(argv):
     parser.add_argument("--no-fused", action="store_true",
                         help="use torch's for-loop optimizer instead of the fused kernel "
                              "(bit-identical to the tutorial's Adam, slower)")
+    parser.add_argument("--step", choices=["auto", "autograd", "fast"], default="auto",
+                        help="training step: autograd is the textbook step (zero_grad, forward, loss, backward, "
+                             "step); fast is the same step with the backward pass written out, only for a model "
+                             "it is proven equal to; auto takes fast where proven, autograd elsewhere")
     parser.add_argument("--resume", metavar="CHECKPOINT", help="continue training from this checkpoint")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow --resume from a pickled whole model (runs code from the file)")
@@ -134,6 +139,7 @@ def train(args, argv):
         resumed = mnist_mlp.load_checkpoint(args.resume, trust_pickle=args.trust_pickle)
         model = mnist_mlp.model_from_checkpoint(args.resume, resumed)
     model.to(device)
+    criterion = nn.CrossEntropyLoss()
     optimizer = mnist_mlp.make_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum,
                                          fused=not args.no_fused)
     config = run_config(args, optimizer)
@@ -154,12 +160,14 @@ def train(args, argv):
     train_split, test_split = train_split.to(device), test_split.to(device)
     val_split = val_split.to(device) if val_split is not None else None
 
-    step = mnist_mlp.TrainStep(model, optimizer)
+    model.train()
+    step, step_description = mnist_mlp.make_train_step(model, criterion, optimizer, args.step, args.batch_size)
     metrics_path = os.path.join(args.checkpoint_dir, "metrics.csv")
     last_checkpoint = args.resume
-    print(f"training on {device} ({torch.get_num_threads()} threads), {len(train_split)} {args.dataset} "
+    print(f"training with the {step_description}")
+    print(f"on {device} ({torch.get_num_threads()} threads), {len(train_split)} {args.dataset} "
           f"images, epochs {start_epoch + 1}..{args.epochs}")
-    with StopOnSigint() as stop:
+    with StopOnSigint() as stop, mnist_mlp.denormals_flushed():
         for epoch in range(start_epoch + 1, args.epochs + 1):
             def log(step_number, steps, loss):
                 print(f"epoch {epoch}/{args.epochs}  step {step_number}/{steps}  loss {loss:.4f}", flush=True)
