@@ -1,15 +1,24 @@
 """Train the tutorial's MNIST MLP: python train.py --epochs 20 --device cuda
 
-Writes noteLearning_{epoch}.pth after every epoch and appends each epoch's figures to metrics.csv.
+Writes noteLearning_{epoch}.pth after every epoch and each epoch's figures to metrics.csv.
 """
 
-import argparse
-import csv
-import io
-import os
-import shlex
 import signal
 import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import argparse
+import contextlib
+import csv
+import fcntl
+import glob
+import io
+import math
+import os
+import re
+import shlex
 import time
 
 import torch
@@ -18,31 +27,45 @@ from torch import nn
 import mnist_mlp
 from mnist_mlp import UsageError
 
+METRICS_NAME = "metrics.csv"
 METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
                   "seconds", "samples_per_s", "checkpoint"]
+OPTIMIZERS = {
+    "adam": "Adam, as the tutorial (torch.optim.Adam)",
+    "sgd": "SGD with --momentum (torch.optim.SGD)",
+    "adam-no-bias-correction": "Adam without its bias correction: lr*m/(sqrt(v)+eps) with m, v not divided by "
+                               "(1-beta^t) (mnist_mlp.adam_update), to see what the correction does",
+}
 
 
 def parse_args(argv):
     parser = mnist_mlp.ArgumentParser(
         description="Train the tutorial's 784-128-64-10 MLP on MNIST.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--epochs", type=mnist_mlp.positive_int, default=20, help="total number of epochs")
-    parser.add_argument("--batch-size", type=mnist_mlp.positive_int, default=64, help="training batch size")
+    parser.add_argument("--epochs", type=mnist_mlp.bounded_int(1, 1_000_000), default=20, help="total number of epochs")
+    parser.add_argument("--batch-size", type=mnist_mlp.bounded_int(1, 1_000_000), default=64, help="training batch size")
     parser.add_argument("--lr", type=mnist_mlp.positive_float, default=0.001, help="learning rate")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0 for plain SGD)")
-    parser.add_argument("--hidden", type=mnist_mlp.positive_int, nargs="+", default=[128, 64], help="hidden layer sizes")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--threads", type=mnist_mlp.positive_int, default=None,
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam",
+                        help="; ".join(f"{name}: {text}" for name, text in OPTIMIZERS.items()))
+    parser.add_argument("--momentum", type=mnist_mlp.fraction, default=0.9, help="SGD momentum, 0 to below 1 (0: plain SGD)")
+    parser.add_argument("--hidden", type=mnist_mlp.bounded_int(1, mnist_mlp.MAX_HIDDEN), nargs="+", default=[128, 64],
+                        help="hidden layer sizes")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--threads", type=mnist_mlp.bounded_int(1, os.cpu_count() or 1), default=None,
                         help="CPU threads for torch (default: 1, fastest for these small matrices)")
     parser.add_argument("--dataset", choices=sorted(mnist_mlp.DATASETS), default="mnist", help="dataset")
     parser.add_argument("--data-dir", default=mnist_mlp.DEFAULT_DATA_DIR, help="dataset root folder")
     parser.add_argument("--checkpoint-dir", default=".", help="where checkpoints and metrics.csv go")
-    parser.add_argument("--seed", type=int, default=1, help="seed for weights and batch order")
-    parser.add_argument("--log-interval", type=mnist_mlp.positive_int, default=100,
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoints and metrics.csv of an earlier run in --checkpoint-dir "
+                             "(without it, a folder that holds another run is refused)")
+    parser.add_argument("--seed", type=mnist_mlp.bounded_int(0, 2**63 - 1), default=1,
+                        help="seed for weights and batch order")
+    parser.add_argument("--log-interval", type=mnist_mlp.bounded_int(1, 1_000_000), default=100,
                         help="print the mean training loss every this many steps")
-    parser.add_argument("--test-batch-size", type=mnist_mlp.positive_int, default=1000, help="evaluation batch size")
-    parser.add_argument("--val-size", type=mnist_mlp.non_negative_int, default=0,
+    parser.add_argument("--test-batch-size", type=mnist_mlp.bounded_int(1, 1_000_000), default=1000,
+                        help="evaluation batch size")
+    parser.add_argument("--val-size", type=mnist_mlp.bounded_int(0, 1_000_000), default=0,
                         help="hold out this many training images for validation")
     parser.add_argument("--no-fused", action="store_true",
                         help="use torch's for-loop optimizer instead of the fused kernel "
@@ -54,29 +77,73 @@ def parse_args(argv):
     parser.add_argument("--resume", metavar="CHECKPOINT", help="continue training from this checkpoint")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow --resume from a pickled whole model (runs code from the file)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume is not None and not args.resume.strip():
+        parser.error("--resume needs a checkpoint path (it was given an empty one)")
+    return args
 
 
-def run_config(args, optimizer):
-    """What a checkpoint records about the run; a resume must match it."""
-    return {"hidden": list(args.hidden), **mnist_mlp.optimizer_config(optimizer),
-            "batch_size": args.batch_size, "seed": args.seed, "dataset": args.dataset,
-            "val_size": args.val_size}
+def run_config(args, optimizer, device):
+    """What a checkpoint records about the run; a resume must match it to continue exactly."""
+    config = {"hidden": list(args.hidden), **mnist_mlp.optimizer_config(optimizer),
+              "batch_size": args.batch_size, "seed": args.seed, "dataset": args.dataset,
+              "val_size": args.val_size, "fused": not args.no_fused}
+    if device.type == "cpu":
+        config["threads"] = torch.get_num_threads()  # the matmuls round differently on other thread counts
+    return config
+
+
+FLAGS = {"hidden": "--hidden", "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum",
+         "batch_size": "--batch-size", "seed": "--seed", "dataset": "--dataset", "val_size": "--val-size",
+         "fused": "--no-fused", "threads": "--threads"}
 
 
 def check_resume_config(path, saved, current):
     """Refuse to resume a run with other settings than the checkpoint's."""
-    if saved.get("hidden") is not None and list(saved["hidden"]) != current["hidden"]:
+    if list(saved["hidden"]) != current["hidden"]:
         raise UsageError(f"{path} has hidden sizes {list(saved['hidden'])}, but --hidden is "
                          f"{' '.join(map(str, current['hidden']))}; pass --hidden "
                          f"{' '.join(map(str, saved['hidden']))}")
     if "optimizer" not in saved:
         return  # a bare state_dict or a tutorial file: weights only
-    differences = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}"
+    differences = [f"{FLAGS.get(key, key)}: checkpoint {saved[key]!r}, now {value!r}"
                    for key, value in current.items() if key in saved and saved[key] != value]
     if differences:
         raise UsageError(f"{path} was trained with other settings ({'; '.join(differences)}); "
-                         "pass the same flags to resume")
+                         "pass the same flags to resume it exactly")
+
+
+# ----------------------------------------------------------------------------- the checkpoint folder
+
+class FolderLock:
+    """Keep a second train.py out of the folder while this one writes there (an flock, freed at exit)."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".train.lock")
+        self.file = None
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, "a+")
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UsageError(f"another train.py (process {holder}) is writing to "
+                             f"{os.path.dirname(self.path) or '.'}; wait for it or choose another --checkpoint-dir")
+        except OSError as error:
+            raise UsageError(f"cannot lock {self.path} ({error.strerror})") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        self.file.close()
 
 
 def writable_folder(path):
@@ -88,48 +155,186 @@ def writable_folder(path):
         raise UsageError(f"checkpoint folder {path} is not writable")
 
 
-def write_metrics(path, row):
-    """Rewrite metrics.csv atomically: earlier epochs' rows kept, this epoch's row last."""
-    rows = []
-    if os.path.exists(path):
-        with open(path, newline="") as file:
-            rows = [old for old in csv.DictReader(file)
-                    if old.get("epoch", "").isdigit() and int(old["epoch"]) < row["epoch"]]
+def checkpoint_epochs(folder):
+    """{epoch: path} of the noteLearning_{epoch}.pth files in `folder`."""
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(folder), "noteLearning_*.pth")):
+        match = re.fullmatch(r"noteLearning_(\d+)\.pth", os.path.basename(path))
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def claim_folder(args, start_epoch):
+    """Make sure this run mixes with no other in --checkpoint-dir: refuse, or (--overwrite) clear.
+
+    A new run needs a folder without checkpoints or metrics.csv; a resumed one, a folder without
+    checkpoints after its epoch. Returns the metrics rows to keep (those up to start_epoch).
+    """
+    folder = args.checkpoint_dir
+    metrics_path = os.path.join(folder, METRICS_NAME)
+    resume_path = os.path.abspath(args.resume) if args.resume else None
+    later = {epoch: path for epoch, path in checkpoint_epochs(folder).items()
+             if epoch > start_epoch and os.path.abspath(path) != resume_path}
+    rows = read_metrics(metrics_path) if os.path.lexists(metrics_path) and not args.overwrite else []
+    conflicts = [os.path.basename(later[epoch]) for epoch in sorted(later)]
+    if start_epoch == 0 and os.path.lexists(metrics_path):
+        conflicts.append(METRICS_NAME)
+    if conflicts and not args.overwrite:
+        shown = ", ".join(conflicts[:3]) + (f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
+        how = (f"resume it with --resume, " if start_epoch == 0 else "") + "choose another --checkpoint-dir"
+        raise UsageError(f"{folder} already holds another run ({shown}); {how}, or pass --overwrite to replace it")
+    try:
+        for path in later.values():
+            os.remove(path)
+        if start_epoch == 0 and os.path.lexists(metrics_path):
+            os.remove(metrics_path)
+    except OSError as error:
+        raise UsageError(f"cannot replace the earlier run in {folder} ({error.strerror})") from None
+    return [row for row in rows if int(row["epoch"]) <= start_epoch]
+
+
+def read_metrics(path):
+    """The rows of a metrics.csv that train.py wrote; refuses (never rewrites) anything else."""
+    if not mnist_mlp.is_regular_file(path):
+        raise UsageError(f"{path} is not a regular file; move it away or choose another --checkpoint-dir")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:  # -sig: a BOM, as Excel saves one
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read {path} ({mnist_mlp._reason(error)}); move it away or pass --overwrite") from None
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is not None and reader.fieldnames != METRICS_FIELDS:
+        raise UsageError(f"{path} has other columns than train.py writes ({','.join(reader.fieldnames)[:80]}); "
+                         "it is left as it is: move it away, or pass --overwrite to replace it")
+    rows = list(reader)
+    if any(not (row.get("epoch") or "").isdigit() or None in row for row in rows):
+        raise UsageError(f"{path} has rows train.py cannot read; it is left as it is: move it away, "
+                         "or pass --overwrite to replace it")
+    return rows
+
+
+def metrics_row(epoch, metrics, checkpoint_name):
+    """One metrics.csv row from a checkpoint's `metrics` entry."""
+    row = {"epoch": epoch, "checkpoint": checkpoint_name}
+    for key, digits in (("train_loss", 4), ("val_loss", 4), ("val_accuracy", 2), ("test_loss", 4),
+                        ("test_accuracy", 2), ("seconds", 2), ("samples_per_s", 0)):
+        if isinstance(metrics.get(key), (int, float)):
+            row[key] = f"{metrics[key]:.{digits}f}"
+    return row
+
+
+def write_metrics(folder, rows):
+    """Write metrics.csv atomically from `rows`, adding any row a checkpoint in `folder` has and
+    `rows` lacks (a stop between a checkpoint's save and this write would otherwise lose it)."""
+    by_epoch = {int(row["epoch"]): row for row in rows}
+    newest = max(by_epoch)
+    for epoch, path in checkpoint_epochs(folder).items():
+        if epoch not in by_epoch and epoch < newest:
+            with contextlib.suppress(UsageError):
+                checkpoint = mnist_mlp.load_checkpoint(path)
+                by_epoch[epoch] = metrics_row(epoch, checkpoint.get("metrics", {}), os.path.basename(path))
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRICS_FIELDS, extrasaction="ignore")
+    writer = csv.DictWriter(text, fieldnames=METRICS_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows + [row])
-    mnist_mlp.atomic_write(path, lambda file: file.write(text.getvalue().encode()))
+    writer.writerows(by_epoch[epoch] for epoch in sorted(by_epoch))
+    mnist_mlp.atomic_write(os.path.join(folder, METRICS_NAME), lambda file: file.write(text.getvalue().encode()))
 
 
-class StopOnSigint:
-    """Turn the first Ctrl-C into a request to stop between steps; a second one stops at once."""
+# ----------------------------------------------------------------------------- stopping and output
+
+class GracefulStop:
+    """Turn the first Ctrl-C or SIGTERM into a request to stop between steps.
+
+    A second one stops at once, except during a save, which always completes first.
+    """
 
     def __init__(self):
-        self.requested = False
+        self.signal = None
+        self.saving = False
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.signal is not None and not self.saving:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signal = self.signal or signum
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
     def __call__(self):
-        return self.requested
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def save(self):
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
 
-def train(args, argv):
+def say(*args, **kwargs):
+    """print() to stdout that keeps training when stdout is gone (`train.py | head -1`)."""
+    try:
+        print(*args, **kwargs, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class Progress:
+    """What a stop must report: the newest complete checkpoint and how to go on from it."""
+
+    def __init__(self, argv, last_checkpoint):
+        self.argv = argv
+        self.last_checkpoint = last_checkpoint
+        self.epoch = None
+
+    def resume_command(self):
+        rest, args_iter = [], iter(self.argv)
+        for arg in args_iter:  # the original flags, minus any earlier --resume or --overwrite
+            if arg == "--resume":
+                next(args_iter, None)
+            elif not arg.startswith("--resume=") and arg != "--overwrite":
+                rest.append(arg)
+        script = os.path.relpath(os.path.abspath(__file__))
+        if script.startswith(".."):
+            script = os.path.abspath(__file__)
+        return shlex.join(["python", script, *rest, "--resume", self.last_checkpoint])
+
+    def report_stop(self, what):
+        where = f" during epoch {self.epoch}; nothing of that epoch was saved" if self.epoch else ""
+        print(f"\n{what}{where}.", file=sys.stderr)
+        if self.last_checkpoint is None:
+            print("no checkpoint was written yet; run the same command again to start over.", file=sys.stderr)
+        else:
+            print(f"last complete checkpoint: {self.last_checkpoint}\nresume with: {self.resume_command()}",
+                  file=sys.stderr)
+
+
+class WriteFailed(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args, progress):
     device = mnist_mlp.resolve_device(args.device)
+    threads_before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
-    writable_folder(args.checkpoint_dir)
+    try:
+        return train_on(device, args, progress)
+    finally:
+        torch.set_num_threads(threads_before)
 
+
+def train_on(device, args, progress):
+    writable_folder(args.checkpoint_dir)
     torch.manual_seed(args.seed)
     model = mnist_mlp.NoteModel(args.hidden)
     order_generator = torch.Generator().manual_seed(args.seed)
@@ -137,111 +342,148 @@ def train(args, argv):
     resumed = None
     if args.resume:
         resumed = mnist_mlp.load_checkpoint(args.resume, trust_pickle=args.trust_pickle)
+        check_resume_config(args.resume, resumed["config"], {"hidden": list(args.hidden)})
         model = mnist_mlp.model_from_checkpoint(args.resume, resumed)
     model.to(device)
     criterion = nn.CrossEntropyLoss()
     optimizer = mnist_mlp.make_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum,
                                          fused=not args.no_fused)
-    config = run_config(args, optimizer)
+    config = run_config(args, optimizer, device)
     if resumed is not None:
-        check_resume_config(args.resume, resumed["config"], config)
-        if "optimizer" in resumed:
-            optimizer.load_state_dict(resumed["optimizer"])
-            start_epoch = int(resumed["epoch"])
-        if "rng" in resumed:
-            order_generator.set_state(resumed["rng"]["data_order"])
-            torch.set_rng_state(resumed["rng"]["torch"])
+        start_epoch = restore(args.resume, resumed, config, optimizer, order_generator)
         if start_epoch >= args.epochs:
             raise UsageError(f"{args.resume} is already at epoch {start_epoch}; "
                              f"pass --epochs larger than {start_epoch} to train more")
 
-    train_split, test_split = mnist_mlp.load_dataset(args.data_dir, args.dataset)
-    train_split, val_split = mnist_mlp.split_validation(train_split, args.val_size, args.seed)
-    train_split, test_split = train_split.to(device), test_split.to(device)
-    val_split = val_split.to(device) if val_split is not None else None
+    with FolderLock(args.checkpoint_dir):
+        train_split, test_split = mnist_mlp.load_dataset(args.data_dir, args.dataset)
+        train_split, val_split = mnist_mlp.split_validation(train_split, args.val_size, args.seed)
+        metrics_rows = claim_folder(args, start_epoch)  # after every check of the input: it may delete
+        train_split, test_split = train_split.to(device), test_split.to(device)
+        val_split = val_split.to(device) if val_split is not None else None
 
-    model.train()
-    step, step_description = mnist_mlp.make_train_step(model, criterion, optimizer, args.step, args.batch_size)
-    metrics_path = os.path.join(args.checkpoint_dir, "metrics.csv")
-    last_checkpoint = args.resume
-    print(f"training with the {step_description}")
-    print(f"on {device} ({torch.get_num_threads()} threads), {len(train_split)} {args.dataset} "
-          f"images, epochs {start_epoch + 1}..{args.epochs}")
-    with StopOnSigint() as stop, mnist_mlp.denormals_flushed():
-        for epoch in range(start_epoch + 1, args.epochs + 1):
-            def log(step_number, steps, loss):
-                print(f"epoch {epoch}/{args.epochs}  step {step_number}/{steps}  loss {loss:.4f}", flush=True)
-
-            started = time.perf_counter()
-            order = mnist_mlp.epoch_order(len(train_split), order_generator)
-            try:
-                result = mnist_mlp.train_epoch(step, train_split, order, args.batch_size,
-                                               args.log_interval, log, stop)
-            except mnist_mlp.NonFiniteLoss as error:
-                raise UsageError(f"{error} of epoch {epoch} (--lr {args.lr} with {args.optimizer}); "
-                                 "try a smaller --lr") from None
-            if result is None:
-                return interrupted(epoch, last_checkpoint, argv)
-            train_loss = result.mean_loss  # waits for the device: the epoch's time is now real
-            seconds = time.perf_counter() - started
-
-            test = mnist_mlp.evaluate(model, test_split, args.test_batch_size)
-            row = {"epoch": epoch, "train_loss": f"{train_loss:.4f}", "test_loss": f"{test.loss:.4f}",
-                   "test_accuracy": f"{test.accuracy:.2f}", "seconds": f"{seconds:.2f}",
-                   "samples_per_s": f"{len(train_split) / seconds:.0f}"}
-            val_text, val_metrics = "", {}
-            if val_split is not None:
-                val = mnist_mlp.evaluate(model, val_split, args.test_batch_size)
-                row.update(val_loss=f"{val.loss:.4f}", val_accuracy=f"{val.accuracy:.2f}")
-                val_text = f"  val loss {val.loss:.4f}  val accuracy {val.accuracy:.2f}%"
-                val_metrics = {"val_loss": val.loss, "val_accuracy": val.accuracy}
-            path = os.path.join(args.checkpoint_dir, mnist_mlp.CHECKPOINT_NAME.format(epoch=epoch))
-            mnist_mlp.save_checkpoint(path, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "config": config,
-                "metrics": {"train_loss": train_loss, "test_loss": test.loss, "test_accuracy": test.accuracy,
-                            "test_correct": test.correct, "test_total": test.total, **val_metrics},
-                "rng": {"data_order": order_generator.get_state(), "torch": torch.get_rng_state()},
-                "torch_version": str(torch.__version__),
-            })
-            last_checkpoint = path
-            write_metrics(metrics_path, {**row, "checkpoint": os.path.basename(path)})
-            print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}{val_text}  test loss {test.loss:.4f}  "
-                  f"test accuracy {test.accuracy:.2f}%  {seconds:.1f} s  {row['samples_per_s']} samples/s  "
-                  f"saved {path}", flush=True)
+        model.train()
+        step, step_description = mnist_mlp.make_train_step(model, criterion, optimizer, args.step, args.batch_size)
+        say(f"training with the {step_description}")
+        say(f"on {device} ({torch.get_num_threads()} threads), {len(train_split)} {args.dataset} "
+            f"images, epochs {start_epoch + 1}..{args.epochs}")
+        with GracefulStop() as stop, mnist_mlp.denormals_flushed():
+            for epoch in range(start_epoch + 1, args.epochs + 1):
+                progress.epoch = epoch
+                if not train_one_epoch(epoch, args, model, optimizer, step, config, order_generator,
+                                       train_split, val_split, test_split, metrics_rows, stop, progress):
+                    name = "SIGTERM" if stop.signal == signal.SIGTERM else "interrupted"
+                    progress.report_stop(name if name == "interrupted" else f"stopped by {name}")
+                    return 143 if stop.signal == signal.SIGTERM else 130
+            progress.epoch = None
     return 0
 
 
-def interrupted(epoch, last_checkpoint, argv):
-    """Say what survived a Ctrl-C and how to go on; exit code 130 as for any SIGINT."""
-    print(f"\ninterrupted during epoch {epoch}; nothing of that epoch was saved.", file=sys.stderr)
-    if last_checkpoint is None:
-        print("no checkpoint was written yet; run the same command again to start over.", file=sys.stderr)
-        return 130
-    rest, args_iter = [], iter(argv)
-    for arg in args_iter:  # the original flags, minus any earlier --resume
-        if arg == "--resume":
-            next(args_iter, None)
-        elif not arg.startswith("--resume="):
-            rest.append(arg)
-    command = shlex.join(["python", "train.py", *rest, "--resume", last_checkpoint])
-    print(f"last complete checkpoint: {last_checkpoint}\nresume with: {command}", file=sys.stderr)
-    return 130
+def restore(path, resumed, config, optimizer, order_generator):
+    """Load a checkpoint's optimizer and generator states; returns the epoch to go on from."""
+    check_resume_config(path, resumed["config"], config)
+    if "optimizer" not in resumed:
+        return 0  # weights only: a fresh optimizer, epoch numbers from 1
+    try:
+        optimizer.load_state_dict(resumed["optimizer"])
+    except Exception as error:  # a malformed entry: torch raises several kinds
+        raise UsageError(f"{path}: its optimizer state does not fit ({mnist_mlp._reason(error)})") from None
+    if not mnist_mlp.all_finite(resumed["optimizer"]):
+        raise UsageError(f"{path}: its optimizer state holds NaN or infinity; resume from an earlier checkpoint")
+    rng = resumed.get("rng")
+    if rng is None:
+        print(f"warning: {path} records no random-generator state: the batch order from here on will "
+              "differ from an uninterrupted run's", file=sys.stderr)
+    else:
+        try:
+            order_generator.set_state(rng["data_order"])
+            torch.set_rng_state(rng["torch"])
+        except Exception as error:
+            raise UsageError(f"{path}: its rng entry is malformed ({mnist_mlp._reason(error)})") from None
+    return resumed["epoch"]
+
+
+def train_one_epoch(epoch, args, model, optimizer, step, config, order_generator,
+                    train_split, val_split, test_split, metrics_rows, stop, progress):
+    """Train, evaluate and save one epoch; False if a stop was asked for before it ended."""
+    def log(step_number, steps, loss):
+        say(f"epoch {epoch}/{args.epochs}  step {step_number}/{steps}  loss {loss:.4f}")
+
+    started = time.perf_counter()
+    order = mnist_mlp.epoch_order(len(train_split), order_generator)
+    try:
+        result = mnist_mlp.train_epoch(step, train_split, order, args.batch_size, args.log_interval, log, stop)
+    except mnist_mlp.NonFiniteLoss as error:
+        raise UsageError(f"{error} of epoch {epoch} (--lr {args.lr} with {args.optimizer}); "
+                         "nothing of it was saved; try a smaller --lr") from None
+    if result is None:
+        return False
+    train_loss = result.mean_loss  # waits for the device: the epoch's time is now real
+    seconds = time.perf_counter() - started
+
+    test = mnist_mlp.evaluate(model, test_split, args.test_batch_size)
+    metrics = {"train_loss": train_loss, "test_loss": test.loss, "test_accuracy": test.accuracy,
+               "test_correct": test.correct, "test_total": test.total,
+               "seconds": seconds, "samples_per_s": len(train_split) / seconds}
+    val_text = ""
+    if val_split is not None:
+        val = mnist_mlp.evaluate(model, val_split, args.test_batch_size)
+        metrics.update(val_loss=val.loss, val_accuracy=val.accuracy)
+        val_text = f"  val loss {val.loss:.4f}  val accuracy {val.accuracy:.2f}%"
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    if not (math.isfinite(train_loss) and math.isfinite(test.loss) and mnist_mlp.all_finite(state)):
+        raise UsageError(f"the weights became non-finite in epoch {epoch} (--lr {args.lr} with {args.optimizer}); "
+                         "nothing of it was saved; try a smaller --lr")
+
+    path = os.path.join(args.checkpoint_dir, mnist_mlp.CHECKPOINT_NAME.format(epoch=epoch))
+    with stop.save():
+        try:
+            mnist_mlp.save_checkpoint(path, {
+                **state, "epoch": epoch, "config": config, "metrics": metrics,
+                "rng": {"data_order": order_generator.get_state(), "torch": torch.get_rng_state()},
+                "torch_version": str(torch.__version__),
+            })
+        except OSError as error:
+            raise WriteFailed(f"cannot write {path} ({error.strerror or error})") from None
+        progress.last_checkpoint = path
+        metrics_rows[:] = [row for row in metrics_rows if int(row["epoch"]) < epoch]
+        metrics_rows.append(metrics_row(epoch, metrics, os.path.basename(path)))
+        try:
+            write_metrics(args.checkpoint_dir, metrics_rows)
+        except OSError as error:
+            raise WriteFailed(f"cannot write {os.path.join(args.checkpoint_dir, METRICS_NAME)} "
+                              f"({error.strerror or error}); {path} was saved") from None
+    say(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}{val_text}  test loss {test.loss:.4f}  "
+        f"test accuracy {test.accuracy:.2f}%  {seconds:.1f} s  {len(train_split) / seconds:.0f} samples/s  "
+        f"saved {path}")
+    return True
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    progress = None
     try:
-        return train(parse_args(argv), argv)
+        args = parse_args(argv)
+        progress = Progress(argv, args.resume)
+        return train(args, progress)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one
-        print("\ninterrupted", file=sys.stderr)
+    except WriteFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        if progress is not None and progress.last_checkpoint:
+            progress.epoch = None
+            print(f"last complete checkpoint: {progress.last_checkpoint}\n"
+                  f"resume with: {progress.resume_command()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
+        if progress is None:
+            print("\ninterrupted", file=sys.stderr)
+        else:
+            progress.report_stop("interrupted")
         return 130
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C raises KeyboardInterrupt again
     sys.exit(main())
