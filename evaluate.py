@@ -1,8 +1,15 @@
 """Test accuracy of saved checkpoints: python evaluate.py noteLearning_20.pth [more.pth ...]"""
 
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
 import argparse
 import json
-import sys
+import math
+import os
 
 import mnist_mlp
 from mnist_mlp import UsageError
@@ -14,7 +21,7 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint files (.pth)")
     parser.add_argument("--data-dir", default=mnist_mlp.DEFAULT_DATA_DIR, help="dataset root folder")
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=mnist_mlp.positive_int, default=1000, help="evaluation batch size")
     parser.add_argument("--json", action="store_true", help="print JSON: an object for one file, a list for several")
     parser.add_argument("--per-class", action="store_true", help="also print the accuracy of each class")
@@ -28,11 +35,19 @@ def parse_args(argv):
         parser.error("--save-errors takes exactly one checkpoint")
     if args.save_errors and not args.save_errors.lower().endswith(".png"):
         parser.error("--save-errors must name a .png file")
+    if args.save_errors:  # checked before the evaluation, so a bad path costs nothing computed
+        folder = os.path.dirname(os.path.abspath(args.save_errors))
+        if os.path.isdir(args.save_errors):
+            parser.error(f"--save-errors {args.save_errors} is a folder; name a .png file")
+        if not os.path.isdir(folder):
+            parser.error(f"--save-errors: no folder {folder}")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            parser.error(f"--save-errors: folder {folder} is not writable")
     return args
 
 
 def evaluate_checkpoints(args):
-    """One result dict per checkpoint; data is read once per dataset."""
+    """(one result dict per checkpoint, why --save-errors failed or None); data is read once per dataset."""
     device = mnist_mlp.resolve_device(args.device)
     loaded = [(path, mnist_mlp.load_checkpoint(path, map_location=device, trust_pickle=args.trust_pickle))
               for path in args.checkpoints]
@@ -58,13 +73,29 @@ def evaluate_checkpoints(args):
             result["validation"] = summary(mnist_mlp.evaluate(model, val_split.to(device), args.batch_size))
         results.append(result)
     if args.save_errors:
-        save_error_grid(args.save_errors, models[0], splits[results[0]["dataset"]][1], results[0]["classes"])
-    return results
+        try:
+            save_error_grid(args.save_errors, models[0], splits[results[0]["dataset"]][1], results[0]["classes"])
+        except OSError as error:  # the figures above are still printed
+            return results, f"cannot write {args.save_errors} ({error.strerror or error})"
+    return results, None
 
 
 def summary(evaluation):
+    """The figures of one evaluation; a non-finite loss is None (JSON has no NaN)."""
+    loss = round(evaluation.loss, 6) if math.isfinite(evaluation.loss) else None
     return {"accuracy": round(evaluation.accuracy, 2), "correct": evaluation.correct,
-            "total": evaluation.total, "loss": round(evaluation.loss, 6)}
+            "total": evaluation.total, "loss": loss}
+
+
+def best_index(results):
+    """(index, what it is best by): by validation accuracy where every run held some images out.
+
+    Picking by test accuracy would make the test set part of the choice; validation exists for it.
+    """
+    if all("validation" in result for result in results):
+        return max(range(len(results)), key=lambda i: results[i]["validation"]["accuracy"]), "validation accuracy"
+    return max(range(len(results)), key=lambda i: (results[i]["accuracy"], -(results[i]["loss"] or math.inf))), \
+        "test accuracy"
 
 
 def save_error_grid(path, model, split, class_names, columns=8, scale=2):
@@ -94,7 +125,7 @@ def save_error_grid(path, model, split, class_names, columns=8, scale=2):
     return len(captions)
 
 
-def print_results(results, args):
+def print_results(results, args, saved_errors):
     if len(results) == 1:
         result = results[0]
         print(f"{result['checkpoint']} (epoch {result['epoch']}, {result['dataset']} test set): "
@@ -105,13 +136,14 @@ def print_results(results, args):
             print(f"validation ({val['total']} held-out training images): "
                   f"accuracy {val['correct']}/{val['total']} = {val['accuracy']:.2f}%, mean loss {val['loss']:.4f}")
     else:
-        best = max(range(len(results)), key=lambda i: (results[i]["accuracy"], -results[i]["loss"]))
+        best, best_by = best_index(results)
         width = max(len("checkpoint"), *(len(result["checkpoint"]) for result in results))
         print(f"{'checkpoint':<{width}}  epoch  accuracy      correct    loss")
         for number, result in enumerate(results):
-            mark = "  <- best" if number == best else ""
+            mark = f"  <- best {best_by}" if number == best else ""
+            loss = "nan" if result["loss"] is None else f"{result['loss']:.4f}"
             print(f"{result['checkpoint']:<{width}}  {result['epoch']:>5}  {result['accuracy']:>7.2f}%  "
-                  f"{result['correct']:>5}/{result['total']:<5}  {result['loss']:.4f}{mark}")
+                  f"{result['correct']:>5}/{result['total']:<5}  {loss}{mark}")
     for result in results:
         label = f"{result['checkpoint']}: " if len(results) > 1 else ""
         names = result["classes"]
@@ -125,23 +157,34 @@ def print_results(results, args):
             print("       " + "".join(f"{name:>6}" for name in short))
             for name, row in zip(short, result["confusion"]):
                 print(f"{name:>6} " + "".join(f"{count:>6}" for count in row))
-    if args.save_errors:
+    if saved_errors:
         print(f"saved misclassified examples to {args.save_errors}")
 
 
 def main(argv=None):
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        results = evaluate_checkpoints(args)
+        args = parse_args(sys.argv[1:] if argv is None else [str(arg) for arg in argv])
+        results, save_failure = evaluate_checkpoints(args)
+        if args.json:
+            print(json.dumps(results[0] if len(results) == 1 else results, indent=2, allow_nan=False))
+        else:
+            print_results(results, args, saved_errors=args.save_errors and save_failure is None)
+        sys.stdout.flush()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
-    else:
-        print_results(results, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `evaluate.py ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    if save_failure is not None:
+        print(f"error: {save_failure}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C raises KeyboardInterrupt again
     sys.exit(main())

@@ -1,13 +1,16 @@
 """Tests for mnist_mlp, train.py and evaluate.py: python -m pytest -q"""
 
 import contextlib
+import dataclasses
 import gzip
 import inspect
 import json
 import os
+import shlex
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -496,7 +499,7 @@ def test_evaluate_several_checkpoints_marks_the_best(trained, tmp_path, capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["checkpoint", "epoch", "accuracy", "correct", "loss"]
-    assert lines[2].endswith("<- best") and "<- best" not in lines[1]
+    assert lines[2].endswith("<- best test accuracy") and "<- best" not in lines[1]
     code, out, _ = run_main(evaluate, [tmp_path / "random.pth", folder / "noteLearning_1.pth", "--json"], capsys)
     assert [result["epoch"] for result in json.loads(out)] == [0, 1]
 
@@ -698,7 +701,6 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
         for _ in range(600):
             if (tmp_path / "ck" / "noteLearning_2.pth").exists():
                 break
-            import time
             time.sleep(0.1)
         process.send_signal(subprocess.signal.SIGINT)
         out, err = process.communicate(timeout=60)
@@ -924,3 +926,298 @@ def test_fashion_mnist_from_local_gz_files(tmp_path, capsys):
     assert torch.load(folder / "noteLearning_1.pth", weights_only=True)["config"]["dataset"] == "fashion-mnist"
     code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", "--data-dir", root, "--per-class"], capsys)
     assert code == 0 and "fashion-mnist test set" in out and "Ankle boot" in out
+
+
+# ----------------------------------------------------------------------------- one run per folder, files, odd input
+
+def test_a_second_run_in_the_same_folder_is_refused_unless_overwrite(tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", folder), capsys)[0] == 0
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--lr", "0.002", "--checkpoint-dir", folder),
+                            capsys)
+    assert_usage_error(code, err, "already holds another run", "--overwrite")
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+    code, _, _ = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--lr", "0.002", "--checkpoint-dir", folder,
+                                          "--overwrite"), capsys)
+    assert code == 0
+    assert sorted(os.listdir(folder)) == ["metrics.csv", "noteLearning_1.pth", "noteLearning_2.pth"]
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
+    assert torch.load(folder / "noteLearning_2.pth", weights_only=True)["config"]["lr"] == 0.002
+    assert_usage_error(*run_main(train, ["--resume", "", "--checkpoint-dir", folder], capsys)[::2],
+                       "--resume needs a checkpoint path")
+
+
+def test_resuming_refuses_later_checkpoints_of_another_continuation(tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", folder), capsys)[0] == 0
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", folder,
+                                            "--resume", folder / "noteLearning_1.pth"), capsys)
+    assert_usage_error(code, err, "noteLearning_2.pth", "--overwrite")
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", folder, "--overwrite",
+                                    "--resume", folder / "noteLearning_1.pth"), capsys)[0] == 0
+    assert [row.split(",")[0] for row in (folder / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+
+
+def test_a_second_run_at_the_same_time_is_told_who_holds_the_folder(tmp_path):
+    argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if (tmp_path / "ck" / "noteLearning_1.pth").exists():
+                break
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--overwrite"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1
+    assert f"another train.py (process {first.pid}) is writing to ck" in second.stderr
+    assert first.returncode == 143  # SIGTERM: stopped between steps, as for Ctrl-C
+    assert (tmp_path / "ck" / "noteLearning_1.pth").exists()
+
+
+def test_sigterm_stops_between_steps_and_says_how_to_resume(tmp_path):
+    argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if (tmp_path / "ck" / "noteLearning_2.pth").exists():
+                break
+            time.sleep(0.1)
+        process.terminate()
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143 and "Traceback" not in err
+    assert "stopped by SIGTERM during epoch" in err and "resume with: python " in err
+
+
+@pytest.mark.parametrize("damage", ["bom", "semicolons", "latin1"])
+def test_metrics_csv_is_never_rewritten_from_what_cannot_be_parsed(damage, tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder), capsys)[0] == 0
+    path = folder / "metrics.csv"
+    text = path.read_text()
+    damaged = {"bom": b"\xef\xbb\xbf" + text.encode(), "semicolons": text.replace(",", ";").encode(),
+               "latin1": text.encode() + "2,caf\xe9\n".encode("latin-1")}[damage]
+    path.write_bytes(damaged)
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", folder,
+                                            "--resume", folder / "noteLearning_2.pth"), capsys)
+    if damage == "bom":  # Excel's byte-order mark is read, and every row kept
+        assert code == 0
+        assert [row.split(",")[0] for row in path.read_text().splitlines()[1:]] == ["1", "2", "3"]
+    else:
+        assert_usage_error(code, err, "metrics.csv")
+        assert path.read_bytes() == damaged and not (folder / "noteLearning_3.pth").exists()
+
+
+def test_a_stop_between_checkpoint_and_metrics_loses_no_row(tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder), capsys)[0] == 0
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    (folder / "metrics.csv").write_text("\n".join(rows[:2]) + "\n")  # as if killed before epoch 2's row
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", folder,
+                                    "--resume", folder / "noteLearning_2.pth"), capsys)[0] == 0
+    new_rows = (folder / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in new_rows[1:]] == ["1", "2", "3"]
+    assert new_rows[2].split(",")[:6] == rows[2].split(",")[:6]
+
+
+def test_files_get_the_mode_the_umask_allows(tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        root = make_tiny_mnist(tmp_path / "data", compress=True)
+        folder = tmp_path / "out"
+        assert run_main(train, ["--data-dir", root, "--device", "cpu", "--batch-size", "32", "--epochs", "1",
+                                "--checkpoint-dir", folder], capsys)[0] == 0
+        assert run_main(evaluate, [folder / "noteLearning_1.pth", "--data-dir", root,
+                                   "--save-errors", tmp_path / "errors.png"], capsys)[0] == 0
+    finally:
+        os.umask(old)
+    for path in (folder / "noteLearning_1.pth", folder / "metrics.csv", tmp_path / "errors.png",
+                 root / "MNIST" / "raw" / "train-images-idx3-ubyte"):
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
+
+
+def test_stale_torchvision_cache_files_cannot_replace_the_raw_files(tmp_path, capsys):
+    root = make_tiny_mnist(tmp_path / "data")
+    processed = root / "MNIST" / "processed"
+    processed.mkdir()
+    fake = (torch.zeros(100, 28, 28, dtype=torch.uint8), torch.zeros(100, dtype=torch.long))
+    torch.save(fake, processed / "training.pt")
+    torch.save(fake, processed / "test.pt")
+    train_split, test_split = mnist_mlp.load_dataset(str(root), download=False)
+    assert (len(train_split), len(test_split)) == (256, 64)
+    (processed / "training.pt").write_bytes(b"garbage")
+    assert len(mnist_mlp.load_dataset(str(root), download=False)[0]) == 256
+
+
+def test_an_empty_gz_is_an_error_and_a_fixed_one_heals(tmp_path, capsys):
+    root = make_tiny_mnist(tmp_path / "data", compress=True)
+    raw = root / "MNIST" / "raw"
+    good = (raw / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    with gzip.open(raw / "t10k-labels-idx1-ubyte.gz", "wb"):
+        pass
+    with pytest.raises(mnist_mlp.UsageError, match="t10k-labels-idx1-ubyte.gz"):
+        mnist_mlp.load_dataset(str(root), download=False)
+    assert not (raw / "t10k-labels-idx1-ubyte").exists()
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(good)
+    assert len(mnist_mlp.load_dataset(str(root), download=False)[1]) == 64
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path, capsys):
+    root = make_tiny_mnist(tmp_path / "data")
+    os.remove(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
+    os.mkfifo(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
+    with pytest.raises(mnist_mlp.UsageError, match="not a regular file"):
+        mnist_mlp.load_dataset(str(root), download=False)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    os.mkfifo(folder / "metrics.csv")
+    code, _, err = run_main(train, tiny_run(tmp_path / "other", "--checkpoint-dir", folder, "--epochs", "1"), capsys)
+    assert_usage_error(code, err, "metrics.csv")
+    os.mkfifo(tmp_path / "fifo.pth")
+    assert_usage_error(*run_main(evaluate, [tmp_path / "fifo.pth"], capsys)[::2], "not a regular file")
+    assert_usage_error(*run_main(evaluate, ["/dev/zero"], capsys)[::2], "not a regular file")
+
+
+def save_odd(tmp_path, change):
+    """A good checkpoint with one field changed by change(checkpoint); returns its path."""
+    model = mnist_mlp.NoteModel()
+    checkpoint = {"model": model.state_dict(), "epoch": 1,
+                  "config": {"hidden": [128, 64], "dataset": "mnist", "val_size": 0, "seed": 1}}
+    change(checkpoint)
+    path = tmp_path / "odd.pth"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.update(config=5), ["config"]),
+    (lambda c: c.update(config=[1, 2]), ["config"]),
+    (lambda c: c["config"].update(hidden=None), ["hidden"]),
+    (lambda c: c["config"].update(hidden="128"), ["hidden"]),
+    (lambda c: c["config"].update(hidden=[-5]), ["hidden"]),
+    (lambda c: c["config"].update(hidden=[10**7]), ["hidden"]),
+    (lambda c: c["model"].update({"fc1.weight": torch.tensor(1.0)}), ["fc1.weight"]),
+    (lambda c: c["config"].update(dataset="cifar10"), ["cifar10"]),
+    (lambda c: c["config"].update(val_size=5000.5), ["val_size"]),
+    (lambda c: (c["config"].update(val_size=5000), c["config"].pop("seed")), ["seed"]),
+    (lambda c: c.update(epoch=torch.tensor(3)), ["epoch"]),
+    (lambda c: c.update(epoch=None), ["epoch"]),
+    (lambda c: c.update(epoch="abc"), ["epoch"]),
+    (lambda c: c["model"].update({"fc1.weight": torch.zeros(1, 1).expand(10**7, 784),
+                                  "fc1.bias": torch.zeros(1).expand(10**7)}), ["stride"]),
+    (lambda c: c["model"]["fc2.weight"].fill_(float("nan")), ["NaN"]),
+])
+def test_odd_checkpoint_fields_are_one_line_errors(change, words, tmp_path, capsys):
+    path = save_odd(tmp_path, change)
+    assert os.path.getsize(path) < 1_000_000
+    assert_usage_error(*run_main(evaluate, [path], capsys)[::2], *words)
+    code, _, err = run_main(train, tiny_run(tmp_path, "--resume", path, "--checkpoint-dir", tmp_path / "out"), capsys)
+    assert_usage_error(code, err, *words)
+
+
+@pytest.mark.parametrize("entry, value", [("optimizer", {"state": 5}), ("rng", {"data_order": "x"}), ("rng", 7)])
+def test_malformed_optimizer_or_rng_entries_are_one_line_errors_on_resume(entry, value, tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)[0] == 0
+    checkpoint = torch.load(folder / "noteLearning_1.pth", weights_only=True)
+    checkpoint[entry] = value
+    torch.save(checkpoint, tmp_path / "odd.pth")
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next",
+                                            "--resume", tmp_path / "odd.pth"), capsys)
+    assert_usage_error(code, err, entry)
+
+
+def test_resume_warns_without_rng_and_refuses_other_fused_or_thread_settings(tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)[0] == 0
+    for flags, words in ((["--no-fused"], "--no-fused"), (["--threads", "2"], "--threads")):
+        if "--threads" in flags and (os.cpu_count() or 1) < 2:
+            continue
+        code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder, *flags,
+                                                "--resume", folder / "noteLearning_1.pth"), capsys)
+        assert_usage_error(code, err, words, "other settings")
+    checkpoint = torch.load(folder / "noteLearning_1.pth", weights_only=True)
+    del checkpoint["rng"]
+    torch.save(checkpoint, tmp_path / "no-rng.pth")
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next",
+                                            "--resume", tmp_path / "no-rng.pth"), capsys)
+    assert code == 0 and err.startswith("warning: ") and "random-generator state" in err
+
+
+def test_a_failed_write_mid_run_is_one_error_line_with_the_resume_command(tmp_path, monkeypatch, capsys):
+    real_save = mnist_mlp.save_checkpoint
+
+    def save(path, checkpoint):
+        if checkpoint["epoch"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(path, checkpoint)
+
+    monkeypatch.setattr(mnist_mlp, "save_checkpoint", save)
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", tmp_path / "out"), capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and "Traceback" not in err
+    assert lines[0].startswith("error: cannot write") and "No space left on device" in lines[0]
+    assert lines[1].endswith("noteLearning_1.pth") and lines[2].startswith("resume with: python ")
+
+
+def test_save_errors_to_a_missing_folder_or_a_folder_fails_before_evaluating(trained, tmp_path, capsys):
+    path = trained[0] / "noteLearning_1.pth"
+    assert_usage_error(*run_main(evaluate, [path, "--save-errors", tmp_path / "nowhere" / "e.png"], capsys)[::2],
+                       "no folder")
+    (tmp_path / "dir.png").mkdir()
+    assert_usage_error(*run_main(evaluate, [path, "--save-errors", tmp_path / "dir.png"], capsys)[::2], "folder")
+
+
+def test_output_into_a_closed_pipe_neither_crashes_nor_loses_checkpoints(tmp_path):
+    argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", "ck", "--log-interval", "1")]
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'train.py'))} "
+                            f"{shlex.join(argv)} | head -1", shell=True, cwd=tmp_path, capture_output=True, text=True)
+    assert result.stdout.startswith("training with the") and "Traceback" not in result.stderr
+    assert (tmp_path / "ck" / "noteLearning_3.pth").exists()
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'evaluate.py'))} "
+                            f"ck/noteLearning_1.ck ck/noteLearning_1.pth ck/noteLearning_2.pth --data-dir data "
+                            f"--per-class --confusion | head -c 10", shell=True, cwd=tmp_path, capture_output=True,
+                            text=True)
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--momentum", "-5"], ["--momentum"]),
+    (["--momentum", "2"], ["--momentum"]),
+    (["--seed", "18446744073709551616"], ["--seed"]),
+    (["--hidden", "100000000000000000000"], ["--hidden"]),
+    (["--threads", "1000"], ["--threads"]),
+    (["--lr", "abc"], ["--lr"]),
+])
+def test_out_of_range_flags_are_one_line_errors(argv, words, capsys):
+    assert_usage_error(*run_main(train, argv, capsys)[::2], *words)
+
+
+def test_bench_refuses_absurd_warmups(capsys):
+    import bench
+    assert_usage_error(*run_main(bench, ["--warmup-epochs", str(10**20)], capsys)[::2], "--warmup-epochs")
+    assert_usage_error(*run_main(bench, ["--steps", "0"], capsys)[::2], "--steps")
+
+
+def test_evaluate_json_never_prints_nan_and_picks_the_best_by_validation(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "2", "--val-size", "56", "--checkpoint-dir", folder), capsys)[0] == 0
+    results = [{"checkpoint": "a", "accuracy": 99.0, "loss": 0.1, "validation": {"accuracy": 80.0}},
+               {"checkpoint": "b", "accuracy": 90.0, "loss": 0.2, "validation": {"accuracy": 85.0}}]
+    assert evaluate.best_index(results) == (1, "validation accuracy")
+    code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", folder / "noteLearning_2.pth",
+                                       "--data-dir", tmp_path / "data"], capsys)
+    assert code == 0 and "<- best validation accuracy" in out
+    real_evaluate = mnist_mlp.evaluate
+    monkeypatch.setattr(mnist_mlp, "evaluate", lambda *args, **kwargs: dataclasses.replace(
+        real_evaluate(*args, **kwargs), loss=float("inf")))  # huge logits: cross-entropy overflows
+    code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", "--data-dir", tmp_path / "data", "--json"], capsys)
+    assert code == 0 and json.loads(out)["loss"] is None
