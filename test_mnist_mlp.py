@@ -5,6 +5,7 @@ import dataclasses
 import gzip
 import inspect
 import json
+import math
 import os
 import shlex
 import struct
@@ -254,12 +255,49 @@ def test_adam_by_hand_with_bias_correction_equals_torch_adam():
         optimizer.step()
         mnist_mlp.adam_update(param, grad, exp_avg, exp_avg_sq, step)
         torch.testing.assert_close(param, reference.detach(), rtol=0, atol=1e-7)
-    # Without bias correction the first step would be (1 - beta1) / sqrt(1 - beta2) ~ 3.16 times
-    # too small... and with it, the first step moves each weight by almost exactly lr.
-    start = torch.randn(100)
-    moved = start.clone()
-    mnist_mlp.adam_update(moved, torch.randn(100), torch.zeros(100), torch.zeros(100), step=1)
-    torch.testing.assert_close((moved - start).abs(), torch.full((100,), 1e-3), rtol=1e-3, atol=0)
+
+
+def adam_step_sizes(steps, bias_correction, lr=1e-3):
+    """The size of each of `steps` Adam steps for a constant gradient, as multiples of lr."""
+    param, grad = torch.zeros(1, dtype=torch.float64), torch.full((1,), 0.37, dtype=torch.float64)
+    exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    sizes = []
+    for step in range(1, steps + 1):
+        before = param.clone()
+        mnist_mlp.adam_update(param, grad, exp_avg, exp_avg_sq, step, lr=lr, bias_correction=bias_correction)
+        sizes.append(float((before - param).abs()) / lr)
+    return sizes
+
+
+def test_without_bias_correction_the_early_steps_are_too_large_not_too_small():
+    corrected, uncorrected = adam_step_sizes(1000, True), adam_step_sizes(1000, False)
+    assert corrected[0] == pytest.approx(1.0, rel=1e-3)  # with the correction the first step is lr
+    assert uncorrected[0] == pytest.approx(3.162, rel=1e-3)  # 0.1 / sqrt(0.001)
+    for t, expected in ((10, 6.5), (100, 3.2), (1000, 1.26)):
+        exact = (1 - 0.9 ** t) / math.sqrt(1 - 0.999 ** t)  # m_t / sqrt(v_t) for a constant gradient
+        assert uncorrected[t - 1] == pytest.approx(exact, rel=1e-6)
+        assert uncorrected[t - 1] == pytest.approx(expected, abs=0.05)
+        assert corrected[t - 1] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_adam_by_hand_optimizer_equals_torch_adam_and_can_drop_the_correction():
+    torch.manual_seed(0)
+    models = [mnist_mlp.NoteModel([16]) for _ in range(3)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    optimizers = [torch.optim.Adam(models[0].parameters(), lr=1e-3, foreach=False),
+                  mnist_mlp.make_optimizer("adam-no-bias-correction", models[1].parameters(), 1e-3),
+                  mnist_mlp.AdamByHand(models[2].parameters(), lr=1e-3)]
+    x, labels = torch.randn(32, 784), torch.randint(0, 10, (32,))
+    for _ in range(5):
+        for model, optimizer in zip(models, optimizers):
+            mnist_mlp.textbook_step(model, nn.CrossEntropyLoss(), optimizer, x, labels)
+    for a, c in zip(models[0].parameters(), models[2].parameters()):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-6)
+    assert mnist_mlp.optimizer_config(optimizers[1])["optimizer"] == "adam-no-bias-correction"
+    assert set(optimizers[1].state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    moved = [float((b - a).detach().abs().max()) for a, b in zip(models[0].parameters(), models[1].parameters())]
+    assert max(moved) > 1e-3  # the uncorrected run went elsewhere: its early steps were larger
 
 
 def test_same_seed_twice_gives_identical_weights(tmp_path, capsys):
@@ -1221,3 +1259,46 @@ def test_evaluate_json_never_prints_nan_and_picks_the_best_by_validation(tmp_pat
         real_evaluate(*args, **kwargs), loss=float("inf")))  # huge logits: cross-entropy overflows
     code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", "--data-dir", tmp_path / "data", "--json"], capsys)
     assert code == 0 and json.loads(out)["loss"] is None
+
+
+# ----------------------------------------------------------------------------- plot.py
+
+def write_metrics_csv(folder, accuracies, losses=None):
+    folder.mkdir(parents=True)
+    rows = ["epoch,train_loss,val_loss,val_accuracy,test_loss,test_accuracy,seconds,samples_per_s,checkpoint"]
+    for epoch, accuracy in enumerate(accuracies, start=1):
+        loss = losses[epoch - 1] if losses else 1.0 / epoch
+        rows.append(f"{epoch},{loss},,,0.5,{accuracy},1.0,60000,noteLearning_{epoch}.pth")
+    (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_plot_groups_seeds_into_a_mean_with_a_band(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import plot
+    runs = [write_metrics_csv(tmp_path / "adam-1", [90, 94, 96]), write_metrics_csv(tmp_path / "adam-2", [92, 95, 97]),
+            write_metrics_csv(tmp_path / "sgd", [80, 85, 88])]
+    groups = plot.group_by_setting([plot.read_run(str(run)) for run in runs])
+    assert list(groups) == ["adam", "sgd"] and len(groups["adam"]) == 2
+    assert plot.spread(groups["adam"], "test_accuracy") == ([1, 2, 3], [91.0, 94.5, 96.5], [90.0, 94.0, 96.0],
+                                                             [92.0, 95.0, 97.0])
+    output = tmp_path / "curves.png"
+    code, out, _ = run_main(plot, [*runs, runs[2] / "metrics.csv", "-o", output], capsys)
+    assert code == 0 and "4 runs in 2 settings" in out
+    from PIL import Image
+    with Image.open(output) as image:
+        assert image.format == "PNG" and image.size == (1100, 420)
+
+
+def test_plot_bad_input_is_one_line_errors(tmp_path, capsys, monkeypatch):
+    import plot
+    assert_usage_error(*run_main(plot, [tmp_path / "missing"], capsys)[::2], "no such file")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    assert_usage_error(*run_main(plot, [tmp_path / "other.csv"], capsys)[::2], "no column", "test_accuracy")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.csv").write_text("epoch,train_loss,test_accuracy\n")
+    assert_usage_error(*run_main(plot, [tmp_path / "empty"], capsys)[::2], "empty run")
+    assert_usage_error(*run_main(plot, [tmp_path / "empty", "-o", tmp_path / "x.jpg"], capsys)[::2], ".png")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    code, _, err = run_main(plot, [write_metrics_csv(tmp_path / "run", [90])], capsys)
+    assert_usage_error(code, err, "pip install matplotlib")

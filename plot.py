@@ -1,0 +1,147 @@
+"""Training curves from train.py runs: python plot.py runs/adam-1 runs/sgd-1 [...] -o curves.png
+
+Draws test accuracy and training loss per epoch, one line per run, labelled by its folder name.
+Runs of one setting over several seeds (folders that differ only in a trailing -N, such as
+adam-1, adam-2, adam-3) are drawn as their mean with a band from their min to their max.
+Needs matplotlib (pip install matplotlib), an optional dependency of this project.
+"""
+
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import argparse
+import csv
+import io
+import os
+import re
+
+import mnist_mlp
+from mnist_mlp import UsageError
+
+PANELS = [("test_accuracy", "test accuracy (%)"), ("train_loss", "training loss (mean over the epoch)")]
+
+
+def parse_args(argv):
+    parser = mnist_mlp.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".",
+                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_METRICS_CSV",
+                        help="train.py checkpoint folders (their metrics.csv is read) or metrics.csv files")
+    parser.add_argument("-o", "--output", default="curves.png", metavar="PATH.png", help="the picture to write")
+    parser.add_argument("--title", default=None, help="a title above the two panels")
+    parser.add_argument("--accuracy-from", type=float, default=None, metavar="PERCENT",
+                        help="start the accuracy axis here, to see close curves apart (default: fit the data)")
+    args = parser.parse_args(argv)
+    if not args.output.lower().endswith(".png"):
+        parser.error("--output must name a .png file")
+    return args
+
+
+def read_run(path):
+    """(label, {column: [(epoch, value), ...]}) of one run: a folder with metrics.csv, or the CSV itself."""
+    csv_path = os.path.join(path, "metrics.csv") if os.path.isdir(path) else path
+    label = os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))))
+    if not os.path.lexists(csv_path):
+        raise UsageError(f"{csv_path}: no such file")
+    if not mnist_mlp.is_regular_file(csv_path):
+        raise UsageError(f"{csv_path} is not a regular file")
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as file:
+            rows = list(csv.DictReader(io.StringIO(file.read())))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise UsageError(f"cannot read {csv_path} ({mnist_mlp._reason(error)})") from None
+    needed = ["epoch"] + [column for column, _ in PANELS]
+    if not rows:
+        raise UsageError(f"{csv_path} has no epochs: an empty run")
+    missing = [column for column in needed if column not in rows[0]]
+    if missing:
+        raise UsageError(f"{csv_path} has no column {', '.join(missing)}: not a metrics.csv that train.py wrote")
+    series = {column: [] for column, _ in PANELS}
+    for number, row in enumerate(rows, start=2):
+        try:
+            epoch = int(row["epoch"])
+            for column in series:
+                series[column].append((epoch, float(row[column])))
+        except (TypeError, ValueError):
+            raise UsageError(f"{csv_path}, line {number}: not a number where one is expected") from None
+    return label, series
+
+
+def group_by_setting(runs):
+    """{setting: [(label, series), ...]}, in first-seen order; a trailing -N (the seed) is dropped."""
+    groups = {}
+    for label, series in runs:
+        groups.setdefault(re.sub(r"-\d+$", "", label), []).append((label, series))
+    return groups
+
+
+def spread(group, column):
+    """(epochs, mean, min, max) of one column over the runs of a group, at the epochs all of them have."""
+    per_run = [dict(series[column]) for _, series in group]
+    epochs = sorted(set.intersection(*(set(values) for values in per_run)))
+    values = [[values[epoch] for values in per_run] for epoch in epochs]
+    return epochs, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def draw(groups, path, title=None, accuracy_from=None):
+    """Write the two-panel PNG: one line per run, or a mean line and min-max band per setting."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global figure state
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(PANELS))
+    for axis, (column, name) in zip(axes, PANELS):
+        for color, (setting, group) in enumerate(groups.items()):
+            color = f"C{color % 10}"
+            if len(group) == 1:
+                label, series = group[0]
+                epochs, values = zip(*series[column])
+                axis.plot(epochs, values, marker=".", color=color, label=label)
+            else:
+                epochs, mean, low, high = spread(group, column)
+                axis.plot(epochs, mean, marker=".", color=color, label=f"{setting} (mean of {len(group)}, min-max)")
+                axis.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(name)
+        axis.grid(True, alpha=0.3, which="both")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    axes[1].set_yscale("log")  # losses a hundred times apart stay readable
+    if accuracy_from is not None:
+        axes[0].set_ylim(bottom=accuracy_from)
+    axes[0].legend(fontsize=8, loc="lower right")
+    if title:
+        figure.suptitle(title)
+    mnist_mlp.atomic_write(path, lambda file: figure.savefig(file, format="png"))
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else [str(arg) for arg in argv])
+        try:
+            import matplotlib  # noqa: F401  (only to say clearly that it is missing)
+        except ImportError:
+            raise UsageError("plot.py needs matplotlib, an optional dependency: pip install matplotlib") from None
+        groups = group_by_setting([read_run(path) for path in args.runs])
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--output: no folder {folder}")
+        try:
+            draw(groups, args.output, args.title, args.accuracy_from)
+        except OSError as error:
+            raise UsageError(f"cannot write {args.output} ({error.strerror or error})") from None
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    print(f"saved {args.output}: {sum(len(group) for group in groups.values())} runs in {len(groups)} settings")
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C raises KeyboardInterrupt again
+    sys.exit(main())
