@@ -3,9 +3,11 @@
 All run the same number of steps of batch 64 on the same device, in one process:
   classic   torchvision ToTensor()+Normalize per image, DataLoader(batch_size=64, shuffle=True),
             autograd and the default Adam, as the tutorial writes it;
-  ours      train.py's loop with the fast step (data resident, flat fused Adam, denormals flushed);
+  ours      train.py's loop with the fast step (data resident, flat fused Adam, denormals flushed;
+            on CUDA without the graph, as train.py --no-cuda-graph);
   autograd  train.py's loop with the textbook step (what --step autograd and edited models run);
-  floor     only the forward and backward matrix multiplications of the same shapes.
+  floor     only the forward and backward matrix multiplications of the same shapes;
+  graph     (CUDA only) ours replayed as one CUDA graph a step: what train.py runs on CUDA.
 Each first runs --warmup-epochs untimed epochs, so the figures are the steady state that a
 20-epoch run lives in (Adam's state turns denormal after about two epochs, which slows x86);
 the first of those epochs is also timed and reported on its own.
@@ -75,14 +77,14 @@ def classic_runner(data_dir, device):
     return run
 
 
-def train_py_runner(data_dir, device, step_choice):
-    """run(count): `count` more steps of train.py's loop with --step step_choice."""
+def train_py_runner(data_dir, device, step_choice, cuda_graph=False):
+    """run(count): `count` more steps of train.py's loop with --step step_choice (as a CUDA graph or not)."""
     train_split, _ = mnist_mlp.load_dataset(data_dir, download=False)
     train_split = train_split.to(device)
     torch.manual_seed(1)
     model = mnist_mlp.NoteModel().to(device)
     optimizer = mnist_mlp.make_optimizer("adam", model.parameters(), 0.001)
-    step, _ = mnist_mlp.make_train_step(model, nn.CrossEntropyLoss(), optimizer, step_choice)
+    step, _ = mnist_mlp.make_train_step(model, nn.CrossEntropyLoss(), optimizer, step_choice, cuda_graph=cuda_graph)
     generator = torch.Generator().manual_seed(1)
 
     def run(count):
@@ -159,7 +161,7 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-PIPELINES = ["classic", "ours", "autograd", "floor"]
+PIPELINES = ["classic", "ours", "autograd", "floor", "graph"]  # graph: ours replayed as a CUDA graph (CUDA only)
 
 
 def main(argv=None):
@@ -172,7 +174,8 @@ def main(argv=None):
                         help="untimed epochs before the timed steps; the first is timed on its own")
     parser.add_argument("--threads", type=mnist_mlp.bounded_int(1, os.cpu_count() or 1), default=1,
                         help="torch CPU threads")
-    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=PIPELINES, help="which to time")
+    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=None,
+                        help="which to time (default: all; graph only on CUDA)")
     parser.add_argument("--data-dir", default=mnist_mlp.DEFAULT_DATA_DIR, help="dataset root folder")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--tutorial-epochs", type=mnist_mlp.bounded_int(1, 1000), metavar="N",
@@ -182,6 +185,10 @@ def main(argv=None):
         args = parser.parse_args(argv)
         device = mnist_mlp.resolve_device(args.device)
         mnist_mlp.load_dataset(args.data_dir, download=False)  # decompress and check before timing
+        if args.pipelines is None:
+            args.pipelines = [name for name in PIPELINES if name != "graph" or device.type == "cuda"]
+        if "graph" in args.pipelines and device.type != "cuda":
+            raise mnist_mlp.UsageError("the graph pipeline needs --device cuda")
     except mnist_mlp.UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -199,7 +206,8 @@ def main(argv=None):
         with mnist_mlp.denormals_flushed():  # as train.py trains; the classic pipeline is timed without
             runners = {"ours": lambda: train_py_runner(args.data_dir, device, "fast"),
                        "autograd": lambda: train_py_runner(args.data_dir, device, "autograd"),
-                       "floor": lambda: floor_runner(device)}
+                       "floor": lambda: floor_runner(device),
+                       "graph": lambda: train_py_runner(args.data_dir, device, "fast", cuda_graph=True)}
             timings = {name: time_runner(runners[name](), device, args.steps, args.warmup_epochs)
                        for name in PIPELINES[1:] if name in args.pipelines}
         if "classic" in args.pipelines:
@@ -235,6 +243,8 @@ def make_report(args, device, timings):
         report["floor_multiple"] = round(seconds["ours"] / seconds["floor"], 2)
     if "autograd" in seconds and "ours" in seconds:
         report["autograd_multiple"] = round(seconds["autograd"] / seconds["ours"], 2)
+    if "classic" in seconds and "graph" in seconds:
+        report["graph_speedup"] = round(seconds["classic"] / seconds["graph"], 2)
     return report
 
 
