@@ -1,0 +1,205 @@
+"""Read your own handwriting: python predict.py noteLearning_20.pth my_seven.png [more images or folders]
+
+Each image is prepared as MNIST's digits were (see mnist_mlp.digit_pixels): light ink on
+black, the ink scaled to 20 pixels and centred by mass in 28x28. Then the model says which class
+it is, how sure it is, and the next two guesses. A file named after its true class (7_a.png,
+3.jpg) counts toward an accuracy line. --show draws each input beside what the model saw.
+"""
+
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import argparse
+import json
+import os
+import re
+
+import torch
+
+import mnist_mlp
+from mnist_mlp import UsageError
+
+IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
+MAX_PIXELS = 40_000_000  # a 40-megapixel photo is larger than any phone's; more is refused, not decoded
+
+
+def parse_args(argv):
+    parser = mnist_mlp.ArgumentParser(
+        description="Classify your own images of handwritten digits with a trained checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by train.py (.pth)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files, or folders (every image in them, sorted); a name that starts with "
+                             "the true class and _ or . (7_a.png) is scored")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    parser.add_argument("--show", metavar="PATH.png",
+                        help="save a picture of each input beside the 28x28 the model saw, with its guess")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow a pickled whole model (the tutorial's torch.save(model, ...)): runs code from the file")
+    args = parser.parse_args(argv)
+    if args.show and not args.show.lower().endswith(".png"):
+        parser.error("--show must name a .png file")
+    if args.show and not os.path.isdir(os.path.dirname(os.path.abspath(args.show))):
+        parser.error(f"--show: no folder {os.path.dirname(os.path.abspath(args.show))}")
+    return args
+
+
+def image_paths(arguments):
+    """The files to read: each IMAGE as given, a folder as its image files in sorted order."""
+    paths = []
+    for argument in arguments:
+        if os.path.isdir(argument):
+            names = sorted(name for name in os.listdir(argument) if name.lower().endswith(IMAGE_ENDINGS))
+            paths += [os.path.join(argument, name) for name in names]
+        else:
+            paths.append(argument)
+    return paths
+
+
+def true_label(path, classes):
+    """The class a file name starts with (7_a.png, 3.jpg, 12_x.png for a 12-class set), or None."""
+    match = re.match(r"(\d+)[_.]", os.path.basename(path))
+    return int(match.group(1)) if match and int(match.group(1)) < len(classes) else None
+
+
+def read_image(path):
+    """The PIL image at `path`, decoded; a one-line ValueError for anything that is not a usable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.lexists(path):
+        raise ValueError("no such file")
+    if not mnist_mlp.is_regular_file(path):
+        raise ValueError("not a regular file")
+    try:
+        with Image.open(path) as image:  # reads the header only: the size is known before decoding
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(f"{width}x{height} is {width * height:,} pixels, more than the {MAX_PIXELS:,} "
+                                 "this reads; scale it down first")
+            image.load()
+            return image.copy()
+    except UnidentifiedImageError:
+        raise ValueError("not an image PIL can read") from None
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read it ({error})") from None
+
+
+def predict(model, classes, paths, device):
+    """One result dict per path (prediction or error), each with the 28x28 the model saw."""
+    results = []
+    for path in paths:
+        result = {"image": path}
+        label = true_label(path, classes)
+        if label is not None:
+            result["label"] = classes[label]
+        try:
+            image = read_image(path)
+            pixels = mnist_mlp.digit_pixels(image)
+        except ValueError as error:
+            result["error"] = str(error)
+            results.append(result)
+            continue
+        with torch.no_grad():
+            probabilities = torch.softmax(model(mnist_mlp.normalize(pixels.view(1, 784).to(device))), dim=1)[0].cpu()
+        top = probabilities.topk(3)
+        result.update(prediction=classes[int(top.indices[0])], probability=round(float(top.values[0]), 4),
+                      top3=[[classes[int(index)], round(float(value), 4)] for value, index in zip(*top)])
+        if label is not None:
+            result["correct"] = int(top.indices[0]) == label
+        result["_image"], result["_pixels"] = image, pixels
+        results.append(result)
+    return results
+
+
+def save_picture(path, results, cell=84):
+    """Each input (fitted in a square) beside the 28x28 the model saw, captioned with the guess."""
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    shown = [result for result in results if "_pixels" in result]
+    try:  # a font with arrows and check marks where the system has one; PIL's own has neither
+        font, arrow, good, bad = ImageFont.truetype("DejaVuSans.ttf", 12), "→", "✓", "✗"
+    except OSError:
+        font, arrow, good, bad = ImageFont.load_default(), "->", "ok", "wrong"
+    row_height, width = cell + 40, 2 * cell + 40
+    columns = min(4, max(1, len(shown)))
+    rows = max(1, (len(shown) + columns - 1) // columns)
+    sheet = Image.new("RGB", (columns * width, rows * row_height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for number, result in enumerate(shown):
+        left, top = (number % columns) * width + 4, (number // columns) * row_height + 4
+        thumbnail = ImageOps.contain(result["_image"].convert("RGBA"), (cell, cell))
+        backdrop = Image.new("RGBA", thumbnail.size, "white")
+        sheet.paste(Image.alpha_composite(backdrop, thumbnail).convert("RGB"), (left, top))
+        seen = Image.frombytes("L", (28, 28), bytes(result["_pixels"].flatten().tolist()))
+        sheet.paste(seen.resize((cell, cell), Image.Resampling.NEAREST).convert("RGB"), (left + cell + 28, top))
+        draw.text((left + cell + 6, top + cell // 2 - 8), arrow, fill="black", font=font)
+        caption = f"{result['prediction']} ({100 * result['probability']:.0f}%)"
+        if "correct" in result:
+            caption += f" {good if result['correct'] else bad}"
+        name = os.path.basename(result["image"])
+        name = name if len(name) <= 30 else name[:29] + "…"
+        draw.text((left, top + cell + 3), name, fill="black", font=font)
+        draw.text((left, top + cell + 18), caption, fill="black", font=font)
+    mnist_mlp.atomic_write(path, lambda file: sheet.save(file, format="PNG"))
+
+
+def report(results, as_json):
+    labelled = [result for result in results if "correct" in result]
+    correct = sum(result["correct"] for result in labelled)
+    accuracy = round(100 * correct / len(labelled), 2) if labelled else None
+    if as_json:
+        public = [{key: value for key, value in result.items() if not key.startswith("_")} for result in results]
+        print(json.dumps({"predictions": public, "accuracy": accuracy, "correct": correct,
+                          "labelled": len(labelled)}, indent=2))
+        return
+    for result in results:
+        if "error" in result:
+            continue
+        rest = ", ".join(f"{name} ({100 * value:.1f}%)" for name, value in result["top3"][1:])
+        truth = ""
+        if "correct" in result:
+            truth = "  right" if result["correct"] else f"  wrong: it is {result['label']}"
+        print(f"{result['image']}: {result['prediction']} ({100 * result['probability']:.1f}%), then {rest}{truth}")
+    if labelled:
+        print(f"accuracy over {len(labelled)} labelled images: {correct}/{len(labelled)} = {accuracy:.2f}%")
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else [str(arg) for arg in argv])
+        device = mnist_mlp.resolve_device(args.device)
+        checkpoint = mnist_mlp.load_checkpoint(args.checkpoint, map_location=device, trust_pickle=args.trust_pickle)
+        model = mnist_mlp.model_from_checkpoint(args.checkpoint, checkpoint, device).eval()
+        classes = mnist_mlp.DATASETS[checkpoint["config"].get("dataset", "mnist")][1]
+        paths = image_paths(args.images)
+        if not paths:
+            raise UsageError(f"no images in {', '.join(args.images)} (looked for {', '.join(IMAGE_ENDINGS)})")
+        results = predict(model, classes, paths, device)
+        report(results, args.json)
+        if args.show:
+            try:
+                save_picture(args.show, results)
+            except OSError as error:
+                print(f"error: cannot write {args.show} ({error.strerror or error})", file=sys.stderr)
+                return 1
+            if not args.json:
+                print(f"saved {args.show}")
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    failed = [result for result in results if "error" in result]
+    for result in failed:
+        print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C raises KeyboardInterrupt again
+    sys.exit(main())
