@@ -22,7 +22,8 @@ def parse_args(argv):
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint files (.pth)")
     parser.add_argument("--data-dir", default=mnist_mlp.DEFAULT_DATA_DIR, help="dataset root folder")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--batch-size", type=mnist_mlp.positive_int, default=1000, help="evaluation batch size")
+    parser.add_argument("--batch-size", type=mnist_mlp.bounded_int(1, 1_000_000), default=1000,
+                        help="evaluation batch size")
     parser.add_argument("--json", action="store_true", help="print JSON: an object for one file, a list for several")
     parser.add_argument("--per-class", action="store_true", help="also print the accuracy of each class")
     parser.add_argument("--confusion", action="store_true", help="also print the confusion matrix (rows = true class)")

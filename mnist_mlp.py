@@ -814,36 +814,23 @@ def bounded_int(low, high):
     return parse
 
 
-def positive_int(text):
-    value = _integer(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+def _number(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
 def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
+    value = _number(text)
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def fraction(text):
     """A number from 0 up to (not including) 1: SGD's momentum."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
@@ -1002,8 +989,9 @@ def _check_idx_header(header, size, ndim, shown_name):
 def read_idx(path, ndim):
     """The uint8 tensor in an IDX file (checked first), read by its path."""
     dims = check_idx_file(path, ndim)
+    data = bytearray(os.path.getsize(path))  # read straight into the buffer the tensor will use: one copy
     with open(path, "rb") as file:
-        data = bytearray(file.read())
+        file.readinto(data)
     return torch.frombuffer(data, dtype=torch.uint8, offset=4 + 4 * ndim).view(*dims)
 
 

@@ -731,15 +731,21 @@ def test_sigkill_at_any_moment_leaves_only_complete_files(tmp_path, moment, epoc
     assert all(name.startswith(".") for name in leftovers)  # hidden temp files, never a final name
 
 
+def start_training(tmp_path, argv, wait_for, stdout=subprocess.DEVNULL):
+    """Start train.py in its own process in tmp_path; return it once tmp_path/wait_for exists."""
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=tmp_path,
+                               stdout=stdout, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        if (tmp_path / wait_for).exists():
+            break
+        time.sleep(0.1)
+    return process
+
+
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_training(tmp_path, argv, "ck/noteLearning_2.pth", stdout=subprocess.PIPE)
     try:
-        for _ in range(600):
-            if (tmp_path / "ck" / "noteLearning_2.pth").exists():
-                break
-            time.sleep(0.1)
         process.send_signal(subprocess.signal.SIGINT)
         out, err = process.communicate(timeout=60)
     finally:
@@ -1000,13 +1006,8 @@ def test_resuming_refuses_later_checkpoints_of_another_continuation(tmp_path, ca
 
 def test_a_second_run_at_the_same_time_is_told_who_holds_the_folder(tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
-    first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = start_training(tmp_path, argv, "ck/noteLearning_1.pth")
     try:
-        for _ in range(600):
-            if (tmp_path / "ck" / "noteLearning_1.pth").exists():
-                break
-            time.sleep(0.1)
         second = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--overwrite"], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
     finally:
@@ -1020,13 +1021,8 @@ def test_a_second_run_at_the_same_time_is_told_who_holds_the_folder(tmp_path):
 
 def test_sigterm_stops_between_steps_and_says_how_to_resume(tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = start_training(tmp_path, argv, "ck/noteLearning_2.pth")
     try:
-        for _ in range(600):
-            if (tmp_path / "ck" / "noteLearning_2.pth").exists():
-                break
-            time.sleep(0.1)
         process.terminate()
         _, err = process.communicate(timeout=60)
     finally:
