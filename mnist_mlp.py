@@ -56,12 +56,6 @@ class NoteModel(nn.Module):
         return getattr(self, f"fc{self.depth}")(x)
 
 
-def hidden_sizes(state_dict):
-    """The hidden sizes of the NoteModel that a state_dict belongs to."""
-    weights = [value for key, value in state_dict.items() if key.endswith(".weight")]
-    return [weight.shape[0] for weight in weights[:-1]]
-
-
 # ============================================================================= 2. the data
 
 # --dataset name -> (its folder under --data-dir, which is also torchvision's class name; class names)
@@ -191,7 +185,7 @@ class FastStep:
         for index, layer in enumerate(self.layers):
             x = torch.addmm(layer.bias, x, layer.weight.t())     # y = x W^T + b  (what F.linear runs)
             if index < len(self.layers) - 1:
-                x = x.relu()                                     # h = max(y, 0)
+                x = x.relu_()                                    # h = max(y, 0), in place: y is not needed again
                 inputs.append(x)
         log_probs = torch.log_softmax(x, dim=1)
         loss = F.nll_loss(log_probs, labels)                     # mean over the batch of -log p[label]

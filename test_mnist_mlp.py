@@ -127,7 +127,7 @@ def test_model_matches_the_tutorials_keys_and_shapes():
     deeper = mnist_mlp.NoteModel([32, 16, 8])
     assert [name for name, _ in deeper.named_children()] == ["fc1", "fc2", "fc3", "fc4"]
     assert deeper(x).shape == (5, 10)
-    assert mnist_mlp.hidden_sizes(deeper.state_dict()) == [32, 16, 8]
+    assert mnist_mlp.checked_checkpoint("deeper", deeper.state_dict())["config"]["hidden"] == [32, 16, 8]
 
 
 def test_normalization_equals_torchvision_transforms_bit_for_bit(mnist):
