@@ -179,14 +179,15 @@ def claim_folder(args, start_epoch):
     resume_path = os.path.abspath(args.resume) if args.resume else None
     later = {epoch: path for epoch, path in checkpoint_epochs(folder).items()
              if epoch > start_epoch and os.path.abspath(path) != resume_path}
-    rows = read_metrics(metrics_path) if os.path.lexists(metrics_path) and not args.overwrite else []
     conflicts = [os.path.basename(later[epoch]) for epoch in sorted(later)]
     if start_epoch == 0 and os.path.lexists(metrics_path):
         conflicts.append(METRICS_NAME)
     if conflicts and not args.overwrite:
         shown = ", ".join(conflicts[:3]) + (f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
-        how = (f"resume it with --resume, " if start_epoch == 0 else "") + "choose another --checkpoint-dir"
+        how = ("resume it with --resume, " if start_epoch == 0 else "") + "choose another --checkpoint-dir"
         raise UsageError(f"{folder} already holds another run ({shown}); {how}, or pass --overwrite to replace it")
+    resumed_here = start_epoch > 0 and os.path.lexists(metrics_path) and not args.overwrite
+    rows = read_metrics(metrics_path) if resumed_here else []
     try:
         for path in later.values():
             os.remove(path)
@@ -206,11 +207,14 @@ def read_metrics(path):
             text = file.read()
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"cannot read {path} ({mnist_mlp._reason(error)}); move it away or pass --overwrite") from None
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is not None and reader.fieldnames != METRICS_FIELDS:
-        raise UsageError(f"{path} has other columns than train.py writes ({','.join(reader.fieldnames)[:80]}); "
-                         "it is left as it is: move it away, or pass --overwrite to replace it")
-    rows = list(reader)
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        if reader.fieldnames is not None and reader.fieldnames != METRICS_FIELDS:
+            raise UsageError(f"{path} has other columns than train.py writes ({','.join(reader.fieldnames)[:80]}); "
+                             "it is left as it is: move it away, or pass --overwrite to replace it")
+        rows = list(reader)
+    except csv.Error as error:
+        raise UsageError(f"cannot read {path} ({error}); move it away or pass --overwrite") from None
     if any(not (row.get("epoch") or "").isdigit() or None in row for row in rows):
         raise UsageError(f"{path} has rows train.py cannot read; it is left as it is: move it away, "
                          "or pass --overwrite to replace it")
@@ -330,8 +334,9 @@ def train(args, progress):
     threads_before = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
-    try:
-        return train_on(device, args, progress)
+    try:  # seeding and resuming set torch's global generators: give them back as they were
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return train_on(device, args, progress)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -376,9 +381,11 @@ def train_on(device, args, progress):
                 progress.epoch = epoch
                 if not train_one_epoch(epoch, args, model, optimizer, step, config, order_generator,
                                        train_split, val_split, test_split, metrics_rows, stop, progress):
-                    name = "SIGTERM" if stop.signal == signal.SIGTERM else "interrupted"
-                    progress.report_stop(name if name == "interrupted" else f"stopped by {name}")
-                    return 143 if stop.signal == signal.SIGTERM else 130
+                    if stop.signal == signal.SIGTERM:  # docker stop, batch schedulers
+                        progress.report_stop("stopped by SIGTERM")
+                        return 143
+                    progress.report_stop("interrupted")
+                    return 130
             progress.epoch = None
     return 0
 
