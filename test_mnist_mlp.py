@@ -1287,6 +1287,7 @@ def test_plot_groups_seeds_into_a_mean_with_a_band(tmp_path, capsys):
 
 
 def test_plot_bad_input_is_one_line_errors(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
     import plot
     assert_usage_error(*run_main(plot, [tmp_path / "missing"], capsys)[::2], "no such file")
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
