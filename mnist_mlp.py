@@ -474,7 +474,8 @@ def make_train_step(model, criterion, optimizer, choice="auto", batch_size=64, c
         raise UsageError(f"--step fast cannot train this model exactly: {problem}; use --step auto or autograd")
     if choice == "autograd" or problem is not None:
         reason = "as asked" if choice == "autograd" else problem
-        graph = "; not as a CUDA graph, which only the fast step can be" if cuda_graph else ""
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        graph = "; not as a CUDA graph, which only the fast step can be" if cuda_graph and on_cuda else ""
         return (lambda x, labels: textbook_step(model, criterion, optimizer, x, labels),
                 f"autograd step ({reason}{graph})")
     linears = list(model.children())
