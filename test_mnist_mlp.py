@@ -470,6 +470,7 @@ def test_an_edited_model_trains_what_it_computes(monkeypatch, tmp_path, capsys):
     code, out, _ = run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path, "--device", "cpu"], capsys)
     assert code == 0
     assert out.splitlines()[0].startswith("training with the autograd step (the model's forward() computes")
+    assert "CUDA" not in out.splitlines()[0]  # on the CPU there is no graph to speak of
     accuracy = float(out.split("test accuracy ")[1].split("%")[0])
     assert accuracy >= 90.0
     assert_usage_error(*run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path / "fast", "--device", "cpu",
