@@ -597,31 +597,31 @@ class Evaluation:
 
 @torch.no_grad()
 def logits_in_batches(model, split, batch_size=1000):
-    """Yield (labels, logits) for `split`, batch_size samples at a time, in order."""
-    for start in range(0, len(split), batch_size):
-        yield split.labels[start:start + batch_size], model(normalize(split.pixels[start:start + batch_size]))
+    """Yield (labels, logits) for `split`, batch_size samples at a time, in order, with the model in
+    eval mode (a Dropout an edit added must not drop anything here); its mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(split), batch_size):
+            yield split.labels[start:start + batch_size], model(normalize(split.pixels[start:start + batch_size]))
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
 def evaluate(model, split, batch_size=1000, classes=10):
-    """Mean loss, accuracy and confusion matrix of `model` on `split`, in eval mode (as it was after)."""
-    was_training = model.training
-    model.eval()
-    try:
-        loss_sum = torch.zeros((), device=split.pixels.device)
-        confusion = torch.zeros(classes * classes, dtype=torch.long, device=split.pixels.device)
-        for labels, logits in logits_in_batches(model, split, batch_size):
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-            confusion += torch.bincount(labels * classes + logits.argmax(1), minlength=classes * classes)
-    finally:
-        model.train(was_training)
+    """Mean loss, accuracy and confusion matrix of `model` on `split` (in eval mode)."""
+    loss_sum = torch.zeros((), device=split.pixels.device)
+    confusion = torch.zeros(classes * classes, dtype=torch.long, device=split.pixels.device)
+    for labels, logits in logits_in_batches(model, split, batch_size):
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        confusion += torch.bincount(labels * classes + logits.argmax(1), minlength=classes * classes)
     confusion = confusion.view(classes, classes).cpu()
     return Evaluation(float(loss_sum) / len(split), int(confusion.diag().sum()), len(split), confusion)
 
 
 def misclassified(model, split, limit=64, batch_size=1000):
     """(indices, predictions) of the first `limit` misclassified samples of `split`."""
-    model.eval()
     predictions = torch.cat([logits.argmax(1) for _, logits in logits_in_batches(model, split, batch_size)])
     wrong = (predictions != split.labels).nonzero().flatten()[:limit]
     return wrong.cpu(), predictions[wrong].cpu()
@@ -730,7 +730,7 @@ def _grayscale(image):
 
 def _from_pil(image):
     """A PIL "F" image as a float32 tensor (H, W)."""
-    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.float32).view(image.height, image.width).clone()
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.float32).view(image.height, image.width)
 
 
 def _resize(values, height, width):
@@ -1028,6 +1028,10 @@ def plain_copy(value):
     return value
 
 
+class NonFiniteCheckpoint(ValueError):
+    """save_checkpoint refused a checkpoint: its weights, optimizer state or figures are not finite."""
+
+
 def save_checkpoint(path, checkpoint):
     """Write a checkpoint dict atomically: a crash never leaves half a file under `path`.
 
@@ -1035,7 +1039,7 @@ def save_checkpoint(path, checkpoint):
     buffers, which torch.save would otherwise store whole under every view's name.
     """
     if not all_finite(checkpoint):
-        raise ValueError("refusing to save a checkpoint with NaN or infinite values")
+        raise NonFiniteCheckpoint(f"refusing to save {path}: it holds NaN or infinite values")
     copy = plain_copy(checkpoint)
     atomic_write(path, lambda file: torch.save(copy, file))
 

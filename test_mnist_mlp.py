@@ -1469,3 +1469,14 @@ def test_predict_uses_the_checkpoints_class_names(tmp_path, capsys):
     code, out, _ = run_main(predict, [tmp_path / "fashion.pth", tmp_path / "coat.png", "--json"], capsys)
     names = mnist_mlp.DATASETS["fashion-mnist"][1]
     assert code == 0 and json.loads(out)["predictions"][0]["prediction"] in names
+
+
+def test_evaluation_runs_in_eval_mode_and_gives_the_mode_back(mnist):
+    _, test_split = mnist
+    model = DropoutModel()
+    small = mnist_mlp.Split(test_split.pixels[:500], test_split.labels[:500])
+    first = mnist_mlp.evaluate(model.train(), small)
+    assert model.training
+    assert mnist_mlp.evaluate(model, small).loss == first.loss  # no dropout drawn: the same figures twice
+    mnist_mlp.misclassified(model, small)
+    assert model.training

@@ -15,7 +15,6 @@ import csv
 import fcntl
 import glob
 import io
-import math
 import os
 import re
 import shlex
@@ -441,19 +440,18 @@ def train_one_epoch(epoch, args, model, optimizer, step, config, order_generator
         val = mnist_mlp.evaluate(model, val_split, args.test_batch_size)
         metrics.update(val_loss=val.loss, val_accuracy=val.accuracy)
         val_text = f"  val loss {val.loss:.4f}  val accuracy {val.accuracy:.2f}%"
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    if not (math.isfinite(train_loss) and math.isfinite(test.loss) and mnist_mlp.all_finite(state)):
-        raise UsageError(f"the weights became non-finite in epoch {epoch} (--lr {args.lr} with {args.optimizer}); "
-                         "nothing of it was saved; try a smaller --lr")
-
     path = os.path.join(args.checkpoint_dir, mnist_mlp.CHECKPOINT_NAME.format(epoch=epoch))
     with stop.save():
         try:
             mnist_mlp.save_checkpoint(path, {
-                **state, "epoch": epoch, "config": config, "metrics": metrics,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "config": config, "metrics": metrics,
                 "rng": {"data_order": order_generator.get_state(), "torch": torch.get_rng_state()},
                 "torch_version": str(torch.__version__),
             })
+        except mnist_mlp.NonFiniteCheckpoint:  # the weights, Adam's state or a loss: the last update diverged
+            raise UsageError(f"the weights became non-finite in epoch {epoch} (--lr {args.lr} with "
+                             f"{args.optimizer}); nothing of it was saved; try a smaller --lr") from None
         except OSError as error:
             raise WriteFailed(f"cannot write {path} ({error.strerror or error})") from None
         progress.last_checkpoint = path
