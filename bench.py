@@ -3,20 +3,20 @@
 All run the same number of steps of batch 64 on the same device, in one process:
   classic   torchvision ToTensor()+Normalize per image, DataLoader(batch_size=64, shuffle=True),
             autograd and the default Adam, as the tutorial writes it;
-  ours      train.py's loop with the fast step (data resident, flat fused Adam, denormals flushed;
-            on CUDA without the graph, as train.py --no-cuda-graph);
+  ours      train.py's loop as it runs by default: the fast step, data resident, denormals flushed,
+            and Adam's for-loop arithmetic over flat buffers (bit-identical to the tutorial's);
+  fused     the same with torch's fused Adam kernel (train.py --fused --no-cuda-graph): what the
+            exact Adam costs is ours minus fused;
   autograd  train.py's loop with the textbook step (what --step autograd and edited models run);
   floor     only the forward and backward matrix multiplications of the same shapes;
-  graph     (CUDA only) ours replayed as one CUDA graph a step: what train.py runs on CUDA.
+  graph     (CUDA only) fused replayed as one CUDA graph a step: train.py --fused on CUDA.
 Each first runs --warmup-epochs untimed epochs, so the figures are the steady state that a
 20-epoch run lives in (Adam's state turns denormal after about two epochs, which slows x86);
 the first of those epochs is also timed and reported on its own.
 A benchmark, not a test: nothing here asserts anything.
 """
 
-import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -26,7 +26,11 @@ import time
 import torch
 from torch import nn
 
+import commands
+import data_files
+import fast_step
 import mnist_mlp
+import tutorial
 
 STEPS_PER_EPOCH = 938  # 60000 images in batches of 64: 937 full ones and one of 32
 
@@ -44,53 +48,41 @@ def batch_sizes(n, batch_size, steps):
     return (per_epoch * (steps // len(per_epoch) + 1))[:steps]
 
 
-def tutorial_pipeline(data_dir, device):
-    """The tutorial's pieces: per-image transforms, a shuffling DataLoader, the model, loss and Adam."""
-    from torchvision import datasets, transforms
-
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    train_loader = torch.utils.data.DataLoader(datasets.MNIST(data_dir, train=True, transform=transform),
-                                               batch_size=64, shuffle=True)
-    test_set = datasets.MNIST(data_dir, train=False, transform=transform)
-    model = mnist_mlp.NoteModel().to(device)
-    return train_loader, test_set, model, nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters(), lr=0.001)
-
-
-def tutorial_step(model, criterion, optimizer, images, labels, device):
-    """One step as the tutorial writes it, the loss read every step (loss.item(), a host sync)."""
-    return mnist_mlp.textbook_step(model, criterion, optimizer, images.to(device), labels.to(device)).item()
-
-
 def classic_runner(data_dir, device):
-    """run(count): `count` more steps of the tutorial's pipeline, epoch after epoch."""
-    loader, _, model, criterion, optimizer = tutorial_pipeline(data_dir, device)
+    """run(count): `count` more steps of the tutorial's pipeline (tutorial.py's pieces), epoch after epoch."""
+    train_loader, _ = tutorial.make_loaders(data_dir, seed=1)
+    model, criterion, optimizer = tutorial.make_model(seed=1)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)  # made again: the model may have moved
 
     def batches():
         while True:
-            yield from loader
+            yield from train_loader
 
     batch_iterator = batches()
 
     def run(count):
         for _ in range(count):
-            tutorial_step(model, criterion, optimizer, *next(batch_iterator), device)
+            images, labels = next(batch_iterator)
+            tutorial.train_step(model, criterion, optimizer, images.to(device), labels.to(device))
     return run
 
 
-def train_py_runner(data_dir, device, step_choice, cuda_graph=False):
-    """run(count): `count` more steps of train.py's loop with --step step_choice (as a CUDA graph or not)."""
-    train_split, _ = mnist_mlp.load_dataset(data_dir, download=False)
+def train_py_runner(data_dir, device, step_choice, fused=False, graph=False):
+    """run(count): `count` more steps of train.py's loop with --step step_choice (--fused: torch's fused
+    Adam; graph: the fused step replayed as a CUDA graph)."""
+    train_split, _ = data_files.load(data_dir, download=False)
     train_split = train_split.to(device)
     torch.manual_seed(1)
     model = mnist_mlp.NoteModel().to(device)
-    optimizer = mnist_mlp.make_optimizer("adam", model.parameters(), 0.001)
-    step, _ = mnist_mlp.make_train_step(model, nn.CrossEntropyLoss(), optimizer, step_choice, cuda_graph=cuda_graph)
+    optimizer = fast_step.make_optimizer("adam", model.parameters(), 0.001, fused=fused)
+    step, _ = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, step_choice, cuda_graph=graph)
     generator = torch.Generator().manual_seed(1)
 
     def run(count):
         while count > 0:
-            order = mnist_mlp.epoch_order(len(train_split), generator)[:count * 64]
-            result = mnist_mlp.train_epoch(step, train_split, order, 64, log_interval=100)
+            order = mnist_mlp.epoch_order(len(train_split), generator)[:count * 64].to(device)
+            result = mnist_mlp.train_epoch(step, train_split, order.split(64), log_interval=100)
             count -= len(result.step_losses)
     return run
 
@@ -131,25 +123,6 @@ def time_runner(run, device, steps, warmup_epochs):
     return first, timed(steps)
 
 
-def tutorial_run(data_dir, device, epochs, checkpoint_dir):
-    """The tutorial's whole program: train, log every 100 steps, test and save after each epoch."""
-    train_loader, test_set, model, criterion, optimizer = tutorial_pipeline(data_dir, device)
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=1000)
-    for epoch in range(1, epochs + 1):
-        running_loss = 0.0
-        for step, (images, labels) in enumerate(train_loader, start=1):
-            running_loss += tutorial_step(model, criterion, optimizer, images, labels, device)
-            if step % 100 == 0:
-                print(f"epoch {epoch} step {step} loss {running_loss / 100:.4f}")
-                running_loss = 0.0
-        correct = 0
-        with torch.no_grad():
-            for images, labels in test_loader:
-                correct += (model(images.to(device)).argmax(1) == labels.to(device)).sum().item()
-        print(f"epoch {epoch} test accuracy {100 * correct / len(test_set):.2f}%", flush=True)
-        torch.save(model.state_dict(), os.path.join(checkpoint_dir, f"noteLearning_{epoch}.pth"))
-
-
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as file:
@@ -161,53 +134,53 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-PIPELINES = ["classic", "ours", "autograd", "floor", "graph"]  # graph: ours replayed as a CUDA graph (CUDA only)
+PIPELINES = ["classic", "ours", "fused", "autograd", "floor", "graph"]  # graph: fused replayed as a CUDA graph (CUDA only)
 
 
 def main(argv=None):
-    parser = mnist_mlp.ArgumentParser(description=__doc__.splitlines()[0],
-                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = commands.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    parser.add_argument("--steps", type=mnist_mlp.bounded_int(1, 100 * STEPS_PER_EPOCH), default=STEPS_PER_EPOCH,
+    parser.add_argument("--steps", type=commands.bounded_int(1, 100 * STEPS_PER_EPOCH), default=STEPS_PER_EPOCH,
                         help="timed steps in the steady state (938 = one epoch)")
-    parser.add_argument("--warmup-epochs", type=mnist_mlp.bounded_int(0, 100), default=2,
+    parser.add_argument("--warmup-epochs", type=commands.bounded_int(0, 100), default=2,
                         help="untimed epochs before the timed steps; the first is timed on its own")
-    parser.add_argument("--threads", type=mnist_mlp.bounded_int(1, os.cpu_count() or 1), default=1,
+    parser.add_argument("--threads", type=commands.bounded_int(1, os.cpu_count() or 1), default=1,
                         help="torch CPU threads")
     parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=None,
                         help="which to time (default: all; graph only on CUDA)")
-    parser.add_argument("--data-dir", default=mnist_mlp.DEFAULT_DATA_DIR, help="dataset root folder")
+    commands.add_data_dir_flag(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--tutorial-epochs", type=mnist_mlp.bounded_int(1, 1000), metavar="N",
-                        help="instead, run the tutorial's whole program for N epochs with torch's default "
-                             "threads (time it with /usr/bin/time to compare with train.py)")
+    parser.add_argument("--tutorial-epochs", type=commands.bounded_int(1, 1000), metavar="N",
+                        help="instead, run tutorial.py's whole program for N epochs "
+                             "(time it with /usr/bin/time to compare with train.py)")
     try:
         args = parser.parse_args(argv)
-        device = mnist_mlp.resolve_device(args.device)
-        mnist_mlp.load_dataset(args.data_dir, download=False)  # decompress and check before timing
+        device = commands.resolve_device(args.device)
+        data_files.load(args.data_dir, download=False)  # decompress and check before timing
         if args.pipelines is None:
             args.pipelines = [name for name in PIPELINES if name != "graph" or device.type == "cuda"]
         if "graph" in args.pipelines and device.type != "cuda":
-            raise mnist_mlp.UsageError("the graph pipeline needs --device cuda")
-    except mnist_mlp.UsageError as error:
+            raise commands.UsageError("the graph pipeline needs --device cuda")
+    except commands.UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.tutorial_epochs:
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             started = time.perf_counter()
-            tutorial_run(args.data_dir, device, args.tutorial_epochs, checkpoint_dir)
-        print(f"tutorial program: {args.tutorial_epochs} epochs in {time.perf_counter() - started:.1f} s "
-              f"({torch.get_num_threads()} threads)")
+            tutorial.main(["--epochs", args.tutorial_epochs, "--data-dir", args.data_dir,
+                           "--checkpoint-dir", checkpoint_dir])
+        print(f"tutorial program: {args.tutorial_epochs} epochs in {time.perf_counter() - started:.1f} s")
         return 0
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        with mnist_mlp.denormals_flushed():  # as train.py trains; the classic pipeline is timed without
+        with fast_step.denormals_flushed():  # as train.py trains; the classic pipeline is timed without
             runners = {"ours": lambda: train_py_runner(args.data_dir, device, "fast"),
+                       "fused": lambda: train_py_runner(args.data_dir, device, "fast", fused=True),
                        "autograd": lambda: train_py_runner(args.data_dir, device, "autograd"),
                        "floor": lambda: floor_runner(device),
-                       "graph": lambda: train_py_runner(args.data_dir, device, "fast", cuda_graph=True)}
+                       "graph": lambda: train_py_runner(args.data_dir, device, "fast", fused=True, graph=True)}
             timings = {name: time_runner(runners[name](), device, args.steps, args.warmup_epochs)
                        for name in PIPELINES[1:] if name in args.pipelines}
         if "classic" in args.pipelines:
@@ -243,6 +216,8 @@ def make_report(args, device, timings):
         report["floor_multiple"] = round(seconds["ours"] / seconds["floor"], 2)
     if "autograd" in seconds and "ours" in seconds:
         report["autograd_multiple"] = round(seconds["autograd"] / seconds["ours"], 2)
+    if "fused" in seconds and "ours" in seconds:
+        report["exact_adam_extra_ms_per_step"] = round(1000 * (seconds["ours"] - seconds["fused"]) / args.steps, 4)
     if "classic" in seconds and "graph" in seconds:
         report["graph_speedup"] = round(seconds["classic"] / seconds["graph"], 2)
     return report

@@ -6,60 +6,50 @@ import sys
 if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-import argparse
 import json
 import math
-import os
 
+import checkpoints
+import commands
+import data_files
 import mnist_mlp
-from mnist_mlp import UsageError
+from safe_files import atomic_write
 
 
 def parse_args(argv):
-    parser = mnist_mlp.ArgumentParser(
-        description="Report test accuracy and loss of NoteModel checkpoints.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = commands.ArgumentParser(description="Report test accuracy and loss of NoteModel checkpoints.")
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint files (.pth)")
-    parser.add_argument("--data-dir", default=mnist_mlp.DEFAULT_DATA_DIR, help="dataset root folder")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--batch-size", type=mnist_mlp.bounded_int(1, 1_000_000), default=1000,
+    commands.add_data_dir_flag(parser)
+    commands.add_device_flag(parser)
+    parser.add_argument("--batch-size", type=commands.bounded_int(1, 1_000_000), default=1000,
                         help="evaluation batch size")
     parser.add_argument("--json", action="store_true", help="print JSON: an object for one file, a list for several")
     parser.add_argument("--per-class", action="store_true", help="also print the accuracy of each class")
     parser.add_argument("--confusion", action="store_true", help="also print the confusion matrix (rows = true class)")
     parser.add_argument("--save-errors", metavar="PATH.png",
                         help="save a grid of up to 64 misclassified test images, captioned true->predicted")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow pickled whole models (the tutorial's torch.save(model, ...)): runs code from the file")
+    commands.add_trust_pickle_flag(parser)
     args = parser.parse_args(argv)
     if args.save_errors and len(args.checkpoints) != 1:
         parser.error("--save-errors takes exactly one checkpoint")
-    if args.save_errors and not args.save_errors.lower().endswith(".png"):
-        parser.error("--save-errors must name a .png file")
     if args.save_errors:  # checked before the evaluation, so a bad path costs nothing computed
-        folder = os.path.dirname(os.path.abspath(args.save_errors))
-        if os.path.isdir(args.save_errors):
-            parser.error(f"--save-errors {args.save_errors} is a folder; name a .png file")
-        if not os.path.isdir(folder):
-            parser.error(f"--save-errors: no folder {folder}")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            parser.error(f"--save-errors: folder {folder} is not writable")
+        commands.png_path(parser, "--save-errors", args.save_errors)
     return args
 
 
 def evaluate_checkpoints(args):
     """(one result dict per checkpoint, why --save-errors failed or None); data is read once per dataset."""
-    device = mnist_mlp.resolve_device(args.device)
-    loaded = [(path, mnist_mlp.load_checkpoint(path, map_location=device, trust_pickle=args.trust_pickle))
+    device = commands.resolve_device(args.device)
+    loaded = [(path, checkpoints.load_checkpoint(path, map_location=device, trust_pickle=args.trust_pickle))
               for path in args.checkpoints]
-    models = [mnist_mlp.model_from_checkpoint(path, checkpoint, device) for path, checkpoint in loaded]
+    models = [checkpoints.model_from_checkpoint(path, checkpoint, device) for path, checkpoint in loaded]
     splits = {}  # dataset -> (train, test), each read once
     results = []
     for (path, checkpoint), model in zip(loaded, models):
         config = checkpoint["config"]
         dataset = config.get("dataset", "mnist")
         if dataset not in splits:
-            train_split, test_split = mnist_mlp.load_dataset(args.data_dir, dataset)
+            train_split, test_split = data_files.load(args.data_dir, dataset)
             splits[dataset] = (train_split, test_split.to(device))
         evaluation = mnist_mlp.evaluate(model, splits[dataset][1], args.batch_size)
         result = {
@@ -70,7 +60,11 @@ def evaluate_checkpoints(args):
             "confusion": evaluation.confusion.tolist(),
         }
         if config.get("val_size"):  # the images train.py held out, drawn again from the recorded seed
-            _, val_split = mnist_mlp.split_validation(splits[dataset][0], config["val_size"], config["seed"])
+            try:
+                _, val_split = mnist_mlp.split_validation(splits[dataset][0], config["val_size"], config["seed"])
+            except ValueError:
+                raise commands.UsageError(f"{path}: its config holds out {config['val_size']} validation images, "
+                                          f"but the training set has {len(splits[dataset][0])}") from None
             result["validation"] = summary(mnist_mlp.evaluate(model, val_split.to(device), args.batch_size))
         results.append(result)
     if args.save_errors:
@@ -122,7 +116,7 @@ def save_error_grid(path, model, split, class_names, columns=8, scale=2):
         digit = Image.fromarray(split.pixels[index].view(28, 28).cpu().numpy(), mode="L")
         grid.paste(digit.resize((28 * scale, 28 * scale)), (left + (cell_width - 28 * scale) // 2, top))
         draw.text((left + 2, top + 28 * scale + 1), caption, fill=0, font=font)
-    mnist_mlp.atomic_write(path, lambda file: grid.save(file, format="PNG"))
+    atomic_write(path, lambda file: grid.save(file, format="PNG"))
     return len(captions)
 
 
@@ -163,29 +157,19 @@ def print_results(results, args, saved_errors):
 
 
 def main(argv=None):
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else [str(arg) for arg in argv])
+    def body(argv):
+        args = parse_args(argv)
         results, save_failure = evaluate_checkpoints(args)
         if args.json:
             print(json.dumps(results[0] if len(results) == 1 else results, indent=2, allow_nan=False))
         else:
             print_results(results, args, saved_errors=args.save_errors and save_failure is None)
-        sys.stdout.flush()
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `evaluate.py ... | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    if save_failure is not None:
-        print(f"error: {save_failure}", file=sys.stderr)
-        return 1
-    return 0
+        if save_failure is not None:
+            print(f"error: {save_failure}", file=sys.stderr)
+            return 1
+        return 0
+    return commands.run_main(body, argv)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C raises KeyboardInterrupt again
-    sys.exit(main())
+    commands.script(main)

@@ -12,21 +12,19 @@ import sys
 if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-import argparse
-import csv
-import io
 import os
 import re
 
-import mnist_mlp
-from mnist_mlp import UsageError
+import commands
+import run_folder
+from commands import UsageError
+from safe_files import atomic_write
 
 PANELS = [("test_accuracy", "test accuracy (%)"), ("train_loss", "training loss (mean over the epoch)")]
 
 
 def parse_args(argv):
-    parser = mnist_mlp.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".",
-                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = commands.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_METRICS_CSV",
                         help="train.py checkpoint folders (their metrics.csv is read) or metrics.csv files")
     parser.add_argument("-o", "--output", default="curves.png", metavar="PATH.png", help="the picture to write")
@@ -41,17 +39,9 @@ def parse_args(argv):
 
 def read_run(path):
     """(label, {column: [(epoch, value), ...]}) of one run: a folder with metrics.csv, or the CSV itself."""
-    csv_path = os.path.join(path, "metrics.csv") if os.path.isdir(path) else path
+    csv_path = os.path.join(path, run_folder.METRICS_NAME) if os.path.isdir(path) else path
     label = os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))))
-    if not os.path.lexists(csv_path):
-        raise UsageError(f"{csv_path}: no such file")
-    if not mnist_mlp.is_regular_file(csv_path):
-        raise UsageError(f"{csv_path} is not a regular file")
-    try:
-        with open(csv_path, encoding="utf-8-sig", newline="") as file:
-            rows = list(csv.DictReader(io.StringIO(file.read())))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise UsageError(f"cannot read {csv_path} ({mnist_mlp._reason(error)})") from None
+    _, rows = run_folder.read_csv(csv_path)
     needed = ["epoch"] + [column for column, _ in PANELS]
     if not rows:
         raise UsageError(f"{csv_path} has no epochs: an empty run")
@@ -114,12 +104,12 @@ def draw(groups, path, title=None, accuracy_from=None):
     axes[0].legend(fontsize=8, loc="lower right")
     if title:
         figure.suptitle(title)
-    mnist_mlp.atomic_write(path, lambda file: figure.savefig(file, format="png"))
+    atomic_write(path, lambda file: figure.savefig(file, format="png"))
 
 
 def main(argv=None):
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else [str(arg) for arg in argv])
+    def body(argv):
+        args = parse_args(argv)
         try:
             import matplotlib  # noqa: F401  (only to say clearly that it is missing)
         except ImportError:
@@ -132,16 +122,10 @@ def main(argv=None):
             draw(groups, args.output, args.title, args.accuracy_from)
         except OSError as error:
             raise UsageError(f"cannot write {args.output} ({error.strerror or error})") from None
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    print(f"saved {args.output}: {sum(len(group) for group in groups.values())} runs in {len(groups)} settings")
-    return 0
+        print(f"saved {args.output}: {sum(len(group) for group in groups.values())} runs in {len(groups)} settings")
+        return 0
+    return commands.run_main(body, argv)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C raises KeyboardInterrupt again
-    sys.exit(main())
+    commands.script(main)

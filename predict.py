@@ -1,6 +1,6 @@
 """Read your own handwriting: python predict.py noteLearning_20.pth my_seven.png [more images or folders]
 
-Each image is prepared as MNIST's digits were (see mnist_mlp.digit_pixels): light ink on
+Each image is prepared as MNIST's digits were (see handwriting.digit_pixels): light ink on
 black, the ink scaled to 20 pixels and centred by mass in 28x28. Then the model says which class
 it is, how sure it is, and the next two guesses. A file named after its true class (7_a.png,
 3.jpg) counts toward an accuracy line. --show draws each input beside what the model saw.
@@ -12,24 +12,25 @@ import sys
 if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-import argparse
 import json
 import os
 import re
 
 import torch
 
+import checkpoints
+import commands
+import handwriting
 import mnist_mlp
-from mnist_mlp import UsageError
+from commands import UsageError
+from safe_files import atomic_write, is_regular_file
 
 IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is larger than any phone's; more is refused, not decoded
 
 
 def parse_args(argv):
-    parser = mnist_mlp.ArgumentParser(
-        description="Classify your own images of handwritten digits with a trained checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = commands.ArgumentParser(description="Classify your own images of handwritten digits with a trained checkpoint.")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by train.py (.pth)")
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files, or folders (every image in them, sorted); a name that starts with "
@@ -37,14 +38,11 @@ def parse_args(argv):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     parser.add_argument("--show", metavar="PATH.png",
                         help="save a picture of each input beside the 28x28 the model saw, with its guess")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow a pickled whole model (the tutorial's torch.save(model, ...)): runs code from the file")
+    commands.add_device_flag(parser, default="cpu")
+    commands.add_trust_pickle_flag(parser)
     args = parser.parse_args(argv)
-    if args.show and not args.show.lower().endswith(".png"):
-        parser.error("--show must name a .png file")
-    if args.show and not os.path.isdir(os.path.dirname(os.path.abspath(args.show))):
-        parser.error(f"--show: no folder {os.path.dirname(os.path.abspath(args.show))}")
+    if args.show:
+        commands.png_path(parser, "--show", args.show)
     return args
 
 
@@ -72,7 +70,7 @@ def read_image(path):
 
     if not os.path.lexists(path):
         raise ValueError("no such file")
-    if not mnist_mlp.is_regular_file(path):
+    if not is_regular_file(path):
         raise ValueError("not a regular file")
     try:
         with Image.open(path) as image:  # reads the header only: the size is known before decoding
@@ -98,7 +96,7 @@ def predict(model, classes, paths, device):
             result["label"] = classes[label]
         try:
             image = read_image(path)
-            pixels = mnist_mlp.digit_pixels(image)
+            pixels = handwriting.digit_pixels(image)
         except ValueError as error:
             result["error"] = str(error)
             results.append(result)
@@ -144,7 +142,7 @@ def save_picture(path, results, cell=84):
         name = name if len(name) <= 30 else name[:29] + "…"
         draw.text((left, top + cell + 3), name, fill="black", font=font)
         draw.text((left, top + cell + 18), caption, fill="black", font=font)
-    mnist_mlp.atomic_write(path, lambda file: sheet.save(file, format="PNG"))
+    atomic_write(path, lambda file: sheet.save(file, format="PNG"))
 
 
 def report(results, as_json):
@@ -169,11 +167,11 @@ def report(results, as_json):
 
 
 def main(argv=None):
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else [str(arg) for arg in argv])
-        device = mnist_mlp.resolve_device(args.device)
-        checkpoint = mnist_mlp.load_checkpoint(args.checkpoint, map_location=device, trust_pickle=args.trust_pickle)
-        model = mnist_mlp.model_from_checkpoint(args.checkpoint, checkpoint, device).eval()
+    def body(argv):
+        args = parse_args(argv)
+        device = commands.resolve_device(args.device)
+        checkpoint = checkpoints.load_checkpoint(args.checkpoint, map_location=device, trust_pickle=args.trust_pickle)
+        model = checkpoints.model_from_checkpoint(args.checkpoint, checkpoint, device).eval()
         classes = mnist_mlp.DATASETS[checkpoint["config"].get("dataset", "mnist")][1]
         paths = image_paths(args.images)
         if not paths:
@@ -188,18 +186,12 @@ def main(argv=None):
                 return 1
             if not args.json:
                 print(f"saved {args.show}")
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    failed = [result for result in results if "error" in result]
-    for result in failed:
-        print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
-    return 2 if failed else 0
+        failed = [result for result in results if "error" in result]
+        for result in failed:
+            print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
+        return 2 if failed else 0
+    return commands.run_main(body, argv)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # torch has loaded: Ctrl-C raises KeyboardInterrupt again
-    sys.exit(main())
+    commands.script(main)

@@ -1,0 +1,282 @@
+"""Checkpoints: saved whole or not at all, loaded without running code from the file, and checked
+(names, shapes, storage, finiteness, config) before anything is built from them; and what a resumed
+run must match to continue exactly."""
+
+import math
+import os
+import pickle
+import pickletools
+import sys
+import types
+
+import torch
+from torch import nn
+
+import mnist_mlp
+from commands import UsageError, reason
+import safe_files
+from safe_files import is_regular_file
+
+CHECKPOINT_NAME = "noteLearning_{epoch}.pth"
+
+
+def all_finite(tensors):
+    """True if no tensor in `tensors` (any nesting of dicts and lists) holds a NaN or infinity."""
+    if isinstance(tensors, torch.Tensor):
+        return not tensors.is_floating_point() or bool(torch.isfinite(tensors).all())
+    if isinstance(tensors, dict):
+        return all(all_finite(value) for value in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return all(all_finite(value) for value in tensors)
+    return not isinstance(tensors, float) or math.isfinite(tensors)
+
+
+MAX_HIDDEN = 1 << 16  # units in one hidden layer that a checkpoint may ask for
+# What torch.load(weights_only=True) imports for plain data, besides torch's own tensor rebuilders.
+WEIGHTS_ONLY_GLOBALS = {"collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.bytearray",
+                        "builtins.slice", "builtins.complex", "_codecs.encode"}
+
+
+def plain_copy(value):
+    """`value` with every tensor replaced by a compact copy of its own (not a view of a buffer)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone(memory_format=torch.contiguous_format)
+    if isinstance(value, dict):
+        return type(value)((key, plain_copy(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_copy(item) for item in value)
+    return value
+
+
+class NonFiniteCheckpoint(ValueError):
+    """save_checkpoint refused a checkpoint: its weights, optimizer state or figures are not finite."""
+
+
+def save_checkpoint(path, checkpoint):
+    """Write a checkpoint dict atomically: a crash never leaves half a file under `path`.
+
+    Tensors are saved as compact copies: FlatAdam's parameters and state are views of shared
+    buffers, which torch.save would otherwise store whole under every view's name.
+    """
+    if not all_finite(checkpoint):
+        raise NonFiniteCheckpoint(f"refusing to save {path}: it holds NaN or infinite values")
+    copy = plain_copy(checkpoint)
+    safe_files.atomic_write(path, lambda file: torch.save(copy, file))
+
+
+def pickle_globals(path):
+    """The module.name of every class or function that unpickling the file would import.
+
+    Read from the pickle's opcodes without running any of it: torch.load's own message about a
+    refused import is worded differently from one torch version to the next.
+    """
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [name for name in archive.namelist() if name.endswith("data.pkl")]
+                streams = [archive.read(names[0])] if names else []
+        else:
+            with open(path, "rb") as file:
+                streams = [file.read()]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+    found = []
+    for data in streams:
+        start = 0
+        while start < len(data):  # the legacy format is several pickles one after another
+            strings, end = [], None
+            try:
+                for opcode, argument, position in pickletools.genops(data[start:]):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        found.append(argument.replace(" ", ".", 1))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(argument, str):
+                        strings.append(argument)
+                    elif opcode.name == "STOP":
+                        end = start + position + 1
+            except Exception:  # not a pickle (the legacy format's raw tensor bytes): stop reading
+                break
+            if end is None:
+                break
+            start = end
+    return found
+
+
+def load_checkpoint(path, map_location="cpu", trust_pickle=False):
+    """Read a checkpoint safely: our dict, a bare state_dict, or (trust_pickle) a pickled model.
+
+    Always returns our dict format, checked (types, sizes, ranges) before anything is built
+    from it; for a bare state_dict or a pickled model, `epoch` is 0 and the config holds only
+    the hidden sizes.
+    """
+    if not os.path.lexists(path):
+        raise UsageError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder, not a checkpoint file")
+    if not is_regular_file(path):
+        raise UsageError(f"{path} is not a regular file (a pipe or a device?)")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{path}: permission denied")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        unsafe = [name for name in pickle_globals(path) if name not in WEIGHTS_ONLY_GLOBALS
+                  and (not name.startswith("torch.") or name.startswith("torch.nn."))]
+        if not unsafe:
+            raise UsageError(f"{path} is not a readable checkpoint ({reason(error)})") from None
+        if not trust_pickle:
+            if any(name.startswith(("__main__.", "torch.nn.")) for name in unsafe):
+                raise UsageError(f"{path} is a pickled model (torch.save(model, ...)); loading it runs code "
+                                 "from the file: pass --trust-pickle if you trust where it came from") from None
+            raise UsageError(f"{path} is refused: loading it would run {unsafe[0]} (unsafe pickle); "
+                             "pass --trust-pickle only if you trust where it came from") from None
+        print(f"warning: --trust-pickle: loading {path} runs code from the file", file=sys.stderr)
+        try:
+            data = _load_trusting_pickle(path, map_location)
+        except Exception as trusted_error:
+            raise UsageError(f"{path} cannot be loaded even with --trust-pickle ({reason(trusted_error)})") from None
+    return checked_checkpoint(path, data)
+
+
+def _load_trusting_pickle(path, map_location):
+    """torch.load(weights_only=False), which runs code from the file, for the tutorial's whole-model files.
+
+    The tutorial pickled `__main__.NoteModel`; any class from a `__main__` we don't have is
+    rebuilt as a plain nn.Module, which is all that is needed to read its weights.
+    """
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            try:
+                return super().find_class(module, name)
+            except AttributeError:
+                if module == "__main__" and not name.startswith("_"):
+                    return type(name, (nn.Module,), {})
+                raise
+
+    pickle_module = types.SimpleNamespace(Unpickler=Unpickler, load=pickle.load, __name__="pickle")
+    return torch.load(path, map_location=map_location, weights_only=False, pickle_module=pickle_module)
+
+
+def checked_checkpoint(path, data):
+    """`data` from a checkpoint file as our dict, or a one-line UsageError saying what is wrong.
+
+    Every field is checked before anything is built from it: a small file must not be able to
+    make us allocate gigabytes (stride-0 tensors, a huge `hidden`) or crash with a traceback.
+    """
+    if isinstance(data, nn.Module):
+        data = data.state_dict()
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        checkpoint = dict(data)
+    elif isinstance(data, dict) and data and all(isinstance(value, torch.Tensor) for value in data.values()):
+        checkpoint = {"model": data}
+    else:
+        raise UsageError(f"{path} holds no model weights (expected a checkpoint or a state_dict)")
+    hidden = _checked_state_dict(path, checkpoint["model"])
+    config = checkpoint.setdefault("config", {})
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: its config is a {type(config).__name__}, not a dict")
+    config = checkpoint["config"] = dict(config)
+    if "hidden" in config and not (isinstance(config["hidden"], (list, tuple)) and list(config["hidden"]) == hidden):
+        raise UsageError(f"{path}: its config says hidden sizes {config['hidden']!r}, its weights have {hidden}")
+    config["hidden"] = hidden
+    epoch = checkpoint.setdefault("epoch", 0)
+    if type(epoch) is not int or not 0 <= epoch <= 1_000_000:
+        raise UsageError(f"{path}: its epoch is {epoch!r}, not a whole number from 0 to 1,000,000")
+    if config.get("dataset", "mnist") not in mnist_mlp.DATASETS:
+        raise UsageError(f"{path}: unknown dataset {config['dataset']!r} (known: {', '.join(mnist_mlp.DATASETS)})")
+    for key in ("val_size", "seed", "batch_size"):
+        if key in config and (type(config[key]) is not int or config[key] < 0):
+            raise UsageError(f"{path}: its config's {key} is {config[key]!r}, not a whole number of 0 or more")
+    if config.get("val_size") and "seed" not in config:
+        raise UsageError(f"{path}: it held out {config['val_size']} validation images but records no seed")
+    if "metrics" in checkpoint and not isinstance(checkpoint["metrics"], dict):
+        raise UsageError(f"{path}: its metrics entry is not a dict")
+    return checkpoint
+
+
+def _checked_state_dict(path, state):
+    """The hidden sizes of a NoteModel state_dict, after checking its names, shapes and storage."""
+    depth = len(state) // 2
+    expected = [f"fc{number}.{kind}" for number in range(1, depth + 1) for kind in ("weight", "bias")]
+    if depth == 0 or list(state) != expected:
+        names = ", ".join(map(str, list(state)[:6]))
+        raise UsageError(f"{path}: its weights are named {names}, not fc1.weight, fc1.bias, ... as in NoteModel")
+    sizes = [784]
+    for number in range(1, depth + 1):
+        weight, bias = state[f"fc{number}.weight"], state[f"fc{number}.bias"]
+        for name, tensor in ((f"fc{number}.weight", weight), (f"fc{number}.bias", bias)):
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.layout != torch.strided:
+                raise UsageError(f"{path}: {name} is not a dense floating-point tensor")
+            if tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
+                raise UsageError(f"{path}: {name} claims {tensor.numel():,} values but stores fewer "
+                                 "(a stride trick); refused")
+        if weight.dim() != 2 or bias.dim() != 1 or weight.shape[1] != sizes[-1] or bias.shape[0] != weight.shape[0]:
+            raise UsageError(f"{path} does not fit a NoteModel: fc{number}.weight is {list(weight.shape)} and "
+                             f"fc{number}.bias {list(bias.shape)}, where the input has {sizes[-1]} values")
+        sizes.append(weight.shape[0])
+    if not all_finite(state):
+        raise UsageError(f"{path}: its weights hold NaN or infinity (the run that wrote it diverged)")
+    if sizes[-1] != 10:
+        raise UsageError(f"{path} does not fit a NoteModel: its last layer has {sizes[-1]} outputs, not 10")
+    if any(not 1 <= size <= MAX_HIDDEN for size in sizes[1:-1]):
+        raise UsageError(f"{path}: hidden sizes {sizes[1:-1]} are outside 1..{MAX_HIDDEN}")
+    if len(sizes) != 4:
+        raise UsageError(f"{path} has {len(sizes) - 2} hidden layers of widths {sizes[1:-1]}; NoteModel has two "
+                         "(edit NoteModel in mnist_mlp.py to load another depth)")
+    return sizes[1:-1]
+
+
+def model_from_checkpoint(path, checkpoint, device="cpu"):
+    """The NoteModel a checked checkpoint describes, with its weights, on `device`."""
+    model = mnist_mlp.NoteModel(*checkpoint["config"]["hidden"])
+    model.load_state_dict(checkpoint["model"])  # names and shapes were checked in checked_checkpoint
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+FLAGS = {"hidden": "--hidden", "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum",
+         "batch_size": "--batch-size", "seed": "--seed", "dataset": "--dataset", "val_size": "--val-size",
+         "fused": "--fused", "threads": "--threads"}
+
+
+def check_resume_config(path, saved, current):
+    """Refuse to resume a run with other settings than the checkpoint's."""
+    if list(saved["hidden"]) != current["hidden"]:
+        raise UsageError(f"{path} has hidden sizes {list(saved['hidden'])}, but --hidden is "
+                         f"{' '.join(map(str, current['hidden']))}; pass --hidden "
+                         f"{' '.join(map(str, saved['hidden']))}")
+    if "optimizer" not in saved:
+        return  # a bare state_dict or a tutorial file: weights only
+    differences = [f"{FLAGS.get(key, key)}: checkpoint {saved[key]!r}, now {value!r}"
+                   for key, value in current.items() if key in saved and saved[key] != value]
+    if differences:
+        raise UsageError(f"{path} was trained with other settings ({'; '.join(differences)}); "
+                         "pass the same flags to resume it exactly")
+
+
+def restore_training_state(path, resumed, config, optimizer, order_generator):
+    """Load a checkpoint's optimizer and generator states; returns the epoch to go on from."""
+    check_resume_config(path, resumed["config"], config)
+    if "optimizer" not in resumed:
+        return 0  # weights only: a fresh optimizer, epoch numbers from 1
+    try:
+        optimizer.load_state_dict(resumed["optimizer"])
+    except Exception as error:  # a malformed entry: torch raises several kinds
+        raise UsageError(f"{path}: its optimizer state does not fit ({reason(error)})") from None
+    if not all_finite(resumed["optimizer"]):
+        raise UsageError(f"{path}: its optimizer state holds NaN or infinity; resume from an earlier checkpoint")
+    rng = resumed.get("rng")
+    if rng is None:
+        print(f"warning: {path} records no random-generator state: the batch order from here on will "
+              "differ from an uninterrupted run's", file=sys.stderr)
+    else:
+        try:
+            order_generator.set_state(rng["data_order"])
+            torch.set_rng_state(rng["torch"])
+        except Exception as error:
+            raise UsageError(f"{path}: its rng entry is malformed ({reason(error)})") from None
+    return resumed["epoch"]

@@ -1,0 +1,153 @@
+"""What the command-line scripts share: flag types, shared flags, device choice, and one `main` edge
+that turns errors into exit codes. Boilerplate that could serve any command-line tool.
+
+Exit codes: 0 done, 1 a file could not be written, 2 bad input (one `error:` line), 130 Ctrl-C,
+141 the reader of stdout went away (`| head`).
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+
+class UsageError(Exception):
+    """Bad input from the user: the scripts print `error: <message>` and exit with code 2."""
+
+
+def reason(error, limit=300):
+    """An exception as one short line for an `error:` message."""
+    text = " ".join(str(error).split()) or "no details"
+    if "WeightsUnpickler error:" in text:  # torch.load's long advice; keep the part that says why
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    return f"{type(error).__name__}: {text[:limit]}"
+
+
+# ----------------------------------------------------------------------------- flags
+
+def _parsed(text, kind, message):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{message}, got {text!r}") from None
+
+
+def bounded_int(low, high):
+    """An argparse type: a whole number from low to high (inclusive)."""
+    def parse(text):
+        value = _parsed(text, int, "must be a whole number")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low:,} to {high:,}, got {text}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def positive_float(text):
+    value = _parsed(text, float, "must be a number")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def fraction(text):
+    """A number from 0 up to (not including) 1: SGD's momentum."""
+    value = _parsed(text, float, "must be a number")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one `error:` line (exit code 2), without the usage dump,
+    and shows each flag's default in --help."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def add_device_flag(parser, default="auto"):
+    parser.add_argument("--device", default=default, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
+
+
+def add_data_dir_flag(parser):
+    from data_files import DEFAULT_DATA_DIR  # the bundled data, beside the scripts
+
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="dataset root folder")
+
+
+def add_trust_pickle_flag(parser, what="allow pickled whole models (the tutorial's torch.save(model, ...))"):
+    parser.add_argument("--trust-pickle", action="store_true", help=f"{what}: runs code from the file")
+
+
+def png_path(parser, flag, path):
+    """Refuse an output picture path before any work is done: not .png, a folder, or no writable folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path.lower().endswith(".png"):
+        parser.error(f"{flag} must name a .png file")
+    if os.path.isdir(path):
+        parser.error(f"{flag} {path} is a folder; name a .png file")
+    if not os.path.isdir(folder):
+        parser.error(f"{flag}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"{flag}: folder {folder} is not writable")
+
+
+# ----------------------------------------------------------------------------- devices
+
+def resolve_device(name):
+    """torch.device for --device: auto is CUDA if available, else the CPU; never a silent fallback.
+
+    MPS is used only when asked for: for this small model at batch 64, per-kernel launch costs
+    make it slower than the CPU (as for small models on CUDA without CUDA graphs).
+    """
+    import torch  # here, not above: plot.py uses these helpers without needing torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise UsageError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+# ----------------------------------------------------------------------------- the scripts' edge
+
+def run_main(body, argv):
+    """body(argv) -> exit code, with the errors every script shares turned into exit codes."""
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    try:
+        code = body(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `script ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def script(main):
+    """Run a script's main() as the program: Ctrl-C raises KeyboardInterrupt again now that torch has
+    loaded (each script's first lines make a Ctrl-C during the imports a quiet exit 130)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Shared fixtures and helpers of the tests (python -m pytest -q): tiny datasets, one trained epoch,
+calling a script's main in-process, checking one-line errors, and the models a student edits into."""
+
+import gzip
+import io
+import os
+import struct
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms
+
+import data_files
+import fast_step
+import mnist_mlp
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+TUTORIAL_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+
+
+def write_idx(path, tensor):
+    """Write a uint8 tensor as an IDX file, the format torchvision's MNIST reader parses."""
+    header = struct.pack(f">I{tensor.dim()}I", 0x800 + tensor.dim(), *tensor.shape)
+    with open(path, "wb") as file:
+        file.write(header + tensor.contiguous().numpy().tobytes())
+
+
+def make_tiny_mnist(root, n_train=256, n_test=64, seed=0, compress=False):
+    """A small learnable MNIST look-alike: each class is a bright bar at its own rows, plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    folder = os.path.join(root, "MNIST", "raw")
+    os.makedirs(folder, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 60, (n, 28, 28), generator=generator)
+        for index, label in enumerate(labels.tolist()):
+            images[index, 2 + 2 * label:4 + 2 * label, 4:24] = 255
+        for kind, tensor in (("images-idx3", images), ("labels-idx1", labels)):
+            path = os.path.join(folder, f"{prefix}-{kind}-ubyte")
+            write_idx(path, tensor.to(torch.uint8))
+            if compress:
+                with open(path, "rb") as raw, gzip.open(path + ".gz", "wb") as packed:
+                    packed.write(raw.read())
+                os.remove(path)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """The bundled real MNIST, as (train Split, test Split)."""
+    return data_files.load(data_files.DEFAULT_DATA_DIR, download=False)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread, as train.py runs by default (the flush of denormals is per thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One epoch of `python train.py` on the bundled MNIST: (checkpoint folder, printed output)."""
+    folder = tmp_path_factory.mktemp("trained")
+    output = io.StringIO()
+    with redirect_stdout(output):
+        code = train.main(["--epochs", "1", "--checkpoint-dir", str(folder), "--device", "cpu"])
+    assert code == 0
+    return folder, output.getvalue()
+
+
+def run_main(module, argv, capsys):
+    """Call a script's main in-process: (exit code, stdout, stderr)."""
+    code = module.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_usage_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+class SigmoidModel(mnist_mlp.NoteModel):
+    """NoteModel as a student edits it first: sigmoid instead of ReLU."""
+
+    def forward(self, x):
+        x = x.view(-1, 784)
+        x = torch.sigmoid(self.fc1(x))
+        x = torch.sigmoid(self.fc2(x))
+        return self.fc3(x)
+
+
+class DropoutModel(mnist_mlp.NoteModel):
+    """NoteModel with an added nn.Dropout between the layers."""
+
+    def __init__(self, hidden1=128, hidden2=64):
+        super().__init__(hidden1, hidden2)
+        self.dropout = nn.Dropout(0.2)
+
+    def forward(self, x):
+        x = x.view(-1, 784)
+        x = self.dropout(F.relu(self.fc1(x)))
+        x = self.dropout(F.relu(self.fc2(x)))
+        return self.fc3(x)
+
+
+class DeeperModel(nn.Module):
+    """Four Linear layers with ReLU between: another depth, as a student edits NoteModel into."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(784, 50), nn.Linear(50, 40), nn.Linear(40, 30), nn.Linear(30, 10)
+
+    def forward(self, x):
+        x = F.relu(self.fc1(x.view(-1, 784)))
+        x = F.relu(self.fc2(x))
+        return self.fc4(F.relu(self.fc3(x)))
+
+
+def make_step(model, choice="auto", optimizer="adam", lr=0.001):
+    return fast_step.make_train_step(model, nn.CrossEntropyLoss(),
+                                     fast_step.make_optimizer(optimizer, model.parameters(), lr), choice)
+
+
+def tiny_run(tmp_path, *extra):
+    """train.py flags for a quick run on a tiny IDX dataset in tmp_path/data."""
+    root = tmp_path / "data"
+    if not root.exists():
+        make_tiny_mnist(root)
+    return ["--data-dir", root, "--device", "cpu", "--batch-size", "32", *extra]

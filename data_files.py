@@ -1,0 +1,124 @@
+"""The dataset's files on disk: the bundled .gz copies decompressed once and checked, missing files
+downloaded, and the lesson's load_dataset with its errors as one-line UsageErrors."""
+
+import gzip
+import math
+import os
+import struct
+import zlib
+
+import mnist_mlp
+from commands import UsageError, reason
+import safe_files
+from safe_files import is_regular_file
+
+# The bundled data lives beside this file, so `python train.py` works from any folder, offline.
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def raw_folder(data_dir, dataset):
+    return os.path.join(data_dir, mnist_mlp.DATASETS[dataset][0], "raw")
+
+
+def load(data_dir, dataset="mnist", download=True):
+    """(train Split, test Split): the files prepared (decompressed, checked, downloaded) and read."""
+    folder = raw_folder(data_dir, dataset)
+    if os.path.exists(data_dir) and not (os.path.isdir(data_dir) and os.access(data_dir, os.R_OK | os.X_OK)):
+        raise UsageError(f"cannot read the data folder {data_dir}: not a readable folder")
+    missing = [name for name in mnist_mlp.RAW_FILES if not prepare_raw_file(folder, name)]
+    if missing and not download:
+        raise UsageError(missing_data_message(folder, dataset))
+    if missing:
+        download_raw_files(data_dir, dataset)
+    try:
+        return mnist_mlp.load_dataset(data_dir, dataset)
+    except (ValueError, OSError) as error:
+        raise UsageError(str(error) if isinstance(error, ValueError) else reason(error)) from None
+
+
+def prepare_raw_file(folder, name):
+    """True once folder/name is a valid IDX file, gunzipping folder/name.gz if needed; False if absent.
+
+    Decompressed once, so later runs read the bytes straight (torchvision's reader, which the
+    tutorial uses, needs them so too): to a temp file, checked, then renamed. A broken decompressed
+    file is replaced from its .gz, so a fixed .gz heals it.
+    """
+    path, packed = os.path.join(folder, name), os.path.join(folder, name + ".gz")
+    ndim = 3 if "images" in name else 1
+    if os.path.lexists(path):
+        try:
+            check_idx_file(path, ndim)
+            return True
+        except UsageError:
+            if not is_regular_file(packed):
+                raise
+    if not is_regular_file(packed):
+        if os.path.lexists(packed):
+            raise UsageError(f"{packed} is not a regular file")
+        return False
+
+    def gunzip(file):
+        with gzip.open(packed, "rb") as compressed:
+            header = compressed.read(4 + 4 * ndim)
+            size = check_idx_header(header, None, ndim, packed)
+            file.write(header)
+            left = size - len(header)
+            while left > 0:  # no more than the header promises: a small .gz cannot fill the disk
+                chunk = compressed.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                file.write(chunk)
+                left -= len(chunk)
+            if left or compressed.read(1):
+                raise UsageError(f"{packed} does not hold the {size:,} bytes its header promises: truncated or corrupt")
+
+    try:
+        safe_files.atomic_write(path, gunzip)
+    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
+        raise UsageError(f"cannot decompress {packed} ({reason(error)})") from None
+    return True
+
+
+def check_idx_file(path, ndim):
+    """Refuse a file that is not a complete IDX file of unsigned bytes with `ndim` dimensions."""
+    if not is_regular_file(path):
+        raise UsageError(f"{path} is not a regular file")
+    try:
+        with open(path, "rb") as file:
+            header = file.read(4 + 4 * ndim)
+    except OSError as error:
+        raise UsageError(f"cannot read {path} ({error.strerror})") from None
+    check_idx_header(header, os.path.getsize(path), ndim, path)
+
+
+def check_idx_header(header, size, ndim, shown_name):
+    """The file size an IDX header promises, checked against `size` (when known)."""
+    if len(header) < 4 + 4 * ndim:
+        raise UsageError(f"{shown_name} is truncated: not an IDX file")
+    magic, *dims = struct.unpack(f">{1 + ndim}I", header)
+    if magic != 0x800 + ndim:
+        raise UsageError(f"{shown_name} is not an IDX file of {ndim}-D bytes (magic {magic:#010x}, "
+                         f"expected {0x800 + ndim:#010x})")
+    expected_size = len(header) + math.prod(dims)
+    if size is not None and size != expected_size:
+        raise UsageError(f"{shown_name} has {size} bytes, its header promises {expected_size}: truncated or corrupt")
+    return expected_size
+
+
+def download_raw_files(data_dir, dataset):
+    """Ask torchvision to download the four raw files into data_dir/<Dataset>/raw/."""
+    from torchvision import datasets  # imported here: only a download needs it
+
+    folder = raw_folder(data_dir, dataset)
+    try:
+        getattr(datasets, mnist_mlp.DATASETS[dataset][0])(data_dir, train=True, download=True)
+    except Exception as error:  # torchvision raises many kinds: offline, corrupt, permissions
+        raise UsageError(f"{missing_data_message(folder, dataset)} (download failed: {reason(error)})") from None
+    missing = [name for name in mnist_mlp.RAW_FILES if not prepare_raw_file(folder, name)]
+    if missing:
+        raise UsageError(f"{missing_data_message(folder, dataset)} (the download left out {', '.join(missing)})")
+
+
+def missing_data_message(folder, dataset):
+    return (f"{dataset} data not found: put {', '.join(mnist_mlp.RAW_FILES)} (or their .gz) into {folder}, "
+            "or point --data-dir at a folder that has them")

@@ -1,0 +1,412 @@
+"""The training step made fast, used only where it is proven equal to mnist_mlp.textbook_step.
+
+FastStep writes the backward pass out beside the forward; FlatAdam keeps parameters, gradients and
+Adam's state in flat buffers and updates them in a few calls; CudaGraphStep replays the whole step
+as one CUDA graph; denormals_flushed keeps x86 from slowing down on tiny numbers. make_train_step
+chooses, and says which step trains and why.
+"""
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mnist_mlp
+from commands import UsageError, reason
+
+
+class FastStep:
+    """textbook_step for a plain stack of Linear layers with ReLU between and cross-entropy,
+    with the backward pass written out beside the forward.
+
+    It skips autograd's graph and bookkeeping and writes the gradients straight into the
+    parameters' .grad tensors. Every kernel is the one autograd itself runs, so the loss and
+    gradients are bit-identical to loss.backward()'s; make_train_step checks that on the model
+    at hand before using it, since an edited forward() would not be seen here.
+    """
+
+    def __init__(self, linears, optimizer=None):
+        self.layers = linears
+        self.optimizer = optimizer
+        self.one = torch.ones((), device=linears[0].weight.device)
+        self.batch_sizes = {}  # batch size -> the same as a 0-d float tensor, made once
+
+    @torch.no_grad()
+    def forward_backward(self, x, labels, grads):
+        """Loss and logits of the batch; writes dLoss/dW and dLoss/db into grads [(dW, db), ...]."""
+        inputs = [x]  # each layer's input, kept for the backward pass
+        for index, layer in enumerate(self.layers):
+            x = torch.addmm(layer.bias, x, layer.weight.t())     # y = x W^T + b  (what F.linear runs)
+            if index < len(self.layers) - 1:
+                x = x.relu_()                                    # h = max(y, 0), in place: y is not needed again
+                inputs.append(x)
+        log_probs = torch.log_softmax(x, dim=1)
+        loss = F.nll_loss(log_probs, labels)                     # mean over the batch of -log p[label]
+
+        # Backward, by the kernels autograd runs: d(loss)/d(log_probs) is -1/N at each label
+        # (nll_loss_backward: reduction 1 = mean, -100 = the default ignore_index, total weight N),
+        # and through log_softmax d(loss)/dy = (softmax(y) - onehot(label)) / N.
+        batch_size = self.batch_sizes.get(len(labels))
+        if batch_size is None:
+            batch_size = self.batch_sizes[len(labels)] = self.one.new_full((), len(labels))
+        grad = torch.ops.aten.nll_loss_backward(self.one, log_probs, labels, None, 1, -100, batch_size)
+        grad = torch.ops.aten._log_softmax_backward_data(grad, log_probs, 1, log_probs.dtype)
+        for index in reversed(range(len(self.layers))):
+            weight, (weight_grad, bias_grad) = self.layers[index].weight, grads[index]
+            torch.mm(grad.t(), inputs[index], out=weight_grad)   # dW = g^T x
+            torch.sum(grad, dim=0, out=bias_grad)                # db = g summed over the batch
+            if index > 0:                                        # dx = g W, passed where h > 0
+                grad = torch.ops.aten.threshold_backward(grad.mm(weight), inputs[index], 0)
+        return loss, x
+
+    def __call__(self, x, labels):
+        """One step; returns the batch's mean loss as a 0-d tensor, left on the device."""
+        loss, _ = self.forward_backward(x, labels, [(layer.weight.grad, layer.bias.grad) for layer in self.layers])
+        if isinstance(self.optimizer, FlatAdam) and self.optimizer.flat:
+            self.optimizer.step_unhooked()  # the gradients were written straight into its flat buffer
+        else:
+            self.optimizer.step()
+        return loss
+
+
+def fast_step_problem(model, criterion, batch_size):
+    """Why FastStep cannot train this model exactly, or None if it can.
+
+    It can when the model is only a chain of nn.Linear layers, the loss is nn.CrossEntropyLoss()
+    with its defaults, no hooks are registered, and on a probe batch the model's own forward()
+    and autograd give bit-identical logits, loss and gradients to FastStep's. The probe leaves
+    no trace: random generators, gradients and the model are as they were.
+    """
+    linears = list(model.children())
+    if not linears or any(type(module) is not nn.Linear for module in model.modules() if module is not model):
+        kinds = sorted({type(module).__name__ for module in model.modules() if module is not model} - {"Linear"})
+        return f"the model has {', '.join(kinds) or 'no'} layers; the fast step knows only a chain of Linear layers"
+    parameters = [parameter for layer in linears for parameter in (layer.weight, layer.bias)]
+    if any(parameter is None for parameter in parameters) or len(parameters) != len(list(model.parameters())):
+        return "the model has parameters other than its Linear layers' weights and biases"
+    if any(True for _ in model.buffers()):
+        return "the model has buffers"
+    if any(parameter.dtype != torch.float32 or parameter.device != parameters[0].device or not parameter.requires_grad
+           for parameter in parameters):
+        return "the parameters are not all trainable float32 tensors on one device"
+    if any(a.out_features != b.in_features for a, b in zip(linears, linears[1:])):
+        return "the Linear layers do not form a chain"
+    if _has_hooks(model, parameters):
+        return "the model has hooks registered"
+    if type(criterion) is not nn.CrossEntropyLoss or (criterion.weight, criterion.ignore_index, criterion.reduction,
+                                                       criterion.label_smoothing) != (None, -100, "mean", 0.0):
+        return "the loss is not nn.CrossEntropyLoss() with its defaults"
+
+    device = parameters[0].device
+    generator = torch.Generator().manual_seed(0)
+    batch_size = min(batch_size, 256)  # enough rows to see every kernel's behaviour, at any --batch-size
+    x = (torch.rand(batch_size, linears[0].in_features, generator=generator) * 2 - 1).to(device)
+    labels = torch.randint(0, linears[-1].out_features, (batch_size,), generator=generator).to(device)
+    grads = [(torch.empty_like(layer.weight), torch.empty_like(layer.bias)) for layer in linears]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a dropout in forward() draws
+        try:
+            fast_loss, fast_logits = FastStep(linears).forward_backward(x, labels, grads)
+        except RuntimeError as error:
+            return f"the fast step does not run on {device} ({reason(error)})"
+        with torch.enable_grad():
+            logits = model(x)
+            if logits.shape != fast_logits.shape:
+                return "the model's forward() gives outputs of another shape than its Linear layers do"
+            loss = criterion(logits, labels)
+            autograd_grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+    if not (torch.equal(logits, fast_logits) and torch.equal(loss, fast_loss)):
+        return "the model's forward() computes something other than Linear layers with ReLU between"
+    # On the CPU the kernels match bit for bit; a GPU library may pick another algorithm for a
+    # transposed operand, which changes the last bits of a sum, so there the gradients need only
+    # agree to float rounding (the logits and loss must still be identical).
+    same = torch.equal if device.type == "cpu" else (lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-7))
+    if not all(a is not None and same(a, b) for a, b in zip(autograd_grads, [g for pair in grads for g in pair])):
+        return "the model's gradients differ from those of Linear layers with ReLU between"
+    return None
+
+
+def _has_hooks(model, parameters):
+    from torch.nn.modules import module as module_globals  # where nn.Module keeps its global hooks
+
+    global_hooks = [getattr(module_globals, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")]
+    module_hooks = [getattr(module, name, None) for module in model.modules() for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")]
+    tensor_hooks = [getattr(parameter, name, None) for parameter in parameters
+                    for name in ("_backward_hooks", "_post_accumulate_grad_hooks")]
+    return any(bool(hooks) for hooks in global_hooks + module_hooks + tensor_hooks)
+
+
+# ----------------------------------------------------------------------------- Adam over flat buffers
+
+def adam_elementwise(params, grads, exp_avgs, exp_avg_sqs, step, group):
+    """The tensor operations of torch.optim.Adam's default for-loop step (torch/optim/adam.py,
+    _single_tensor_adam, without weight decay or amsgrad), in its order, on one set of tensors."""
+    beta1, beta2 = group["betas"]
+    exp_avgs.lerp_(grads, 1 - beta1)
+    exp_avg_sqs.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    denom = (exp_avg_sqs.sqrt() / bias_correction2 ** 0.5).add_(group["eps"])
+    params.addcdiv_(exp_avgs, denom, value=-(group["lr"] / bias_correction1))
+
+
+@functools.lru_cache(maxsize=None)
+def elementwise_is_position_independent(device):
+    """True if each of adam_elementwise's kernels gives an element the same bits wherever it sits.
+
+    Run over one flat buffer, an element of a small tensor lands in the kernel's vectorised body
+    where on its own it fell into the scalar tail (or in another thread's share). The two paths may
+    round differently (a fused multiply-add in one of them), so this asks the kernels on this
+    machine: every element computed alone, then all of them in one call.
+    """
+    generator = torch.Generator().manual_seed(0)
+    n = 4 * 64 + 13  # bodies of every vector width up to 512 bits, and a tail
+    tensors = [torch.randn(n, generator=generator) * scale for scale in (5e-2, 1e-3, 1e-4)]
+    tensors.append(torch.rand(n, generator=generator) * 1e-6)
+    params, grads, exp_avgs, exp_avg_sqs = [tensor.to(device) for tensor in tensors]
+    group = {"betas": (0.9, 0.999), "eps": 1e-8, "lr": 1e-3}
+    whole = [tensor.clone() for tensor in (params, exp_avgs, exp_avg_sqs)]
+    adam_elementwise(whole[0], grads, whole[1], whole[2], 7, group)
+    alone = [tensor.clone() for tensor in (params, exp_avgs, exp_avg_sqs)]
+    for i in range(n):
+        adam_elementwise(alone[0][i:i + 1], grads[i:i + 1], alone[1][i:i + 1], alone[2][i:i + 1], 7, group)
+    return all(torch.equal(a, b) for a, b in zip(whole, alone))
+
+
+class FlatAdam(torch.optim.Adam):
+    """torch.optim.Adam whose parameters, gradients, m and v each live in one contiguous buffer,
+    updated by a few calls over the whole buffer instead of a Python loop over the tensors.
+
+    By default each call is one that torch's default (for-loop) Adam makes per tensor, in its
+    order (adam_elementwise), so the weights are bit-identical to the tutorial's Adam wherever the
+    kernels are position-independent (checked on the machine at hand; where they are not, it
+    steps with torch's own per-tensor loop). fused=True takes torch's one-kernel fused Adam
+    instead: the same update, faster, rounded differently in the last bits. state_dict() and
+    load_state_dict() are Adam's own, so checkpoints load into torch.optim.Adam and back.
+    """
+
+    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=False):
+        parameters = list(parameters)
+        super().__init__(parameters, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {"foreach": False}))
+        self.flat_params = torch.cat([parameter.detach().reshape(-1) for parameter in parameters])
+        self.flat_grads = torch.zeros_like(self.flat_params)
+        sizes = [parameter.numel() for parameter in parameters]
+        with torch.no_grad():
+            for parameter, param_view, grad_view in zip(parameters, self.flat_params.split(sizes),
+                                                        self.flat_grads.split(sizes)):
+                parameter.data = param_view.view_as(parameter)
+                parameter.grad = grad_view.view_as(parameter)
+        self._grad_views = [parameter.grad for parameter in parameters]
+        self._elementwise_exact = fused or elementwise_is_position_independent(str(self.flat_params.device))
+        self._bind_state()
+
+    def _bind_state(self):
+        """Put m, v and the step count of every parameter into the flat buffers (views)."""
+        parameters = self.param_groups[0]["params"]
+        sizes = [parameter.numel() for parameter in parameters]
+        self.flat_exp_avg = torch.zeros_like(self.flat_params)
+        self.flat_exp_avg_sq = torch.zeros_like(self.flat_params)
+        steps = {float(self.state[parameter]["step"]) for parameter in parameters if "step" in self.state[parameter]}
+        # torch keeps the step counts on the CPU unless fused or capturable
+        step_device = self.flat_params.device if self.param_groups[0]["fused"] else "cpu"
+        self.flat_steps = torch.zeros(len(parameters), device=step_device)
+        for parameter, step, m_view, v_view in zip(parameters, self.flat_steps, self.flat_exp_avg.split(sizes),
+                                                   self.flat_exp_avg_sq.split(sizes)):
+            state = self.state[parameter]
+            if state:
+                step.copy_(state["step"])
+                m_view.copy_(state["exp_avg"].reshape(-1))
+                v_view.copy_(state["exp_avg_sq"].reshape(-1))
+            state.update(step=step, exp_avg=m_view.view_as(parameter), exp_avg_sq=v_view.view_as(parameter))
+        self._step_views = list(self.flat_steps.unbind())
+        self._steps_taken = int(next(iter(steps))) if len(steps) == 1 else 0
+        self._one = torch.ones((), device=step_device)
+        # One call serves all parameters only while they share one step count.
+        group = self.param_groups[0]
+        self.flat = (len(self.param_groups) == 1 and len(steps) <= 1 and not group["amsgrad"]
+                     and group["weight_decay"] == 0 and not group["maximize"] and self._elementwise_exact)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._bind_state()
+
+    def zero_grad(self, set_to_none=True):
+        """As torch's (set_to_none: .grad becomes None), minus its per-call profiler label."""
+        if not set_to_none:
+            return super().zero_grad(set_to_none)
+        for parameter in self.param_groups[0]["params"]:
+            parameter.grad = None
+        return None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        parameters = self.param_groups[0]["params"]
+        grads = [parameter.grad for parameter in parameters]
+        if closure is not None or not self.flat or any(grad is None for grad in grads):
+            self.flat = False  # a parameter without a gradient is skipped by Adam: the step counts part ways
+            return super().step(closure)
+        for grad, view in zip(grads, self._grad_views):
+            if grad is not view:  # autograd made new .grad tensors: copy them in (exact) for the flat update
+                view.copy_(grad)
+        self.step_unhooked()
+        return None
+
+    def step_unhooked(self):
+        """step() for gradients already in the flat buffer, without torch.optim's per-call hooks and
+        profiler label (about 30 microseconds): FastStep writes its gradients there itself."""
+        self.flat_steps.add_(self._one)
+        self._steps_taken += 1
+        group = self.param_groups[0]
+        if not group["fused"]:
+            adam_elementwise(self.flat_params, self.flat_grads, self.flat_exp_avg, self.flat_exp_avg_sq,
+                             float(self._steps_taken), group)
+            return
+        torch._fused_adam_([self.flat_params], [self.flat_grads], [self.flat_exp_avg], [self.flat_exp_avg_sq], [],
+                           [self._step_views[0]], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                           weight_decay=0, eps=group["eps"], amsgrad=False, maximize=False)
+
+
+def make_optimizer(name, parameters, lr, momentum=0.9, fused=False):
+    """Adam (the tutorial's), SGD, or adam-no-bias-correction (AdamByHand, for the study).
+
+    By default each computes what torch's default optimizer computes, bit for bit: Adam as
+    FlatAdam's for-loop update, SGD as torch.optim.SGD itself. fused=True takes torch's fused
+    kernels where they work here (found by one step on a scratch tensor: some torch versions accept
+    fused=True and fail only at the first step): fused Adam rounds differently in the last bits.
+    """
+    parameters = list(parameters)
+    if name == "adam-no-bias-correction":
+        return mnist_mlp.AdamByHand(parameters, lr=lr, bias_correction=False)
+    device = parameters[0].device if parameters else torch.device("cpu")
+    if name == "adam":
+        if fused and _optimizer_works(FlatAdam, device, lr=lr, fused=True):
+            return FlatAdam(parameters, lr=lr, fused=True)
+        return FlatAdam(parameters, lr=lr) if parameters and device.type == "cpu" else torch.optim.Adam(parameters, lr=lr)
+    if fused and _optimizer_works(torch.optim.SGD, device, lr=lr, momentum=momentum, fused=True):
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, fused=True)
+    return torch.optim.SGD(parameters, lr=lr, momentum=momentum)
+
+
+def _optimizer_works(optimizer_class, device, **options):
+    scratch = nn.Parameter(torch.zeros(3, device=device))
+    try:
+        optimizer = optimizer_class([scratch], **options)
+        scratch.grad = torch.ones_like(scratch)
+        optimizer.step()
+        return bool(torch.isfinite(scratch).all())
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+        return False
+
+
+def optimizer_config(optimizer):
+    """The hyper-parameters that rebuild `optimizer`: plain values for the checkpoint."""
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.SGD):
+        name = "sgd"
+    else:
+        name = "adam-no-bias-correction" if group.get("bias_correction") is False else "adam"
+    keys = ("lr", "momentum", "weight_decay") if name == "sgd" else ("lr", "betas", "eps", "weight_decay")
+    config = {key: group[key] for key in keys}
+    if "betas" in config:
+        config["betas"] = list(config["betas"])
+    return {"optimizer": name, **config}
+
+
+# ----------------------------------------------------------------------------- CUDA graph
+
+class CudaGraphStep:
+    """FastStep and its fused FlatAdam update captured once in a CUDA graph, then replayed each step.
+
+    A step of this small model is ~40 tiny kernels, each costing more to launch than to run;
+    a replay launches them all at once. The batch is copied into fixed input buffers first,
+    and a batch of another size (an epoch's short last one) runs FastStep directly.
+    """
+
+    def __init__(self, fast_step, batch_size, in_features):
+        device = fast_step.layers[0].weight.device
+        self.fast_step = fast_step
+        self.x = torch.zeros(batch_size, in_features, device=device)
+        self.labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+        grads = [(layer.weight.grad, layer.bias.grad) for layer in fast_step.layers]
+        # Warm up on a side stream (cuBLAS sets up its workspace outside the capture); this
+        # writes only the gradients, which every step overwrites.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fast_step.forward_backward(self.x, self.labels, grads)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # recorded, not run: no weight moves here
+            self.loss, _ = fast_step.forward_backward(self.x, self.labels, grads)
+            fast_step.optimizer.step_unhooked()
+
+    def __call__(self, x, labels):
+        if len(labels) != len(self.labels):
+            return self.fast_step(x, labels)
+        self.x.copy_(x)
+        self.labels.copy_(labels)
+        self.graph.replay()
+        return self.loss.clone()  # the graph rewrites its loss tensor at the next replay
+
+
+def make_train_step(model, criterion, optimizer, choice="auto", batch_size=64, cuda_graph=False):
+    """(step, description): the step train.py runs, step(x, labels) -> the batch's loss.
+
+    "autograd" is textbook_step. "fast" is FastStep, allowed only where fast_step_problem finds
+    none; "auto" takes FastStep where it is proven equal and textbook_step elsewhere, and the
+    description says which and why, so an edited model is never silently trained as another.
+    cuda_graph=True replays the fast step as a CUDA graph (CudaGraphStep) where the model is
+    on CUDA and the optimizer is the fused FlatAdam; the description says when it cannot.
+    """
+    problem = None if choice == "autograd" else fast_step_problem(model, criterion, batch_size)
+    if choice == "fast" and problem is not None:
+        raise UsageError(f"--step fast cannot train this model exactly: {problem}; use --step auto or autograd")
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if choice == "autograd" or problem is not None:
+        reason_text = "as asked" if choice == "autograd" else problem
+        graph = "; not as a CUDA graph, which only the fast step can be" if cuda_graph and on_cuda else ""
+        return (lambda x, labels: mnist_mlp.textbook_step(model, criterion, optimizer, x, labels),
+                f"autograd step ({reason_text}{graph})")
+    linears = list(model.children())
+    for layer in linears:
+        for parameter in (layer.weight, layer.bias):
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+    step = FastStep(linears, optimizer)
+    description = "fast step (hand-written backward, checked equal to autograd on this model)"
+    if cuda_graph and on_cuda:
+        if isinstance(optimizer, FlatAdam) and optimizer.flat and optimizer.param_groups[0]["fused"]:
+            step = CudaGraphStep(step, batch_size, linears[0].in_features)
+            description += ", replayed as a CUDA graph"
+        else:
+            description += "; not as a CUDA graph, which needs --fused Adam"
+    return step, description
+
+
+# ----------------------------------------------------------------------------- denormals
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Treat denormal floats as zero on the CPU inside the block, as it was before after it.
+
+    A ReLU unit that is silent on every image (a dead unit: about a third of fc1's after one epoch
+    with the tutorial's inputs) gets zero gradients, so Adam's m for its weights shrinks by 0.9 a
+    step and becomes denormal after about two epochs; x86 computes on denormals many times slower,
+    which made later epochs 40% slower than the first. A denormal m moves its weight by far less
+    than one ulp, so the weights stay bit-identical (a test trains two real epochs both ways).
+    """
+    before = denormals_are_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
+def denormals_are_flushed():
+    """torch has a setter for flushing denormals and no getter: ask the arithmetic instead."""
+    return float(torch.tensor([1e-39]) * 1.0) == 0.0  # 1e-39 is denormal in float32

@@ -1,0 +1,235 @@
+"""The run folder: one train.py at a time (a lock), one run per folder (claiming it), metrics.csv
+(written whole, never losing a row; one reader for train.py and plot.py), and a graceful stop."""
+
+import contextlib
+import csv
+import fcntl
+import glob
+import io
+import os
+import re
+import shlex
+import signal
+import sys
+
+from commands import UsageError, reason
+import safe_files
+from safe_files import is_regular_file
+
+METRICS_NAME = "metrics.csv"
+METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
+                  "seconds", "samples_per_s", "checkpoint"]
+
+
+class FolderLock:
+    """Keep a second train.py out of the folder while this one writes there (an flock, freed at exit)."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".train.lock")
+        self.file = None
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, "a+")
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UsageError(f"another train.py (process {holder}) is writing to "
+                             f"{os.path.dirname(self.path) or '.'}; wait for it or choose another --checkpoint-dir")
+        except OSError as error:
+            raise UsageError(f"cannot lock {self.path} ({error.strerror})") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        self.file.close()
+
+
+def writable_folder(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create checkpoint folder {path}: {error.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"checkpoint folder {path} is not writable")
+
+
+def checkpoint_epochs(folder):
+    """{epoch: path} of the noteLearning_{epoch}.pth files in `folder`."""
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(folder), "noteLearning_*.pth")):
+        match = re.fullmatch(r"noteLearning_(\d+)\.pth", os.path.basename(path))
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def claim_folder(folder, start_epoch, resume_path=None, overwrite=False):
+    """Make sure this run mixes with no other in `folder`: refuse, or (overwrite) clear.
+
+    A new run needs a folder without checkpoints or metrics.csv; a resumed one, a folder without
+    checkpoints after its epoch. Returns the metrics rows to keep (those up to start_epoch).
+    """
+    metrics_path = os.path.join(folder, METRICS_NAME)
+    resume_path = os.path.abspath(resume_path) if resume_path else None
+    later = {epoch: path for epoch, path in checkpoint_epochs(folder).items()
+             if epoch > start_epoch and os.path.abspath(path) != resume_path}
+    conflicts = [os.path.basename(later[epoch]) for epoch in sorted(later)]
+    if start_epoch == 0 and os.path.lexists(metrics_path):
+        conflicts.append(METRICS_NAME)
+    if conflicts and not overwrite:
+        shown = ", ".join(conflicts[:3]) + (f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
+        how = ("resume it with --resume, " if start_epoch == 0 else "") + "choose another --checkpoint-dir"
+        raise UsageError(f"{folder} already holds another run ({shown}); {how}, or pass --overwrite to replace it")
+    resumed_here = start_epoch > 0 and os.path.lexists(metrics_path) and not overwrite
+    rows = read_metrics(metrics_path) if resumed_here else []
+    try:
+        for path in later.values():
+            os.remove(path)
+        if start_epoch == 0 and os.path.lexists(metrics_path):
+            os.remove(metrics_path)
+    except OSError as error:
+        raise UsageError(f"cannot replace the earlier run in {folder} ({error.strerror})") from None
+    return [row for row in rows if int(row["epoch"]) <= start_epoch]
+
+
+def read_csv(path, advice=""):
+    """(column names, rows as dicts) of a CSV file; one-line UsageErrors for anything unreadable.
+    A byte-order mark, as Excel saves one, is read past."""
+    if not os.path.lexists(path):
+        raise UsageError(f"{path}: no such file")
+    if not is_regular_file(path):
+        raise UsageError(f"{path} is not a regular file{advice}")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            reader = csv.DictReader(io.StringIO(file.read()))
+            return reader.fieldnames, list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise UsageError(f"cannot read {path} ({reason(error)}){advice}") from None
+
+
+def read_metrics(path):
+    """The rows of a metrics.csv that train.py wrote; refuses (never rewrites) anything else."""
+    advice = "; it is left as it is: move it away, or pass --overwrite to replace it"
+    columns, rows = read_csv(path, advice)
+    if columns is not None and columns != METRICS_FIELDS:
+        raise UsageError(f"{path} has other columns than train.py writes ({','.join(columns)[:80]}){advice}")
+    if any(not (row.get("epoch") or "").isdigit() or None in row for row in rows):
+        raise UsageError(f"{path} has rows train.py cannot read{advice}")
+    return rows
+
+
+def metrics_row(epoch, metrics, checkpoint_name):
+    """One metrics.csv row from a checkpoint's `metrics` entry."""
+    row = {"epoch": epoch, "checkpoint": checkpoint_name}
+    for key, digits in (("train_loss", 4), ("val_loss", 4), ("val_accuracy", 2), ("test_loss", 4),
+                        ("test_accuracy", 2), ("seconds", 2), ("samples_per_s", 0)):
+        if isinstance(metrics.get(key), (int, float)):
+            row[key] = f"{metrics[key]:.{digits}f}"
+    return row
+
+
+def write_metrics(folder, rows):
+    """Write metrics.csv atomically from `rows`, adding any row a checkpoint in `folder` has and
+    `rows` lacks (a stop between a checkpoint's save and this write would otherwise lose it)."""
+    import checkpoints  # here, not above: plot.py reads metrics.csv without needing torch
+
+    by_epoch = {int(row["epoch"]): row for row in rows}
+    newest = max(by_epoch)
+    for epoch, path in checkpoint_epochs(folder).items():
+        if epoch not in by_epoch and epoch < newest:
+            with contextlib.suppress(UsageError):
+                checkpoint = checkpoints.load_checkpoint(path)
+                by_epoch[epoch] = metrics_row(epoch, checkpoint.get("metrics", {}), os.path.basename(path))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRICS_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(by_epoch[epoch] for epoch in sorted(by_epoch))
+    safe_files.atomic_write(os.path.join(folder, METRICS_NAME), lambda file: file.write(text.getvalue().encode()))
+
+
+# ----------------------------------------------------------------------------- stopping and output
+
+class GracefulStop:
+    """Turn the first Ctrl-C or SIGTERM into a request to stop between steps.
+
+    A second one stops at once, except during a save, which always completes first.
+    """
+
+    def __init__(self):
+        self.signal = None
+        self.saving = False
+
+    def __enter__(self):
+        self.previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and not self.saving:
+            raise KeyboardInterrupt
+        self.signal = self.signal or signum
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def __call__(self):
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def save(self):
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+
+
+def say(*args, **kwargs):
+    """print() to stdout that keeps training when stdout is gone (`train.py | head -1`)."""
+    try:
+        print(*args, **kwargs, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class Progress:
+    """What a stop must report: the newest complete checkpoint and how to go on from it."""
+
+    def __init__(self, script, argv, last_checkpoint):
+        self.script = script
+        self.argv = argv
+        self.last_checkpoint = last_checkpoint
+        self.epoch = None
+
+    def resume_command(self):
+        rest, args_iter = [], iter(self.argv)
+        for arg in args_iter:  # the original flags, minus any earlier --resume or --overwrite
+            if arg == "--resume":
+                next(args_iter, None)
+            elif not arg.startswith("--resume=") and arg != "--overwrite":
+                rest.append(arg)
+        script = os.path.relpath(os.path.abspath(self.script))
+        if script.startswith(".."):
+            script = os.path.abspath(self.script)
+        return shlex.join(["python", script, *rest, "--resume", self.last_checkpoint])
+
+    def report_stop(self, what):
+        where = f" during epoch {self.epoch}; nothing of that epoch was saved" if self.epoch else ""
+        print(f"\n{what}{where}.", file=sys.stderr)
+        if self.last_checkpoint is None:
+            print("no checkpoint was written yet; run the same command again to start over.", file=sys.stderr)
+        else:
+            print(f"last complete checkpoint: {self.last_checkpoint}\nresume with: {self.resume_command()}",
+                  file=sys.stderr)
+
+
+class WriteFailed(Exception):
+    pass

@@ -1,0 +1,172 @@
+"""Checkpoints: what is saved, and what is refused on loading (hostile pickles, broken files, odd fields,
+the tutorial's pickled model without --trust-pickle), each as one line."""
+
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data_files
+import evaluate
+import mnist_mlp
+import train
+import tutorial
+from conftest import assert_usage_error, run_main, tiny_run
+
+
+def test_checkpoint_is_plain_data_and_loads_on_the_cpu(trained):
+    folder, _ = trained
+    checkpoint = torch.load(folder / "noteLearning_1.pth", weights_only=True, map_location="cpu")
+    assert set(checkpoint) >= {"model", "optimizer", "epoch", "config", "metrics", "torch_version"}
+    theirs = tutorial.NoteModel()
+    theirs.load_state_dict(checkpoint["model"])  # the tutorial's own class takes our weights
+    assert all(value.device.type == "cpu" for value in checkpoint["model"].values())
+
+
+def test_evaluate_rejects_missing_and_non_checkpoint_files(tmp_path, capsys):
+    assert_usage_error(*run_main(evaluate, [tmp_path / "nope.pth"], capsys)[::2], "no such file")
+    assert_usage_error(*run_main(evaluate, [tmp_path], capsys)[::2], "is a folder")
+    (tmp_path / "notes.pth").write_text("not a checkpoint at all\n")
+    assert_usage_error(*run_main(evaluate, [tmp_path / "notes.pth"], capsys)[::2], "not a readable checkpoint")
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "other.pth")
+    assert_usage_error(*run_main(evaluate, [tmp_path / "other.pth"], capsys)[::2], "no model weights")
+
+
+def test_evaluate_rejects_a_checkpoint_whose_shapes_do_not_fit(tmp_path, capsys):
+    state = mnist_mlp.NoteModel().state_dict()
+    state["fc2.weight"] = torch.zeros(64, 100)
+    torch.save(state, tmp_path / "odd.pth")
+    assert_usage_error(*run_main(evaluate, [tmp_path / "odd.pth"], capsys)[::2], "does not fit")
+
+
+class Hostile:
+    """Unpickling this creates a file: the kind of code a checkpoint must never get to run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_hostile_pickle_is_refused_and_does_not_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    torch.save({"model": Hostile(str(marker))}, tmp_path / "evil.pth")
+    code, _, err = run_main(evaluate, [tmp_path / "evil.pth"], capsys)
+    assert_usage_error(code, err, "refused", "open")
+    code, _, err = run_main(train, ["--resume", tmp_path / "evil.pth", "--checkpoint-dir", tmp_path], capsys)
+    assert_usage_error(code, err, "refused")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("make", ["empty", "truncated", "png"])
+def test_broken_checkpoints_are_one_line_errors(make, trained, tmp_path, capsys):
+    path = tmp_path / "broken.pth"
+    if make == "empty":
+        path.write_bytes(b"")
+    elif make == "truncated":
+        data = (trained[0] / "noteLearning_1.pth").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        from PIL import Image
+        Image.new("L", (28, 28)).save(path, format="PNG")
+    assert_usage_error(*run_main(evaluate, [path], capsys)[::2], "not a readable checkpoint")
+    code, _, err = run_main(train, ["--resume", path, "--checkpoint-dir", tmp_path / "out"], capsys)
+    assert_usage_error(code, err, "not a readable checkpoint")
+    assert not (tmp_path / "out" / "noteLearning_1.pth").exists()
+
+
+# The tutorial's own program: its model class lives in __main__, and it pickles the whole model.
+TUTORIAL_SCRIPT = """
+import sys, torch
+from torch import nn
+import torch.nn.functional as F
+from torchvision import datasets, transforms
+
+""" + inspect.getsource(tutorial.NoteModel) + """
+model = NoteModel()
+model.load_state_dict(torch.load(sys.argv[1], weights_only=True)["model"])
+transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+test_loader = torch.utils.data.DataLoader(datasets.MNIST(sys.argv[2], train=False, transform=transform), batch_size=1000)
+correct = 0
+with torch.no_grad():
+    for images, labels in test_loader:
+        correct += (model(images).argmax(1) == labels).sum().item()
+print(f"Accuracy: {100 * correct / 10000:.2f}%")
+torch.save(model, sys.argv[3])
+"""
+
+
+def test_the_tutorials_pickled_model_loads_only_with_trust_pickle(trained, tmp_path, capsys):
+    script = tmp_path / "tutorial.py"
+    script.write_text(TUTORIAL_SCRIPT)
+    old = tmp_path / "old.pth"
+    result = subprocess.run([sys.executable, str(script), str(trained[0] / "noteLearning_1.pth"),
+                             data_files.DEFAULT_DATA_DIR, str(old)], capture_output=True, text=True, check=True)
+    printed = result.stdout.split("Accuracy: ")[1].split("%")[0]
+
+    assert_usage_error(*run_main(evaluate, [old], capsys)[::2], "pickled model", "--trust-pickle")
+    code, out, err = run_main(evaluate, [old, "--trust-pickle"], capsys)
+    assert code == 0 and f"= {printed}%" in out
+    assert err.startswith("warning: ") and "runs code" in err and err.count("\n") == 1
+
+    folder = tmp_path / "resumed"
+    code, _, _ = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder, "--lr", "1e-12",
+                                          "--resume", old, "--trust-pickle"), capsys)
+    assert code == 0
+    start = torch.load(trained[0] / "noteLearning_1.pth", weights_only=True)["model"]
+    after = torch.load(folder / "noteLearning_1.pth", weights_only=True)["model"]
+    for key in start:
+        torch.testing.assert_close(after[key], start[key], rtol=0, atol=1e-6)
+
+
+def save_odd(tmp_path, change):
+    """A good checkpoint with one field changed by change(checkpoint); returns its path."""
+    model = mnist_mlp.NoteModel()
+    checkpoint = {"model": model.state_dict(), "epoch": 1,
+                  "config": {"hidden": [128, 64], "dataset": "mnist", "val_size": 0, "seed": 1}}
+    change(checkpoint)
+    path = tmp_path / "odd.pth"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.update(config=5), ["config"]),
+    (lambda c: c.update(config=[1, 2]), ["config"]),
+    (lambda c: c["config"].update(hidden=None), ["hidden"]),
+    (lambda c: c["config"].update(hidden="128"), ["hidden"]),
+    (lambda c: c["config"].update(hidden=[-5]), ["hidden"]),
+    (lambda c: c["config"].update(hidden=[10**7]), ["hidden"]),
+    (lambda c: c["model"].update({"fc1.weight": torch.tensor(1.0)}), ["fc1.weight"]),
+    (lambda c: c["config"].update(dataset="cifar10"), ["cifar10"]),
+    (lambda c: c["config"].update(val_size=5000.5), ["val_size"]),
+    (lambda c: (c["config"].update(val_size=5000), c["config"].pop("seed")), ["seed"]),
+    (lambda c: c.update(epoch=torch.tensor(3)), ["epoch"]),
+    (lambda c: c.update(epoch=None), ["epoch"]),
+    (lambda c: c.update(epoch="abc"), ["epoch"]),
+    (lambda c: c["model"].update({"fc1.weight": torch.zeros(1, 1).expand(10**7, 784),
+                                  "fc1.bias": torch.zeros(1).expand(10**7)}), ["stride"]),
+    (lambda c: c["model"]["fc2.weight"].fill_(float("nan")), ["NaN"]),
+])
+def test_odd_checkpoint_fields_are_one_line_errors(change, words, tmp_path, capsys):
+    path = save_odd(tmp_path, change)
+    assert os.path.getsize(path) < 1_000_000
+    assert_usage_error(*run_main(evaluate, [path], capsys)[::2], *words)
+    code, _, err = run_main(train, tiny_run(tmp_path, "--resume", path, "--checkpoint-dir", tmp_path / "out"), capsys)
+    assert_usage_error(code, err, *words)
+
+
+@pytest.mark.parametrize("entry, value", [("optimizer", {"state": 5}), ("rng", {"data_order": "x"}), ("rng", 7)])
+def test_malformed_optimizer_or_rng_entries_are_one_line_errors_on_resume(entry, value, tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)[0] == 0
+    checkpoint = torch.load(folder / "noteLearning_1.pth", weights_only=True)
+    checkpoint[entry] = value
+    torch.save(checkpoint, tmp_path / "odd.pth")
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next",
+                                            "--resume", tmp_path / "odd.pth"), capsys)
+    assert_usage_error(code, err, entry)

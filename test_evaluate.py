@@ -1,0 +1,103 @@
+"""evaluate.py: the accuracy train.py printed, several checkpoints and the best, per-class figures, the
+confusion matrix, the picture of errors, JSON without NaN, and eval mode."""
+
+import dataclasses
+import json
+
+import torch
+
+import data_files
+import evaluate
+import mnist_mlp
+import train
+from conftest import DropoutModel, assert_usage_error, run_main, tiny_run
+
+
+def test_evaluate_reports_the_accuracy_train_printed(trained, capsys):
+    folder, output = trained
+    printed = output.split("test accuracy ")[1].split("%")[0]
+    path = folder / "noteLearning_1.pth"
+    code, out, _ = run_main(evaluate, [path, "--device", "cpu"], capsys)
+    assert code == 0 and f"= {printed}%" in out
+    code, out, _ = run_main(evaluate, [path, "--json"], capsys)
+    result = json.loads(out)
+    assert f"{result['accuracy']:.2f}" == printed and result["total"] == 10000 and result["epoch"] == 1
+    assert result["correct"] == round(float(printed) * 100)
+
+
+def test_evaluate_several_checkpoints_marks_the_best(trained, tmp_path, capsys):
+    folder, _ = trained
+    worse = mnist_mlp.NoteModel().state_dict()  # untrained: about 10%
+    torch.save(worse, tmp_path / "random.pth")
+    code, out, _ = run_main(evaluate, [tmp_path / "random.pth", folder / "noteLearning_1.pth"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["checkpoint", "epoch", "accuracy", "correct", "loss"]
+    assert lines[2].endswith("<- best test accuracy") and "<- best" not in lines[1]
+    code, out, _ = run_main(evaluate, [tmp_path / "random.pth", folder / "noteLearning_1.pth", "--json"], capsys)
+    assert [result["epoch"] for result in json.loads(out)] == [0, 1]
+
+
+def test_per_class_and_confusion_agree_with_accuracy(trained, capsys):
+    path = trained[0] / "noteLearning_1.pth"
+    code, out, _ = run_main(evaluate, [path, "--json"], capsys)
+    result = json.loads(out)
+    confusion = torch.tensor(result["confusion"])
+    assert confusion.shape == (10, 10) and int(confusion.sum()) == 10000
+    assert int(confusion.trace()) == result["correct"]
+    assert torch.equal(confusion.sum(1), torch.bincount(data_files.load(
+        data_files.DEFAULT_DATA_DIR, download=False)[1].labels, minlength=10))
+    per_class = (100 * confusion.diag() / confusion.sum(1)).tolist()
+    assert result["per_class"] == [round(value, 2) for value in per_class]
+    code, out, _ = run_main(evaluate, [path, "--per-class", "--confusion"], capsys)
+    lines = out.splitlines()
+    assert lines[1] == "accuracy per class:" and lines[2].split() == ["0", f"{result['per_class'][0]:.2f}%"]
+    matrix_rows = lines[lines.index("confusion matrix (rows = true class, columns = predicted):") + 2:]
+    assert [int(value) for value in matrix_rows[3].split()[1:]] == result["confusion"][3]
+
+
+def test_save_errors_writes_a_png_grid_of_misclassified_images(trained, tmp_path, capsys):
+    from PIL import Image
+    path = tmp_path / "errors.png"
+    code, out, _ = run_main(evaluate, [trained[0] / "noteLearning_1.pth", "--save-errors", path], capsys)
+    assert code == 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[1] == 8 * (28 * 2 + 14)  # 64 errors: 8 rows
+        assert image.size[0] >= 8 * 28 * 2
+    assert_usage_error(*run_main(evaluate, [trained[0] / "noteLearning_1.pth", "--save-errors",
+                                            tmp_path / "errors.jpg"], capsys)[::2], ".png")
+
+
+def test_save_errors_to_a_missing_folder_or_a_folder_fails_before_evaluating(trained, tmp_path, capsys):
+    path = trained[0] / "noteLearning_1.pth"
+    assert_usage_error(*run_main(evaluate, [path, "--save-errors", tmp_path / "nowhere" / "e.png"], capsys)[::2],
+                       "no folder")
+    (tmp_path / "dir.png").mkdir()
+    assert_usage_error(*run_main(evaluate, [path, "--save-errors", tmp_path / "dir.png"], capsys)[::2], "folder")
+
+
+def test_evaluate_json_never_prints_nan_and_picks_the_best_by_validation(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "2", "--val-size", "56", "--checkpoint-dir", folder), capsys)[0] == 0
+    results = [{"checkpoint": "a", "accuracy": 99.0, "loss": 0.1, "validation": {"accuracy": 80.0}},
+               {"checkpoint": "b", "accuracy": 90.0, "loss": 0.2, "validation": {"accuracy": 85.0}}]
+    assert evaluate.best_index(results) == (1, "validation accuracy")
+    code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", folder / "noteLearning_2.pth",
+                                       "--data-dir", tmp_path / "data"], capsys)
+    assert code == 0 and "<- best validation accuracy" in out
+    real_evaluate = mnist_mlp.evaluate
+    monkeypatch.setattr(mnist_mlp, "evaluate", lambda *args, **kwargs: dataclasses.replace(
+        real_evaluate(*args, **kwargs), loss=float("inf")))  # huge logits: cross-entropy overflows
+    code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", "--data-dir", tmp_path / "data", "--json"], capsys)
+    assert code == 0 and json.loads(out)["loss"] is None
+
+
+def test_evaluation_runs_in_eval_mode_and_gives_the_mode_back(mnist):
+    _, test_split = mnist
+    model = DropoutModel()
+    small = mnist_mlp.Split(test_split.pixels[:500], test_split.labels[:500])
+    first = mnist_mlp.evaluate(model.train(), small)
+    assert model.training
+    assert mnist_mlp.evaluate(model, small).loss == first.loss  # no dropout drawn: the same figures twice
+    mnist_mlp.misclassified(model, small)
+    assert model.training

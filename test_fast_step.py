@@ -1,0 +1,165 @@
+"""The fast path: which models take it and which step aside (and say why), FlatAdam against torch's
+Adam, and flushing denormals."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import checkpoints
+import commands
+import fast_step
+import mnist_mlp
+import train
+from conftest import DeeperModel, DropoutModel, SigmoidModel, assert_usage_error, make_step, run_main, tiny_run
+
+
+def test_the_plain_model_takes_the_fast_step_and_edited_models_the_autograd_step():
+    step, description = make_step(mnist_mlp.NoteModel())
+    assert isinstance(step, fast_step.FastStep) and description.startswith("fast step")
+    for model, words in ((SigmoidModel(), "computes something other"), (DropoutModel(), "Dropout"),
+                         (DeeperModel(), None)):
+        step, description = make_step(model)
+        if words is None:
+            assert isinstance(step, fast_step.FastStep)
+        else:
+            assert not isinstance(step, fast_step.FastStep) and description.startswith("autograd step") \
+                and words in description, description
+    hooked = mnist_mlp.NoteModel()
+    hooked.fc2.register_forward_hook(lambda module, inputs, output: None)
+    assert "hooks" in make_step(hooked)[1]
+    assert "as asked" in make_step(mnist_mlp.NoteModel(), "autograd")[1]
+    with pytest.raises(commands.UsageError, match="--step fast cannot train this model exactly"):
+        make_step(SigmoidModel(), "fast")
+    loss_with_smoothing = fast_step.make_train_step(mnist_mlp.NoteModel(), nn.CrossEntropyLoss(label_smoothing=0.1),
+                                                    torch.optim.SGD(mnist_mlp.NoteModel().parameters(), lr=0.1))
+    assert "nn.CrossEntropyLoss()" in loss_with_smoothing[1]
+
+
+def test_the_fast_step_check_leaves_no_trace():
+    class FunctionalDropout(mnist_mlp.NoteModel):  # no module to see: only the probe can tell
+        def forward(self, x):
+            return self.fc3(F.dropout(F.relu(self.fc2(F.relu(self.fc1(x.view(-1, 784))))), 0.5, self.training))
+
+    model, plain = FunctionalDropout(), mnist_mlp.NoteModel()
+    before = torch.get_rng_state()
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    assert "computes something other" in fast_step.fast_step_problem(model, nn.CrossEntropyLoss(), 64)
+    assert fast_step.fast_step_problem(model.eval(), nn.CrossEntropyLoss(), 64) is None  # no dropout in eval mode
+    assert fast_step.fast_step_problem(plain, nn.CrossEntropyLoss(), 64) is None
+    assert all(parameter.grad is None for parameter in plain.parameters())
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("fused, threads, widths", [(False, 1, (65, 17)), (False, 2, (65, 17)), (True, 1, (32, 16))])
+def test_flat_adam_equals_torchs_adam_and_shares_its_state_dict(fused, threads, widths):
+    """The default (for-loop) update with odd widths, so that no tensor starts where a vector of the
+    flat buffer does, and on 2 threads the buffer is cut into the threads' shares elsewhere than the
+    tensors are. The fused kernel is position-dependent (its vector tails round differently), so it
+    equals torch's fused Adam only where every tensor's size is a multiple of the vector width."""
+    torch.manual_seed(0)
+    ours, theirs = mnist_mlp.NoteModel(*widths), mnist_mlp.NoteModel(*widths)
+    theirs.load_state_dict(ours.state_dict())
+    flat = fast_step.FlatAdam(ours.parameters(), lr=0.01, fused=fused)
+    reference = torch.optim.Adam(theirs.parameters(), lr=0.01, **({"fused": True} if fused else {}))
+    assert flat.flat
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x, labels = torch.randn(50, 784), torch.randint(0, 10, (50,))
+    try:
+        for _ in range(25):
+            for model, optimizer in ((ours, flat), (theirs, reference)):
+                mnist_mlp.textbook_step(model, nn.CrossEntropyLoss(), optimizer, x, labels)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    saved, expected = flat.state_dict(), reference.state_dict()
+    assert saved["param_groups"][0]["params"] == expected["param_groups"][0]["params"]
+    for index, state in expected["state"].items():
+        assert set(saved["state"][index]) == set(state)
+        assert all(torch.equal(saved["state"][index][key], value) for key, value in state.items())
+    # and back: torch's Adam takes our state, ours takes torch's, and both go on identically
+    copy = mnist_mlp.NoteModel(*widths)
+    copy.load_state_dict(ours.state_dict())
+    reloaded = fast_step.FlatAdam(copy.parameters(), lr=0.01, fused=fused)
+    reloaded.load_state_dict(checkpoints.plain_copy(expected))
+    step = fast_step.FastStep(list(copy.children()), reloaded)  # gradients written into the flat buffer
+    step(x, labels)
+    mnist_mlp.textbook_step(theirs, nn.CrossEntropyLoss(), reference, x, labels)
+    assert all(torch.equal(a, b) for a, b in zip(copy.parameters(), theirs.parameters()))
+
+
+def test_flat_adam_steps_aside_where_the_kernels_are_not_position_independent(monkeypatch):
+    """Where a kernel rounds an element differently in its vector body than in its scalar tail, one
+    call over the flat buffer would not be torch's per-tensor loop: FlatAdam then runs torch's own."""
+    assert fast_step.elementwise_is_position_independent("cpu")  # the kernels of this machine, asked
+    monkeypatch.setattr(fast_step, "elementwise_is_position_independent", lambda device: False)
+    torch.manual_seed(0)
+    ours, theirs = mnist_mlp.NoteModel(65, 17), mnist_mlp.NoteModel(65, 17)
+    theirs.load_state_dict(ours.state_dict())
+    flat, reference = fast_step.FlatAdam(ours.parameters(), lr=0.01), torch.optim.Adam(theirs.parameters(), lr=0.01)
+    assert not flat.flat
+    step, _ = fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat)
+    x, labels = torch.randn(50, 784), torch.randint(0, 10, (50,))
+    for _ in range(5):
+        step(x, labels)
+        mnist_mlp.textbook_step(theirs, nn.CrossEntropyLoss(), reference, x, labels)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+
+
+def test_flushing_denormals_keeps_the_weights_bit_identical_over_two_real_epochs(mnist, one_thread):
+    train_split, _ = mnist
+    runs = []
+    for flush in (True, False):
+        torch.manual_seed(1)
+        model = mnist_mlp.NoteModel()
+        optimizer = fast_step.make_optimizer("adam", model.parameters(), 0.001)
+        step, _ = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer)
+        generator = torch.Generator().manual_seed(1)
+        with fast_step.denormals_flushed() if flush else contextlib.nullcontext():
+            for _ in range(2):
+                mnist_mlp.train_epoch(step, train_split, mnist_mlp.epoch_order(len(train_split), generator).split(64))
+        exp_avg = torch.cat([state["exp_avg"].flatten() for state in optimizer.state.values()])
+        denormal = (exp_avg != 0) & (exp_avg.abs() < torch.finfo(torch.float32).tiny)
+        runs.append((model, int(denormal.sum())))
+    (flushed, flushed_denormals), (plain, plain_denormals) = runs
+    assert plain_denormals > 1000 and flushed_denormals == 0  # the case is real, and flushing removes it
+    assert all(torch.equal(a, b) for a, b in zip(flushed.parameters(), plain.parameters()))
+    assert not fast_step.denormals_are_flushed()
+
+
+def test_denormals_flushed_restores_the_setting_it_found():
+    assert not fast_step.denormals_are_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        with fast_step.denormals_flushed():
+            assert fast_step.denormals_are_flushed()
+        assert fast_step.denormals_are_flushed()
+    finally:
+        torch.set_flush_denormal(False)
+    with fast_step.denormals_flushed():
+        assert fast_step.denormals_are_flushed()
+    assert not fast_step.denormals_are_flushed()
+
+
+def test_an_edited_model_trains_what_it_computes(monkeypatch, tmp_path, capsys):
+    """The student's first edit: sigmoid for ReLU. It must train as a sigmoid net, through autograd."""
+    monkeypatch.setattr(mnist_mlp, "NoteModel", SigmoidModel)
+    code, out, _ = run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path, "--device", "cpu"], capsys)
+    assert code == 0
+    assert out.splitlines()[0].startswith("training with the autograd step (the model's forward() computes")
+    assert "CUDA" not in out.splitlines()[0]  # on the CPU there is no graph to speak of
+    accuracy = float(out.split("test accuracy ")[1].split("%")[0])
+    assert accuracy >= 90.0
+    assert_usage_error(*run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path / "fast", "--device", "cpu",
+                                         "--step", "fast"], capsys)[::2], "--step fast")
+
+
+def test_a_model_with_an_added_dropout_trains(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(mnist_mlp, "NoteModel", DropoutModel)
+    code, out, _ = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "out"), capsys)
+    assert code == 0 and "autograd step" in out.splitlines()[0] and "Dropout" in out.splitlines()[0]
+    assert (tmp_path / "out" / "noteLearning_2.pth").is_file()

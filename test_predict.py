@@ -1,0 +1,115 @@
+"""predict.py and the preparation of your own handwriting (handwriting.digit_pixels)."""
+
+import json
+
+import torch
+
+import checkpoints
+import handwriting
+import mnist_mlp
+from conftest import assert_usage_error, run_main
+
+
+def as_user_would_have_it(pixels, rng):
+    """An MNIST digit (784 bytes) re-rendered as a user's picture: dark ink on (sometimes grey) paper,
+    scaled up 3-6x, placed off centre, sometimes with salt noise."""
+    from PIL import Image, ImageChops, ImageOps
+    digit = Image.frombytes("L", (28, 28), bytes(pixels.tolist()))
+    scale = rng.randint(3, 6)
+    ink = ImageOps.invert(digit.resize((28 * scale, 28 * scale), Image.Resampling.BILINEAR))
+    width, height = 28 * scale + rng.randint(10, 80), 28 * scale + rng.randint(10, 80)
+    picture = Image.new("L", (width, height), rng.choice([255, 255, 215]))
+    left, top = rng.randint(0, width - 28 * scale), rng.randint(0, height - 28 * scale)
+    box = (left, top, left + 28 * scale, top + 28 * scale)
+    picture.paste(ImageChops.darker(picture.crop(box), ink), box[:2])
+    if rng.random() < 0.4:
+        speckles = picture.load()
+        for _ in range(width * height // 500):
+            speckles[rng.randrange(width), rng.randrange(height)] = rng.randint(0, 80)
+    return picture
+
+
+def test_predict_reads_digits_as_a_user_would_have_them(trained, mnist, tmp_path, capsys):
+    import random
+    import predict
+    _, test_split = mnist
+    count, rng = 300, random.Random(0)
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for index in range(count):
+        label = int(test_split.labels[index])
+        as_user_would_have_it(test_split.pixels[index], rng).save(folder / f"{label}_{index:03d}.png")
+    checkpoint = trained[0] / "noteLearning_1.pth"
+    model = checkpoints.model_from_checkpoint(checkpoint, checkpoints.load_checkpoint(str(checkpoint))).eval()
+    with torch.no_grad():
+        predictions = model(mnist_mlp.normalize(test_split.pixels[:count])).argmax(1)
+    original = 100 * float((predictions == test_split.labels[:count]).float().mean())
+    code, out, _ = run_main(predict, [checkpoint, folder, "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["labelled"] == count
+    assert abs(report["accuracy"] - original) <= 2.0, (report["accuracy"], original)
+    first = report["predictions"][0]
+    assert set(first) >= {"image", "prediction", "probability", "top3", "label", "correct"}
+    assert len(first["top3"]) == 3 and first["top3"][0] == [first["prediction"], first["probability"]]
+
+
+def test_an_mnist_image_passes_through_unchanged(mnist):
+    from PIL import Image
+    _, test_split = mnist
+    for index in range(20):
+        image = Image.frombytes("L", (28, 28), bytes(test_split.pixels[index].tolist()))
+        assert torch.equal(handwriting.digit_pixels(image), test_split.pixels[index].view(28, 28))
+
+
+def test_prepared_digits_have_mnist_geometry():
+    from PIL import Image, ImageDraw
+    image = Image.new("RGBA", (300, 200), (0, 0, 0, 0))  # transparent means paper
+    ImageDraw.Draw(image).line([(40, 20), (60, 180)], fill=(0, 0, 0, 255), width=12)
+    pixels = handwriting.digit_pixels(image).float()
+    rows, columns = (pixels > 0).any(1).nonzero().flatten(), (pixels > 0).any(0).nonzero().flatten()
+    assert int(rows[-1] - rows[0] + 1) == 20 and int(columns[-1] - columns[0] + 1) < 20
+    centre = [float((pixels.sum(axis) * torch.arange(28)).sum() / pixels.sum()) for axis in (1, 0)]
+    assert all(abs(value - 14) <= 0.5 for value in centre)
+    sixteen_bit = Image.new("I;16", (120, 120), 65535)
+    ImageDraw.Draw(sixteen_bit).ellipse([(30, 20), (90, 100)], outline=0, width=10)
+    assert int(handwriting.digit_pixels(sixteen_bit).max()) > 200
+
+
+def test_predict_reports_bad_images_one_line_each_and_the_rest(trained, tmp_path, capsys, monkeypatch):
+    import predict
+    from PIL import Image, ImageDraw
+    good = Image.new("L", (60, 60), 255)
+    ImageDraw.Draw(good).line([(30, 6), (30, 54)], fill=0, width=5)
+    good.save(tmp_path / "1_good.jpg")
+    (tmp_path / "text.png").write_text("not an image")
+    Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
+    Image.new("L", (80, 80), 255).save(tmp_path / "huge.png")
+    monkeypatch.setattr(predict, "MAX_PIXELS", 5000)  # so that an 80x80 image stands for a 100-megapixel photo
+    checkpoint = trained[0] / "noteLearning_1.pth"
+    code, out, err = run_main(predict, [checkpoint, tmp_path / "missing.png", tmp_path / "text.png",
+                                        tmp_path / "blank.png", tmp_path / "huge.png", tmp_path / "1_good.jpg",
+                                        "--show", tmp_path / "show.png"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "1_good.jpg: 1 (" in out and "accuracy over 1 labelled images: 1/1" in out
+    errors = err.strip().splitlines()
+    assert len(errors) == 4 and all(line.startswith("error: ") for line in errors)
+    for name, words in (("missing.png", "no such file"), ("text.png", "not an image"), ("blank.png", "no ink"),
+                        ("huge.png", "more than the 5,000")):
+        assert any(name in line and words in line for line in errors), (name, errors)
+    assert (tmp_path / "show.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_usage_error(*run_main(predict, [checkpoint, tmp_path / "1_good.jpg", "--show", tmp_path / "x.jpg"],
+                                 capsys)[::2], ".png")
+
+
+def test_predict_uses_the_checkpoints_class_names(tmp_path, capsys):
+    import predict
+    from PIL import Image, ImageDraw
+    torch.manual_seed(0)
+    torch.save({"model": mnist_mlp.NoteModel().state_dict(), "epoch": 1, "config": {"dataset": "fashion-mnist"}},
+               tmp_path / "fashion.pth")
+    image = Image.new("L", (64, 64), 255)
+    ImageDraw.Draw(image).rectangle([(16, 8), (48, 56)], fill=0)
+    image.save(tmp_path / "coat.png")
+    code, out, _ = run_main(predict, [tmp_path / "fashion.pth", tmp_path / "coat.png", "--json"], capsys)
+    names = mnist_mlp.DATASETS["fashion-mnist"][1]
+    assert code == 0 and json.loads(out)["predictions"][0]["prediction"] in names
