@@ -17,9 +17,6 @@ from commands import UsageError, reason
 import safe_files
 from safe_files import is_regular_file
 
-CHECKPOINT_NAME = "noteLearning_{epoch}.pth"
-
-
 def all_finite(tensors):
     """True if no tensor in `tensors` (any nesting of dicts and lists) holds a NaN or infinity."""
     if isinstance(tensors, torch.Tensor):
@@ -62,6 +59,13 @@ def save_checkpoint(path, checkpoint):
         raise NonFiniteCheckpoint(f"refusing to save {path}: it holds NaN or infinite values")
     copy = plain_copy(checkpoint)
     safe_files.atomic_write(path, lambda file: torch.save(copy, file))
+
+
+def training_state(model, optimizer, epoch, config, metrics, order_generator):
+    """What a checkpoint of train.py holds: everything a resume needs to go on exactly."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config,
+            "metrics": metrics, "rng": {"data_order": order_generator.get_state(), "torch": torch.get_rng_state()},
+            "torch_version": str(torch.__version__)}
 
 
 def pickle_globals(path):

@@ -12,10 +12,11 @@ import shlex
 import signal
 import sys
 
-from commands import UsageError, reason
 import safe_files
+from commands import UsageError, reason
 from safe_files import is_regular_file
 
+CHECKPOINT_NAME = "noteLearning_{epoch}.pth"
 METRICS_NAME = "metrics.csv"
 METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
                   "seconds", "samples_per_s", "checkpoint"]
@@ -136,6 +137,27 @@ def metrics_row(epoch, metrics, checkpoint_name):
     return row
 
 
+def metrics_text(metrics):
+    """An epoch's figures as train.py prints them."""
+    val = (f"  val loss {metrics['val_loss']:.4f}  val accuracy {metrics['val_accuracy']:.2f}%"
+           if "val_loss" in metrics else "")
+    return (f"train loss {metrics['train_loss']:.4f}{val}  test loss {metrics['test_loss']:.4f}  "
+            f"test accuracy {metrics['test_accuracy']:.2f}%  {metrics['seconds']:.1f} s  "
+            f"{metrics['samples_per_s']:.0f} samples/s")
+
+
+def add_metrics_row(folder, rows, epoch, metrics):
+    """Put the epoch's row (from its checkpoint's metrics) into `rows` and write metrics.csv;
+    WriteFailed if it cannot be written (the checkpoint already is)."""
+    name = CHECKPOINT_NAME.format(epoch=epoch)
+    rows[:] = [row for row in rows if int(row["epoch"]) < epoch] + [metrics_row(epoch, metrics, name)]
+    try:
+        write_metrics(folder, rows)
+    except OSError as error:
+        raise WriteFailed(f"cannot write {os.path.join(folder, METRICS_NAME)} ({error.strerror or error}); "
+                          f"{os.path.join(folder, name)} was saved") from None
+
+
 def write_metrics(folder, rows):
     """Write metrics.csv atomically from `rows`, adding any row a checkpoint in `folder` has and
     `rows` lacks (a stop between a checkpoint's save and this write would otherwise lose it)."""
@@ -221,10 +243,17 @@ class Progress:
             script = os.path.abspath(self.script)
         return shlex.join(["python", script, *rest, "--resume", self.last_checkpoint])
 
-    def report_stop(self, what):
-        where = f" during epoch {self.epoch}; nothing of that epoch was saved" if self.epoch else ""
-        print(f"\n{what}{where}.", file=sys.stderr)
+    def report_stop(self, what, where=True):
+        """On stderr: why the run stopped (with where=False, `what` alone, as an error line), then the
+        newest checkpoint and the command that resumes from it."""
+        if where:
+            during = f" during epoch {self.epoch}; nothing of that epoch was saved" if self.epoch else ""
+            print(f"\n{what}{during}.", file=sys.stderr)
+        else:
+            print(what, file=sys.stderr)
         if self.last_checkpoint is None:
+            if not where:
+                return
             print("no checkpoint was written yet; run the same command again to start over.", file=sys.stderr)
         else:
             print(f"last complete checkpoint: {self.last_checkpoint}\nresume with: {self.resume_command()}",

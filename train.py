@@ -26,12 +26,8 @@ import run_folder
 from commands import UsageError
 from run_folder import say
 
-OPTIMIZERS = {
-    "adam": "Adam, as the tutorial (torch.optim.Adam)",
-    "sgd": "SGD with --momentum (torch.optim.SGD)",
-    "adam-no-bias-correction": "Adam without its bias correction: lr*m/(sqrt(v)+eps) with m, v not divided by "
-                               "(1-beta^t) (mnist_mlp.adam_update), to see what the correction does",
-}
+OPTIMIZERS = {"adam": "Adam, as the tutorial (torch.optim.Adam)", "sgd": "SGD with --momentum (torch.optim.SGD)",
+              "adam-no-bias-correction": "Adam without dividing m and v by (1-beta^t) (mnist_mlp.adam_update)"}
 
 
 def parse_args(argv):
@@ -50,33 +46,25 @@ def parse_args(argv):
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", choices=sorted(mnist_mlp.DATASETS), default="mnist", help="dataset")
     commands.add_data_dir_flag(group)
-    group.add_argument("--val-size", type=commands.bounded_int(0, 1_000_000), default=0,
-                       help="hold out this many training images for validation")
+    group.add_argument("--val-size", type=commands.bounded_int(0, 1_000_000), default=0, help="training images held out")
     group.add_argument("--test-batch-size", type=whole, default=1000, help="evaluation batch size")
     group = parser.add_argument_group("output and resuming")
     group.add_argument("--checkpoint-dir", default=".", help="where checkpoints and metrics.csv go")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace the checkpoints and metrics.csv of an earlier run in --checkpoint-dir "
-                            "(without it, a folder that holds another run is refused)")
+    group.add_argument("--overwrite", action="store_true", help="replace another run's files in --checkpoint-dir")
     group.add_argument("--log-interval", type=whole, default=100, help="print the mean training loss every this many steps")
     group.add_argument("--resume", metavar="CHECKPOINT", help="continue training from this checkpoint")
     commands.add_trust_pickle_flag(group, "allow --resume from a pickled whole model")
-    group = parser.add_argument_group("speed (no flag here changes a number, except --fused)")
+    group = parser.add_argument_group("speed (the same numbers, except with --fused or other --threads)")
     commands.add_device_flag(group)
     group.add_argument("--threads", type=commands.bounded_int(1, os.cpu_count() or 1), default=1,
                        help="CPU threads for torch: 1 is fastest for these small matrices")
     group.add_argument("--step", choices=["auto", "autograd", "fast"], default="auto",
-                       help="autograd is the textbook step (zero_grad, forward, loss, backward, step); fast is the "
-                            "same step with the backward written out, only for a model it is proven equal to; "
-                            "auto takes fast where proven, autograd elsewhere")
-    group.add_argument("--fused", action="store_true",
-                       help="torch's one-kernel fused optimizer: faster, but Adam's weights then differ from the "
-                            "tutorial's in the last bits; on CUDA it lets the step replay as a CUDA graph")
-    group.add_argument("--no-fused", dest="fused", action="store_false",
-                       help="the default: the optimizer computes what torch's default one does, bit for bit")
-    group.add_argument("--no-cuda-graph", action="store_true",
-                       help="with --fused on CUDA, launch the step's kernels one by one instead of replaying them "
-                            "as one CUDA graph")
+                       help="autograd: the textbook step; fast: the backward written out, for a model it is proven "
+                            "equal to; auto: fast where proven, autograd elsewhere")
+    group.add_argument("--fused", action="store_true", help="torch's fused optimizer: faster, Adam's last bits differ "
+                       "from the tutorial's; on CUDA the step then replays as a CUDA graph")
+    group.add_argument("--no-fused", dest="fused", action="store_false", help="the default: bit for bit torch's default")
+    group.add_argument("--no-cuda-graph", action="store_true", help="with --fused on CUDA, no CUDA graph")
     args = parser.parse_args(argv)
     if args.resume is not None and not args.resume.strip():
         parser.error("--resume needs a checkpoint path (it was given an empty one)")
@@ -156,27 +144,17 @@ class Run:
     def save(self, epoch, metrics):
         """Write the epoch's checkpoint, then its metrics.csv row; returns the checkpoint's path."""
         args = self.args
-        path = os.path.join(args.checkpoint_dir, checkpoints.CHECKPOINT_NAME.format(epoch=epoch))
+        path = os.path.join(args.checkpoint_dir, run_folder.CHECKPOINT_NAME.format(epoch=epoch))
         try:
-            checkpoints.save_checkpoint(path, {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
-                "config": self.config, "metrics": metrics,
-                "rng": {"data_order": self.order_generator.get_state(), "torch": torch.get_rng_state()},
-                "torch_version": str(torch.__version__),
-            })
+            checkpoints.save_checkpoint(path, checkpoints.training_state(
+                self.model, self.optimizer, epoch, self.config, metrics, self.order_generator))
         except checkpoints.NonFiniteCheckpoint:  # the weights, Adam's state or a loss: the last update diverged
             raise UsageError(f"the weights became non-finite in epoch {epoch} (--lr {args.lr} with "
                              f"{args.optimizer}); nothing of it was saved; try a smaller --lr") from None
         except OSError as error:
             raise run_folder.WriteFailed(f"cannot write {path} ({error.strerror or error})") from None
         self.progress.last_checkpoint = path
-        self.metrics_rows[:] = [row for row in self.metrics_rows if int(row["epoch"]) < epoch]
-        self.metrics_rows.append(run_folder.metrics_row(epoch, metrics, os.path.basename(path)))
-        try:
-            run_folder.write_metrics(args.checkpoint_dir, self.metrics_rows)
-        except OSError as error:
-            raise run_folder.WriteFailed(f"cannot write {os.path.join(args.checkpoint_dir, run_folder.METRICS_NAME)} "
-                                         f"({error.strerror or error}); {path} was saved") from None
+        run_folder.add_metrics_row(args.checkpoint_dir, self.metrics_rows, epoch, metrics)
         return path
 
 
@@ -202,11 +180,7 @@ def train_loop(run):
             # save the checkpoint and its metrics row; a Ctrl-C now waits until both are written
             with stop.save():
                 path = run.save(epoch, metrics)
-            val = (f"  val loss {metrics['val_loss']:.4f}  val accuracy {metrics['val_accuracy']:.2f}%"
-                   if "val_loss" in metrics else "")
-            say(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}{val}  test loss {metrics['test_loss']:.4f}  "
-                f"test accuracy {metrics['test_accuracy']:.2f}%  {seconds:.1f} s  "
-                f"{metrics['samples_per_s']:.0f} samples/s  saved {path}")
+            say(f"epoch {epoch}/{args.epochs}  {run_folder.metrics_text(metrics)}  saved {path}")
         run.progress.epoch = None
     return 0
 
@@ -234,10 +208,7 @@ def main(argv=None):
         try:
             return train(args, progress)
         except run_folder.WriteFailed as error:
-            print(f"error: {error}", file=sys.stderr)
-            if progress.last_checkpoint:
-                print(f"last complete checkpoint: {progress.last_checkpoint}\n"
-                      f"resume with: {progress.resume_command()}", file=sys.stderr)
+            progress.report_stop(f"error: {error}", where=False)
             return 1
         except KeyboardInterrupt:  # a second Ctrl-C during training
             progress.report_stop("interrupted")

@@ -1,0 +1,75 @@
+"""The lesson file's promises, held as tinygrad's CI holds its line count: mnist_mlp.py stays short,
+imports only torch and the standard library, trains when copied alone; no function in the project
+takes more than six parameters; train.py stays short enough to read its loop."""
+
+import ast
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import mnist_mlp
+from conftest import HERE
+
+LESSON = os.path.join(HERE, "mnist_mlp.py")
+# Signatures that mirror torch's own (optimizer constructors, Adam's update) may take more.
+MIRRORS_TORCH = {"adam_update", "AdamByHand.__init__", "FlatAdam.__init__"}
+
+
+def test_the_lesson_is_at_most_320_lines_and_train_py_at_most_220():
+    with open(LESSON) as file:
+        assert len(file.readlines()) <= 320
+    with open(os.path.join(HERE, "train.py")) as file:
+        assert len(file.readlines()) <= 220
+
+
+def test_the_lesson_imports_only_torch_and_the_standard_library():
+    with open(LESSON) as file:
+        tree = ast.parse(file.read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
+    assert "torch" in imported
+    assert imported - {"torch"} <= set(sys.stdlib_module_names), imported
+
+
+def test_no_function_takes_more_than_six_parameters():
+    too_many = []
+    for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
+        with open(path) as file:
+            tree = ast.parse(file.read())
+        for parent in ast.walk(tree):
+            for node in ast.iter_child_nodes(parent):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    name = f"{parent.name}.{node.name}" if isinstance(parent, ast.ClassDef) else node.name
+                    arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                    count = len([a for a in arguments if a.arg not in ("self", "cls")])
+                    if count > 6 and name not in MIRRORS_TORCH:
+                        too_many.append(f"{os.path.basename(path)}: {name} ({count})")
+    assert too_many == []
+
+
+def test_the_lesson_copied_alone_trains_with_the_program_in_its_docstring(tmp_path):
+    """A student copies mnist_mlp.py and the data into an empty folder and runs the docstring's program
+    (one epoch of it here): it trains, reading the .gz files itself."""
+    shutil.copy(LESSON, tmp_path / "mnist_mlp.py")
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in mnist_mlp.RAW_FILES:
+        shutil.copy(os.path.join(HERE, "data", "MNIST", "raw", name + ".gz"), raw)
+    program = textwrap.dedent(mnist_mlp.__doc__.split("data/MNIST/raw/):\n")[1])
+    assert program.strip().startswith("import torch") and "for epoch in range(1, 21):" in program
+    program = "import torch\ntorch.set_num_threads(1)\n" + program.replace("range(1, 21)", "range(1, 2)")
+    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr
+    accuracy = float(re.search(r"epoch 1: test accuracy ([\d.]+)%", result.stdout).group(1))
+    assert accuracy >= 90.0
+    assert (tmp_path / "noteLearning_1.pth").is_file()
+    assert sorted(os.listdir(raw)) == sorted(name + ".gz" for name in mnist_mlp.RAW_FILES)  # nothing written there
