@@ -34,10 +34,10 @@ def test_cuda_fast_step_equals_the_autograd_step_to_float_rounding(mnist):
 @needs_cuda
 @pytest.mark.parametrize("graph", [False, True])
 def test_cuda_one_epoch_reaches_90_percent_and_evaluates_the_same_on_the_cpu(graph, tmp_path, capsys):
-    argv = ["--epochs", "1", "--device", "cuda", "--checkpoint-dir", tmp_path] + ([] if graph else ["--no-cuda-graph"])
+    argv = ["--epochs", "1", "--device", "cuda", "--checkpoint-dir", tmp_path] + (["--fused"] if graph else [])
     code, out, _ = run_main(train, argv, capsys)
     assert code == 0 and out.splitlines()[0].startswith("training with the fast step")
-    assert ("CUDA graph" in out.splitlines()[0]) == graph
+    assert ("replayed as a CUDA graph" in out.splitlines()[0]) == graph
     accuracy = float(out.split("test accuracy ")[1].split("%")[0])
     assert accuracy >= 90.0
     results = {}
@@ -51,7 +51,7 @@ def test_cuda_one_epoch_reaches_90_percent_and_evaluates_the_same_on_the_cpu(gra
 @needs_cuda
 @pytest.mark.parametrize("graph", [False, True])
 def test_cuda_resume_continues_exactly(graph, tmp_path, capsys):
-    flags = ["--device", "cuda"] + ([] if graph else ["--no-cuda-graph"])
+    flags = ["--device", "cuda"] + (["--fused"] if graph else [])
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", straight, *flags), capsys)[0] == 0
     assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", split, *flags), capsys)[0] == 0
