@@ -58,12 +58,21 @@ def fraction(text):
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the default of each flag that takes a value and has one (not "default: False")."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one `error:` line (exit code 2), without the usage dump,
     and shows each flag's default in --help."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
         raise UsageError(message)

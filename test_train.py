@@ -96,8 +96,10 @@ def test_help_shows_the_defaults(capsys):
         train.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for text in ("--epochs", "(default: 20)", "(default: 64)", "(default: 0.001)", "(default: adam)"):
+    for text in ("--epochs", "(default: 20)", "(default: 64)", "(default: 0.001)", "(default: adam)",
+                 "training (the tutorial's settings by default):", "data:", "output and resuming:", "speed ("):
         assert text in out
+    assert "(default: False)" not in out and "(default: None)" not in out and "(default: True)" not in out
 
 
 def test_resume_continues_bit_identically_without_rewriting_earlier_epochs(tmp_path, capsys):
