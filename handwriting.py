@@ -1,9 +1,38 @@
 """Your own handwriting, prepared as MNIST's digits were: light ink on black, the ink's longer side
-scaled to 20 pixels and its centre of mass placed at the centre of 28x28. For predict.py and draw.py."""
+scaled to 20 pixels and its centre of mass placed at the centre of 28x28; then read by the model.
+The one path from a picture to the model's answer, for predict.py and draw.py."""
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import mnist_mlp
+
+MAX_PIXELS = 40_000_000  # a 40-megapixel photo is larger than any phone's; more is refused, not decoded
+
+
+def decode_image(source):
+    """The PIL image in `source` (a path or a binary file), decoded; a one-line ValueError for anything
+    that is not a usable image."""
+    try:
+        with Image.open(source) as image:  # reads the header only: the size is known before decoding
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ValueError(f"{width}x{height} is {width * height:,} pixels, more than the {MAX_PIXELS:,} "
+                                 "this reads; scale it down first")
+            image.load()
+            return image.copy()
+    except UnidentifiedImageError:
+        raise ValueError("not an image PIL can read") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's decoders raise these
+        raise ValueError(f"cannot read it ({error})") from None
+
+
+@torch.no_grad()
+def class_probabilities(model, pixels):
+    """The model's probability for each class (classes,) of one prepared (28, 28) uint8 digit."""
+    device = next(model.parameters()).device
+    return torch.softmax(model(mnist_mlp.normalize(pixels.view(1, 784).to(device))), dim=1)[0].cpu()
 
 
 def digit_pixels(image):

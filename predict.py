@@ -16,7 +16,6 @@ import json
 import os
 import re
 
-import torch
 
 import checkpoints
 import commands
@@ -26,7 +25,6 @@ from commands import UsageError
 from safe_files import atomic_write, is_regular_file
 
 IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
-MAX_PIXELS = 40_000_000  # a 40-megapixel photo is larger than any phone's; more is refused, not decoded
 
 
 def parse_args(argv):
@@ -66,27 +64,14 @@ def true_label(path, classes):
 
 def read_image(path):
     """The PIL image at `path`, decoded; a one-line ValueError for anything that is not a usable image."""
-    from PIL import Image, UnidentifiedImageError
-
     if not os.path.lexists(path):
         raise ValueError("no such file")
     if not is_regular_file(path):
         raise ValueError("not a regular file")
-    try:
-        with Image.open(path) as image:  # reads the header only: the size is known before decoding
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ValueError(f"{width}x{height} is {width * height:,} pixels, more than the {MAX_PIXELS:,} "
-                                 "this reads; scale it down first")
-            image.load()
-            return image.copy()
-    except UnidentifiedImageError:
-        raise ValueError("not an image PIL can read") from None
-    except (OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot read it ({error})") from None
+    return handwriting.decode_image(path)
 
 
-def predict(model, classes, paths, device):
+def predict(model, classes, paths):
     """One result dict per path (prediction or error), each with the 28x28 the model saw."""
     results = []
     for path in paths:
@@ -101,9 +86,7 @@ def predict(model, classes, paths, device):
             result["error"] = str(error)
             results.append(result)
             continue
-        with torch.no_grad():
-            probabilities = torch.softmax(model(mnist_mlp.normalize(pixels.view(1, 784).to(device))), dim=1)[0].cpu()
-        top = probabilities.topk(3)
+        top = handwriting.class_probabilities(model, pixels).topk(3)
         result.update(prediction=classes[int(top.indices[0])], probability=round(float(top.values[0]), 4),
                       top3=[[classes[int(index)], round(float(value), 4)] for value, index in zip(*top)])
         if label is not None:
@@ -176,7 +159,7 @@ def main(argv=None):
         paths = image_paths(args.images)
         if not paths:
             raise UsageError(f"no images in {', '.join(args.images)} (looked for {', '.join(IMAGE_ENDINGS)})")
-        results = predict(model, classes, paths, device)
+        results = predict(model, classes, paths)
         report(results, args.json)
         if args.show:
             try:

@@ -84,7 +84,7 @@ def test_predict_reports_bad_images_one_line_each_and_the_rest(trained, tmp_path
     (tmp_path / "text.png").write_text("not an image")
     Image.new("L", (50, 50), 255).save(tmp_path / "blank.png")
     Image.new("L", (80, 80), 255).save(tmp_path / "huge.png")
-    monkeypatch.setattr(predict, "MAX_PIXELS", 5000)  # so that an 80x80 image stands for a 100-megapixel photo
+    monkeypatch.setattr(handwriting, "MAX_PIXELS", 5000)  # so that an 80x80 image stands for a 100-megapixel photo
     checkpoint = trained[0] / "noteLearning_1.pth"
     code, out, err = run_main(predict, [checkpoint, tmp_path / "missing.png", tmp_path / "text.png",
                                         tmp_path / "blank.png", tmp_path / "huge.png", tmp_path / "1_good.jpg",
