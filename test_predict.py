@@ -1,13 +1,14 @@
 """predict.py and the preparation of your own handwriting (handwriting.digit_pixels)."""
 
 import json
+import os
 
 import torch
 
 import checkpoints
 import handwriting
 import mnist_mlp
-from conftest import assert_usage_error, run_main
+from conftest import HERE, assert_usage_error, run_main
 
 
 def as_user_would_have_it(pixels, rng):
@@ -113,3 +114,13 @@ def test_predict_uses_the_checkpoints_class_names(tmp_path, capsys):
     code, out, _ = run_main(predict, [tmp_path / "fashion.pth", tmp_path / "coat.png", "--json"], capsys)
     names = mnist_mlp.DATASETS["fashion-mnist"][1]
     assert code == 0 and json.loads(out)["predictions"][0]["prediction"] in names
+
+
+def test_the_bundled_sample_digits_are_read(trained, capsys):
+    """Quick start's first predict.py run has pictures to read: eight digits drawn with PIL."""
+    import predict
+    folder = os.path.join(HERE, "data", "digits")
+    code, out, err = run_main(predict, [trained[0] / "noteLearning_1.pth", folder, "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0 and err == "" and report["labelled"] == 8
+    assert report["correct"] >= 6  # one epoch's model; the 20-epoch one read all eight

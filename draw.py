@@ -1,0 +1,188 @@
+"""Draw a digit and see what the model reads: python draw.py [CHECKPOINT] [--port 8000]
+
+Serves draw.html, one self-contained page (no request leaves the machine): a canvas for mouse, pen or
+finger, the model's guess, its ten probabilities and the 28x28 image it saw. Each drawing goes to
+POST /predict as a PNG and is prepared as predict.py prepares a picture (handwriting.py).
+Standard library server only; Ctrl-C stops it (exit code 130).
+"""
+
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import base64
+import binascii
+import io
+import ipaddress
+import json
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image
+
+import checkpoints
+import commands
+import handwriting
+import mnist_mlp
+import run_folder
+from commands import UsageError
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "draw.html")
+MAX_BODY = 2 * 1024 * 1024  # a drawn digit is a few kilobytes; a photo of one, well under this
+DATA_URL_PREFIX = b"data:image/png;base64,"
+
+
+class Reader:
+    """The model, loaded once (weights only) and in eval mode, and what it reads in a picture."""
+
+    def __init__(self, path):
+        checkpoint = checkpoints.load_checkpoint(path)
+        self.model = checkpoints.model_from_checkpoint(path, checkpoint).eval()
+        self.classes = mnist_mlp.DATASETS[checkpoint["config"].get("dataset", "mnist")][1]
+
+    def read(self, body):
+        """The answer for one picture's bytes (a PNG, or any image PIL reads); ValueError if there is none."""
+        if body.startswith(DATA_URL_PREFIX):
+            try:
+                body = base64.b64decode(body[len(DATA_URL_PREFIX):], validate=True)
+            except binascii.Error:
+                raise ValueError("the data URL's base64 is not valid") from None
+        image = handwriting.decode_image(io.BytesIO(body))
+        pixels = handwriting.digit_pixels(image)
+        probabilities = handwriting.class_probabilities(self.model, pixels)
+        seen = io.BytesIO()
+        Image.frombytes("L", (28, 28), bytes(pixels.flatten().tolist())).save(seen, format="PNG")
+        return {"prediction": self.classes[int(probabilities.argmax())],
+                "probabilities": [float(value) for value in probabilities],
+                "classes": self.classes,
+                "image": "data:image/png;base64," + base64.b64encode(seen.getvalue()).decode()}
+
+
+class Server(ThreadingHTTPServer):
+    """A thread a request; a listen backlog for a classroom's burst (the standard 5 resets connections)."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+    def __init__(self, address, reader):
+        self.reader = reader
+        with open(PAGE, encoding="utf-8") as file:
+            self.page = file.read().replace("__CLASSES__", json.dumps(reader.classes)).encode()
+        super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address):
+        """A client that went away mid-answer is no error of ours; anything else is reported in one line."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            print(f"error: a request from {client_address[0]} failed ({commands.reason(error)})", file=sys.stderr)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """GET / is the page; POST /predict reads a picture; every error is JSON {"error": ...}."""
+
+    timeout = 10  # seconds a client may take to send its request: a slow one cannot hold a thread forever
+    server_version = "draw.py"
+
+    def send(self, status, body, content_type="application/json", headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_json(self, status, value, headers=()):
+        self.send(status, json.dumps(value, ensure_ascii=False).encode(), headers=headers)
+
+    def do_GET(self):
+        if self.path in ("/", "/index.html"):
+            self.send(200, self.server.page, "text/html; charset=utf-8")
+        elif self.path == "/predict":
+            self.send_json(405, {"error": "POST a PNG to /predict"}, [("Allow", "POST")])
+        else:
+            self.send_json(404, {"error": f"no page {self.path}"})
+
+    do_HEAD = do_GET
+
+    def do_POST(self):
+        if self.path != "/predict":
+            status = 405 if self.path in ("/", "/index.html") else 404
+            return self.send_json(status, {"error": f"nothing to POST to at {self.path}"},
+                                  [("Allow", "GET")] if status == 405 else ())
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            return self.send_json(411, {"error": "a Content-Length is needed"})
+        if int(length) > MAX_BODY:  # refused before reading a byte of it
+            self.close_connection = True
+            return self.send_json(413, {"error": f"the picture is over {MAX_BODY // 1024 // 1024} MB"})
+        try:
+            body = self.rfile.read(int(length))
+        except (TimeoutError, ConnectionError):  # a client too slow, or gone: free the thread
+            self.close_connection = True
+            return None
+        if len(body) < int(length):
+            return self.send_json(400, {"error": "the body is shorter than its Content-Length"})
+        try:
+            answer = self.server.reader.read(body)
+        except ValueError as error:
+            return self.send_json(400, {"error": str(error)})
+        self.send_json(200, answer)
+
+    def do_other(self):
+        self.send_json(405, {"error": f"{self.command} is not served here"}, [("Allow", "GET, POST")])
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_other
+
+    def log_message(self, format, *args):  # quiet: the page is the output
+        pass
+
+
+def newest_checkpoint(folder="."):
+    """The checkpoint of the latest epoch in `folder`; a one-line UsageError if there is none."""
+    found = run_folder.checkpoint_epochs(folder)
+    if not found:
+        raise UsageError("no noteLearning_*.pth in this folder: train one with `python train.py`, "
+                         "or name one: python draw.py CHECKPOINT")
+    return found[max(found)]
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def main(argv=None):
+    def body(argv):
+        parser = commands.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".")
+        parser.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
+                            help="a checkpoint written by train.py (default: the newest noteLearning_*.pth here)")
+        parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
+        parser.add_argument("--port", type=commands.bounded_int(0, 65535), default=8000, help="port (0: any free one)")
+        args = parser.parse_args(argv)
+        path = args.checkpoint or newest_checkpoint()
+        reader = Reader(path)
+        try:
+            server = Server((args.host, args.port), reader)
+        except OSError as error:
+            raise UsageError(f"cannot listen on {args.host}:{args.port} ({error.strerror or error})") from None
+        with server:
+            if not is_loopback(args.host):
+                print(f"warning: --host {args.host}: the page is open to every machine on that network, "
+                      "not only this one", file=sys.stderr)
+            shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            shown = f"[{shown}]" if ":" in shown else shown
+            print(f"http://{shown}:{server.server_address[1]}/  (reading with {path}; Ctrl-C stops it)", flush=True)
+            server.serve_forever()
+        return 0
+    return commands.run_main(body, argv)
+
+
+if __name__ == "__main__":
+    commands.script(main)
