@@ -1,0 +1,341 @@
+"""The tutorial's two questions, measured: python study.py --out study [--quick]
+
+Is Adam better than SGD, and what does Adam's bias correction do? Every run is train.py's own
+(train.main, one folder a run under OUT/runs/), three seeds a setting; runs already done are reused,
+so a stopped study goes on where it stopped. Writes OUT/study.md (the tables README shows) and, with
+matplotlib, the figures OUT/study_*.png. --quick: one epoch, one seed, a reduced grid (tests, a first look).
+"""
+
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import checkpoints
+import commands
+import data_files
+import fast_step
+import mnist_mlp
+import run_folder
+import train
+from commands import UsageError
+
+BETAS = (0.9, 0.999)
+
+
+@dataclass
+class Setting:
+    """One line of a table: train.py's flags, and what the study changes around train.py."""
+    name: str
+    flags: list
+    epochs: int = 20
+    zero_one_inputs: bool = False  # inputs p/255 in [0, 1] instead of the tutorial's [-1, 1]
+    weight_decay: tuple = None     # ("adam" or "adamw", decay): the optimizer train.py builds is replaced
+    step_losses: bool = False      # keep each step's loss of the first 1,000 steps
+    seeds: tuple = field(default=(1, 2, 3))
+
+
+@contextlib.contextmanager
+def zero_one_inputs(active):
+    """Train and evaluate on p/255 instead of the tutorial's p/127.5 - 1 (the dead-unit experiment)."""
+    real = mnist_mlp.normalize
+    if active:
+        mnist_mlp.normalize = lambda pixels: pixels.div(255.0)
+    try:
+        yield
+    finally:
+        mnist_mlp.normalize = real
+
+
+@contextlib.contextmanager
+def decayed_adam(choice):
+    """train.py with torch.optim.Adam(weight_decay=d) or AdamW(weight_decay=d) instead of its Adam."""
+    real = fast_step.make_optimizer
+    if choice is not None:
+        kind, decay = choice
+        optimizer_class = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+        fast_step.make_optimizer = lambda name, parameters, lr, momentum=0.9, fused=False: optimizer_class(
+            parameters, lr=lr, weight_decay=decay)
+    try:
+        yield
+    finally:
+        fast_step.make_optimizer = real
+
+
+class Study:
+    """The runs of a study under OUT/runs/, each done once, and what they measured."""
+
+    def __init__(self, out, data_dir, val_size):
+        self.out, self.data_dir, self.val_size = out, data_dir, val_size
+        self.done = self.total = 0
+
+    def folder(self, setting, seed):
+        return os.path.join(self.out, "runs", f"{setting.name}-{seed}")
+
+    def run(self, setting, seed):
+        """Train one seed of a setting with train.main, unless a complete run is there already."""
+        folder = self.folder(setting, seed)
+        self.done += 1
+        label = f"[{self.done}/{self.total}] {setting.name} seed {seed}"
+        if self.complete(setting, folder):
+            print(f"{label}: reused", flush=True)
+            return
+        argv = [*setting.flags, "--epochs", setting.epochs, "--seed", seed, "--data-dir", self.data_dir,
+                "--checkpoint-dir", folder, "--overwrite", "--device", "cpu"]
+        if self.val_size:
+            argv += ["--val-size", self.val_size]
+        if setting.step_losses:
+            argv += ["--log-interval", 1]
+        output, started = io.StringIO(), time.perf_counter()
+        with zero_one_inputs(setting.zero_one_inputs), decayed_adam(setting.weight_decay), \
+                contextlib.redirect_stdout(output):
+            code = train.main(argv)
+        if code != 0:
+            raise UsageError(f"{label}: train.py stopped with exit code {code}")
+        if setting.step_losses:
+            losses = [float(match) for match in re.findall(r"step \d+/\d+  loss (\S+)", output.getvalue())][:1000]
+            with open(os.path.join(folder, "steps.json"), "w") as file:
+                json.dump(losses, file)
+        last = run_folder.read_metrics(os.path.join(folder, run_folder.METRICS_NAME))[-1]
+        print(f"{label}: {setting.epochs} epochs, test accuracy {last['test_accuracy']}%, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+
+    def complete(self, setting, folder):
+        path = os.path.join(folder, run_folder.METRICS_NAME)
+        steps = not setting.step_losses or os.path.exists(os.path.join(folder, "steps.json"))
+        try:
+            rows = run_folder.read_metrics(path) if os.path.exists(path) else []
+        except UsageError:
+            return False
+        return steps and len(rows) == setting.epochs
+
+    def metrics(self, setting, column):
+        """[{epoch: value} for each seed] of one metrics.csv column."""
+        result = []
+        for seed in setting.seeds:
+            rows = run_folder.read_metrics(os.path.join(self.folder(setting, seed), run_folder.METRICS_NAME))
+            result.append({int(row["epoch"]): float(row[column]) for row in rows if row[column]})
+        return result
+
+    def dead_units(self, setting, epoch):
+        """fc1 units that are zero after ReLU on every test image, one count per seed."""
+        _, test = data_files.load(self.data_dir)
+        counts = []
+        with zero_one_inputs(setting.zero_one_inputs):
+            for seed in setting.seeds:
+                path = os.path.join(self.folder(setting, seed), run_folder.CHECKPOINT_NAME.format(epoch=epoch))
+                model = checkpoints.model_from_checkpoint(path, checkpoints.load_checkpoint(path))
+                with torch.no_grad():
+                    active = (model.fc1(mnist_mlp.normalize(test.pixels)) > 0).any(0)
+                counts.append(int((~active).sum()))
+        return counts
+
+
+def spread(values, digits=2):
+    """'mean (min–max)' of a few numbers (counts: digits=0, the mean with one decimal)."""
+    mean = f"{sum(values) / len(values):.{max(digits, 1)}f}"
+    return f"{mean} ({min(values):.{digits}f}–{max(values):.{digits}f})" if len(values) > 1 else f"{values[0]:.{digits}f}"
+
+
+def multiplier(t, betas=BETAS):
+    """How much larger Adam's update is without bias correction, at step t (exact with eps = 0)."""
+    return (1 - betas[0] ** t) / math.sqrt(1 - betas[1] ** t)
+
+
+def plan(quick):
+    """The study's settings, by table."""
+    epochs, seeds = (1, (1,)) if quick else (20, (1, 2, 3))
+    early = 1 if quick else 5
+
+    def setting(name, flags, **extra):
+        return Setting(name, flags, **{"epochs": epochs, "seeds": seeds, **extra})
+
+    adam = ["--optimizer", "adam"]
+    optimizers = [setting("adam-lr0.001", [*adam, "--lr", "0.001"]),
+                  setting("adam-no-bias-correction-lr0.001", ["--optimizer", "adam-no-bias-correction", "--lr", "0.001"]),
+                  setting("sgd-momentum0.9-lr0.01", ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.01"]),
+                  setting("sgd-lr0.1", ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.1"]),
+                  setting("sgd-lr0.01", ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.01"]),
+                  setting("sgd-lr0.001", ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.001"])]
+    if quick:
+        optimizers = [optimizers[0], optimizers[2]]
+    lrs = ["0.001", "0.03"] if quick else ["0.001", "0.003", "0.01", "0.03"]
+    bias = [setting(f"bias-{kind}-lr{lr}", ["--optimizer", kind, "--lr", lr], epochs=early, step_losses=True)
+            for lr in lrs for kind in ("adam", "adam-no-bias-correction")]
+    grid = {"adam": ["0.0003", "0.001", "0.003"], "sgd-momentum0.9": ["0.003", "0.01", "0.03"],
+            "sgd": ["0.03", "0.1", "0.3"]}
+    if quick:
+        grid = {name: lrs[:2] for name, lrs in grid.items() if name != "sgd"}
+    fair = {name: [setting(f"fair-{name}-lr{lr}", ["--optimizer", name.split("-")[0], "--lr", lr, "--momentum",
+                                                     "0.9" if "momentum" in name else "0"]) for lr in lrs]
+            for name, lrs in grid.items()}
+    scaling = [setting("inputs01-adam-lr0.001", [*adam, "--lr", "0.001"], zero_one_inputs=True),
+               setting("inputs01-sgd-momentum0.9-lr0.01", ["--optimizer", "sgd", "--lr", "0.01"], zero_one_inputs=True)]
+    decay = [setting("adam-l2-0.01", [*adam, "--lr", "0.001"], weight_decay=("adam", 0.01)),
+             setting("adamw-0.01", [*adam, "--lr", "0.001"], weight_decay=("adamw", 0.01))]
+    return {"optimizers": optimizers, "bias": bias, "fair": fair, "scaling": scaling, "decay": decay}
+
+
+def report(study, settings, quick):
+    """study.md: the tables, in the order README answers the questions."""
+    last = settings["optimizers"][0].epochs
+    shown = [epoch for epoch in (1, 5, 10, 20) if epoch <= last]
+    lines = ["# The study's tables", "",
+             f"Test accuracy (%) and training loss, mean over seeds {', '.join(map(str, settings['optimizers'][0].seeds))} "
+             "(min–max in brackets).", "",
+             "## Optimizers at the tutorial's settings", "",
+             "| setting | " + " | ".join(f"acc. epoch {e}" for e in shown) + " | train loss, last epoch | "
+             "mean acc. over the last 10 epochs |", "|---" * (len(shown) + 3) + "|"]
+    for setting in settings["optimizers"]:
+        accuracy, loss = study.metrics(setting, "test_accuracy"), study.metrics(setting, "train_loss")
+        tail = [sum(run[e] for e in run if e > last - 10) / min(10, last) for run in accuracy]
+        lines.append(f"| {setting.name} | " + " | ".join(spread([run[e] for run in accuracy]) for e in shown)
+                     + f" | {sum(run[last] for run in loss) / len(loss):.4f} | {spread(tail)} |")
+
+    early = settings["bias"][0].epochs
+    lines += ["", "## Bias correction × learning rate", "",
+              f"Test accuracy (%) after epoch 1 and {early}; fc1 units dead after epoch 1.", "",
+              "| lr | Adam, epoch 1 | without correction, epoch 1 | Adam, epoch " + str(early) +
+              " | without, epoch " + str(early) + " | dead fc1 units: Adam | without |", "|---" * 7 + "|"]
+    for corrected, uncorrected in zip(settings["bias"][::2], settings["bias"][1::2]):
+        cells = [spread([run[epoch] for run in study.metrics(s, "test_accuracy")])
+                 for epoch in (1, early) for s in (corrected, uncorrected)]
+        dead = [spread(study.dead_units(s, 1), 0) for s in (corrected, uncorrected)]
+        lines.append(f"| {corrected.flags[-1]} | " + " | ".join(cells) + " | " + " | ".join(dead) + " |")
+    lines += ["", "Without the correction the update is the corrected one times (1−β1ᵗ)/√(1−β2ᵗ):", "",
+              "| step t | 1 | 10 | 12 | 100 | 938 | 1000 | 5000 |", "|---" * 8 + "|",
+              "| multiplier | " + " | ".join(f"{multiplier(t):.2f}" for t in (1, 10, 12, 100, 938, 1000, 5000)) + " |"]
+
+    lines += ["", "## A fair comparison: each optimizer's lr chosen on validation", "",
+              f"{study.val_size} training images held out; the mean of the last 5 epochs (or fewer) per seed.", "",
+              "| optimizer | lr | validation acc. | test acc. | chosen |", "|---|---|---|---|---|"]
+    chosen = {}
+    for name, grid in settings["fair"].items():
+        scores = {}
+        for setting in grid:
+            window = lambda run: [run[e] for e in run if e > setting.epochs - 5]  # noqa: E731
+            val = [sum(window(run)) / len(window(run)) for run in study.metrics(setting, "val_accuracy")]
+            test = [sum(window(run)) / len(window(run)) for run in study.metrics(setting, "test_accuracy")]
+            scores[setting.name] = (sum(val) / len(val), val, test, setting)
+        best = max(scores, key=lambda key: scores[key][0])
+        chosen[name] = scores[best][3]
+        for key, (_, val, test, setting) in scores.items():
+            lines.append(f"| {name} | {setting.flags[3]} | {spread(val)} | {spread(test) if key == best else '—'} | "
+                         f"{'←' if key == best else ''} |")
+
+    lines += ["", "## Dead ReLU units", "", "fc1 units (of 128) that are zero on every test image.", "",
+              "| setting | inputs | after epoch 1 | after the last epoch |", "|---|---|---|---|"]
+    for setting in [*settings["optimizers"], *settings["scaling"]]:
+        inputs = "[0, 1]" if setting.zero_one_inputs else "[−1, 1]"
+        lines.append(f"| {setting.name} | {inputs} | {spread(study.dead_units(setting, 1), 0)} | "
+                     f"{spread(study.dead_units(setting, setting.epochs), 0)} |")
+
+    lines += ["", "## Adam with weight decay against AdamW (decay 0.01, lr 0.001)", "",
+              "| optimizer | " + " | ".join(f"acc. epoch {e}" for e in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for setting in settings["decay"]:
+        accuracy = study.metrics(setting, "test_accuracy")
+        lines.append(f"| {setting.name} | " + " | ".join(spread([run[e] for run in accuracy]) for e in shown) + " |")
+    with open(os.path.join(study.out, "study.md"), "w", encoding="utf-8") as file:
+        file.write("\n".join(lines) + "\n")
+    return chosen
+
+
+def figures(study, settings, chosen):
+    """The PNGs: the optimizers' curves (plot.py's picture), bias correction (step losses, the
+    multiplier), and the fair comparison's test accuracy and test loss."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    import plot
+
+    runs = [plot.read_run(study.folder(setting, seed)) for setting in settings["optimizers"] for seed in setting.seeds]
+    plot.draw(plot.group_by_setting(runs), os.path.join(study.out, "study_curves.png"),
+              f"MNIST MLP, {len(settings['optimizers'][0].seeds)} seed(s) each: test accuracy and training loss",
+              accuracy_from=None)
+
+    figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    for number, setting in enumerate(settings["bias"]):
+        with open(os.path.join(study.folder(setting, setting.seeds[0]), "steps.json")) as file:
+            losses = json.load(file)
+        left.plot(range(1, len(losses) + 1), losses, color=f"C{number // 2}", linewidth=0.8,
+                  linestyle="-" if number % 2 == 0 else ":",
+                  label=f"lr {setting.flags[-1]}" + ("" if number % 2 == 0 else ", no correction"))
+    left.set(xlabel="step", ylabel="training loss of the step (seed 1)", yscale="log")
+    left.legend(fontsize=7)
+    steps = range(1, 3001)
+    right.plot(steps, [multiplier(t) for t in steps])
+    right.axhline(1, color="grey", linewidth=0.5)
+    right.set(xlabel="step t", ylabel="update without correction / with", xscale="log")
+    right.set_title("(1 − β1ᵗ) / √(1 − β2ᵗ)", fontsize=10)
+    safe_save(figure, os.path.join(study.out, "study_bias_correction.png"))
+
+    figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2)
+    for number, (name, setting) in enumerate(chosen.items()):
+        for axis, column in zip(axes, ("test_accuracy", "test_loss")):
+            runs = study.metrics(setting, column)
+            epochs = sorted(runs[0])
+            axis.plot(epochs, [sum(run[e] for run in runs) / len(runs) for e in epochs], marker=".",
+                      color=f"C{number}", label=f"{name}, lr {setting.flags[3]}")
+    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)")
+    axes[1].set(xlabel="epoch", ylabel="test loss")
+    axes[0].legend(fontsize=8)
+    safe_save(figure, os.path.join(study.out, "study_fair.png"))
+
+
+def safe_save(figure, path):
+    from safe_files import atomic_write
+
+    atomic_write(path, lambda file: figure.savefig(file, format="png"))
+
+
+def main(argv=None):
+    def body(argv):
+        parser = commands.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".")
+        parser.add_argument("--out", required=True, help="the study's folder (runs/, study.md, figures)")
+        parser.add_argument("--quick", action="store_true", help="one epoch, one seed, a reduced grid")
+        parser.add_argument("--val-size", type=commands.bounded_int(1, 59999), default=5000,
+                            help="images held out for choosing the learning rate")
+        commands.add_data_dir_flag(parser)
+        args = parser.parse_args(argv)
+        settings = plan(args.quick)
+        study = Study(args.out, args.data_dir, 0)
+        everything = [*settings["optimizers"], *settings["bias"], *settings["scaling"], *settings["decay"]]
+        fair = [setting for grid in settings["fair"].values() for setting in grid]
+        study.total = sum(len(setting.seeds) for setting in everything + fair)
+        started = time.perf_counter()
+        for setting in everything:
+            for seed in setting.seeds:
+                study.run(setting, seed)
+        study.val_size = args.val_size
+        for setting in fair:
+            for seed in setting.seeds:
+                study.run(setting, seed)
+        chosen = report(study, settings, args.quick)
+        try:
+            figures(study, settings, chosen)
+            pictures = "and the figures study_curves.png, study_bias_correction.png, study_fair.png"
+        except ImportError:
+            pictures = "(no figures: pip install matplotlib)"
+        print(f"wrote {os.path.join(args.out, 'study.md')} {pictures} in {time.perf_counter() - started:.0f} s")
+        return 0
+    return commands.run_main(body, argv)
+
+
+if __name__ == "__main__":
+    commands.script(main)

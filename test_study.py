@@ -1,0 +1,44 @@
+"""study.py: the quick study runs end to end on a tiny dataset, writes its tables and figures, and a
+second run reuses every run of the first."""
+
+import os
+
+import pytest
+
+import study
+from conftest import assert_usage_error, make_tiny_mnist, run_main
+
+
+def test_the_quick_study_writes_its_tables_and_reuses_its_runs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    data = make_tiny_mnist(tmp_path / "data")
+    out = tmp_path / "study"
+    argv = ["--quick", "--out", out, "--data-dir", data, "--val-size", "50"]
+    code, printed, err = run_main(study, argv, capsys)
+    assert code == 0 and err == ""
+    progress = [line for line in printed.splitlines() if line.startswith("[")]
+    assert len(progress) == 14 and progress[-1].startswith("[14/14]") and "test accuracy" in progress[0]
+    report = (out / "study.md").read_text()
+    for heading in ("Optimizers at the tutorial's settings", "Bias correction × learning rate",
+                    "each optimizer's lr chosen on validation", "Dead ReLU units", "AdamW"):
+        assert heading in report
+    assert "| multiplier | 3.16 | 6.53 | 6.57 | 3.24 | 1.28 | 1.26 | 1.00 |" in report
+    for name in ("study_curves.png", "study_bias_correction.png", "study_fair.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(os.listdir(out / "runs")) == 14
+    code, printed, _ = run_main(study, argv, capsys)  # a study already done: every run is reused
+    assert code == 0 and printed.count(": reused") == 14
+    assert (out / "study.md").read_text() == report
+
+
+def test_the_study_runs_restore_what_they_change(tmp_path):
+    import fast_step
+    import mnist_mlp
+    normalize, make_optimizer = mnist_mlp.normalize, fast_step.make_optimizer
+    with study.zero_one_inputs(True), study.decayed_adam(("adamw", 0.01)):
+        assert mnist_mlp.normalize is not normalize and fast_step.make_optimizer is not make_optimizer
+    assert mnist_mlp.normalize is normalize and fast_step.make_optimizer is make_optimizer
+
+
+def test_study_needs_an_output_folder(capsys):
+    assert_usage_error(*run_main(study, [], capsys)[::2], "--out")
