@@ -2,6 +2,7 @@
 (names, shapes, storage, finiteness, config) before anything is built from them; and what a resumed
 run must match to continue exactly."""
 
+import io
 import math
 import os
 import pickle
@@ -57,8 +58,9 @@ def save_checkpoint(path, checkpoint):
     """
     if not all_finite(checkpoint):
         raise NonFiniteCheckpoint(f"refusing to save {path}: it holds NaN or infinite values")
-    copy = plain_copy(checkpoint)
-    safe_files.atomic_write(path, lambda file: torch.save(copy, file))
+    buffer = io.BytesIO()  # written to memory first: a failure to write is then an OSError, and no half file
+    torch.save(plain_copy(checkpoint), buffer)
+    safe_files.atomic_write(path, lambda file: file.write(buffer.getbuffer()))
 
 
 def training_state(model, optimizer, epoch, config, metrics, order_generator):

@@ -120,23 +120,28 @@ def save_error_grid(path, model, split, class_names, columns=8, scale=2):
     return len(captions)
 
 
+def loss_text(loss):
+    """A mean loss for the table: 4 decimals, or "not finite" where the logits overflowed (JSON: null)."""
+    return "not finite" if loss is None else f"{loss:.4f}"
+
+
 def print_results(results, args, saved_errors):
     if len(results) == 1:
         result = results[0]
         print(f"{result['checkpoint']} (epoch {result['epoch']}, {result['dataset']} test set): "
               f"accuracy {result['correct']}/{result['total']} = {result['accuracy']:.2f}%, "
-              f"mean loss {result['loss']:.4f}")
+              f"mean loss {loss_text(result['loss'])}")
         if "validation" in result:
             val = result["validation"]
             print(f"validation ({val['total']} held-out training images): "
-                  f"accuracy {val['correct']}/{val['total']} = {val['accuracy']:.2f}%, mean loss {val['loss']:.4f}")
+                  f"accuracy {val['correct']}/{val['total']} = {val['accuracy']:.2f}%, mean loss {loss_text(val['loss'])}")
     else:
         best, best_by = best_index(results)
         width = max(len("checkpoint"), *(len(result["checkpoint"]) for result in results))
         print(f"{'checkpoint':<{width}}  epoch  accuracy      correct    loss")
         for number, result in enumerate(results):
             mark = f"  <- best {best_by}" if number == best else ""
-            loss = "nan" if result["loss"] is None else f"{result['loss']:.4f}"
+            loss = loss_text(result["loss"])
             print(f"{result['checkpoint']:<{width}}  {result['epoch']:>5}  {result['accuracy']:>7.2f}%  "
                   f"{result['correct']:>5}/{result['total']:<5}  {loss}{mark}")
     for result in results:

@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import sys
 
 import safe_files
@@ -23,34 +24,51 @@ METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "test_loss"
 
 
 class FolderLock:
-    """Keep a second train.py out of the folder while this one writes there (an flock, freed at exit)."""
+    """Keep a second train.py out of the folder while this one writes there (an flock, freed at exit).
+
+    The lock file is opened without following a symlink and must be a regular file: a link planted
+    there must not make train.py empty and overwrite the file it points to.
+    """
 
     def __init__(self, folder):
         self.path = os.path.join(folder, ".train.lock")
-        self.file = None
+        self.fd = None
 
     def __enter__(self):
+        created = not os.path.lexists(self.path)
         try:
-            self.file = open(self.path, "a+")
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
-            self.file.close()
-            raise UsageError(f"another train.py (process {holder}) is writing to "
-                             f"{os.path.dirname(self.path) or '.'}; wait for it or choose another --checkpoint-dir")
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
         except OSError as error:
+            kind = "a symlink" if os.path.islink(self.path) else error.strerror
+            raise UsageError(f"cannot lock {self.path} ({kind}); remove it, or choose another --checkpoint-dir") from None
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise UsageError(f"cannot lock {self.path}: it is not a regular file; remove it, "
+                                 "or choose another --checkpoint-dir")
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise UsageError(f"another train.py (process {holder}) is writing to "
+                                 f"{os.path.dirname(self.path) or '.'}; wait for it or choose another --checkpoint-dir")
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as error:  # a full disk, say: leave no lock file behind that this run made
+            self._release(created)
             raise UsageError(f"cannot lock {self.path} ({error.strerror})") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
+        except UsageError:
+            self._release(created and not os.path.exists(self.path))
+            raise
         return self
 
+    def _release(self, remove):
+        if remove:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+        os.close(self.fd)
+
     def __exit__(self, *exc):
-        with contextlib.suppress(OSError):
-            os.remove(self.path)
-        self.file.close()
+        self._release(True)
 
 
 def writable_folder(path):

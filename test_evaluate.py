@@ -90,6 +90,19 @@ def test_evaluate_json_never_prints_nan_and_picks_the_best_by_validation(tmp_pat
         real_evaluate(*args, **kwargs), loss=float("inf")))  # huge logits: cross-entropy overflows
     code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", "--data-dir", tmp_path / "data", "--json"], capsys)
     assert code == 0 and json.loads(out)["loss"] is None
+    for files in ([folder / "noteLearning_1.pth"], [folder / "noteLearning_1.pth", folder / "noteLearning_2.pth"]):
+        code, out, err = run_main(evaluate, [*files, "--data-dir", tmp_path / "data"], capsys)  # the text report too
+        assert code == 0 and "not finite" in out and err == ""
+
+
+def test_a_checkpoint_with_finite_weights_whose_loss_overflows_is_reported(tmp_path, capsys):
+    """Weights finite but so large that cross-entropy overflows: the report says so, no TypeError."""
+    model = mnist_mlp.NoteModel()
+    with torch.no_grad():
+        model.fc3.weight.mul_(1e37)
+    torch.save(model.state_dict(), tmp_path / "huge.pth")
+    code, out, err = run_main(evaluate, [tmp_path / "huge.pth"], capsys)
+    assert code == 0 and "mean loss not finite" in out and "Traceback" not in err
 
 
 def test_evaluation_runs_in_eval_mode_and_gives_the_mode_back(mnist):

@@ -450,3 +450,42 @@ def test_output_into_a_closed_pipe_neither_crashes_nor_loses_checkpoints(tmp_pat
 ])
 def test_out_of_range_flags_are_one_line_errors(argv, words, capsys):
     assert_usage_error(*run_main(train, argv, capsys)[::2], *words)
+
+
+def test_the_lock_file_is_never_followed_through_a_symlink_nor_waited_on(tmp_path, capsys):
+    """A .train.lock planted as a symlink must not get the target emptied and overwritten; a FIFO
+    must not make train.py wait forever; an error leaves no lock file that this run made."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    (folder / ".train.lock").symlink_to(precious)
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)
+    assert_usage_error(code, err, ".train.lock", "symlink")
+    assert precious.read_text() == "keep me\n" and os.listdir(folder) == [".train.lock"]
+    (folder / ".train.lock").unlink()
+    os.mkfifo(folder / ".train.lock")
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)
+    assert_usage_error(code, err, ".train.lock", "not a regular file")
+
+
+def test_a_disk_that_fills_while_a_checkpoint_is_written_leaves_no_file_and_says_how_to_resume(
+        tmp_path, monkeypatch, capsys):
+    import safe_files
+    real_write = safe_files.atomic_write
+
+    def full_disk(path, write):
+        if path.endswith("noteLearning_2.pth"):
+            def write_some(file):
+                file.write(b"PK")  # a few bytes reach the disk, then it is full
+                raise OSError(28, "No space left on device")
+            return real_write(path, write_some)
+        return real_write(path, write)
+
+    monkeypatch.setattr(safe_files, "atomic_write", full_disk)
+    folder = tmp_path / "out"
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", folder), capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and "Traceback" not in err and "No space left on device" in lines[0]
+    assert lines[-1].startswith("resume with: python ") and lines[-1].endswith("noteLearning_1.pth")
+    assert sorted(os.listdir(folder)) == ["metrics.csv", "noteLearning_1.pth"]  # no temp file, no lock
