@@ -70,6 +70,26 @@ def training_state(model, optimizer, epoch, config, metrics, order_generator):
             "torch_version": str(torch.__version__)}
 
 
+def check_unpacked_size(path):
+    """Refuse, before loading, a checkpoint whose zip entries would unpack to far more than the file.
+
+    torch.save stores its entries uncompressed, so a real checkpoint unpacks to about its own size;
+    a small file that inflates to gigabytes is a zip bomb, read from the zip's directory alone.
+    """
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy format is read by torch.load, which checks it
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(entry.file_size for entry in archive.infolist())
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return  # torch.load says what is wrong with it
+    if unpacked > 2 * os.path.getsize(path) + (16 << 20):
+        raise UsageError(f"{path} would unpack to {unpacked:,} bytes from {os.path.getsize(path):,}: "
+                         "not a checkpoint torch.save wrote; refused")
+
+
 def pickle_globals(path):
     """The module.name of every class or function that unpickling the file would import.
 
@@ -126,6 +146,7 @@ def load_checkpoint(path, map_location="cpu", trust_pickle=False):
         raise UsageError(f"{path} is not a regular file (a pipe or a device?)")
     if not os.access(path, os.R_OK):
         raise UsageError(f"{path}: permission denied")
+    check_unpacked_size(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
@@ -269,6 +290,7 @@ def restore_training_state(path, resumed, config, optimizer, order_generator):
     check_resume_config(path, resumed["config"], config)
     if "optimizer" not in resumed:
         return 0  # weights only: a fresh optimizer, epoch numbers from 1
+    check_optimizer_state(path, resumed["optimizer"], optimizer, config)
     try:
         optimizer.load_state_dict(resumed["optimizer"])
     except Exception as error:  # a malformed entry: torch raises several kinds
@@ -286,3 +308,55 @@ def restore_training_state(path, resumed, config, optimizer, order_generator):
         except Exception as error:
             raise UsageError(f"{path}: its rng entry is malformed ({reason(error)})") from None
     return resumed["epoch"]
+
+
+# Each optimizer's state per parameter: its tensors (of the parameter's shape) and its step count.
+STATE_TENSORS = {"adam": ("exp_avg", "exp_avg_sq"), "adam-no-bias-correction": ("exp_avg", "exp_avg_sq"),
+                 "sgd": ("momentum_buffer",)}
+
+
+def check_optimizer_state(path, saved, optimizer, config):
+    """Refuse an optimizer state that does not fit this run whole, before torch builds anything from it:
+    its structure, each state tensor's dtype, layout, device and shape against its parameter, the step
+    counts, and every hyperparameter of its param_groups against the run's flags."""
+    def refuse(what):
+        raise UsageError(f"{path}: its optimizer state {what}; resume from another checkpoint")
+
+    parameters = optimizer.param_groups[0]["params"]
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+            and isinstance(saved.get("param_groups"), list) and len(saved["param_groups"]) == 1
+            and isinstance(saved["param_groups"][0], dict)):
+        refuse("is not one param group and a state dict, as the optimizer saves them")
+    group = saved["param_groups"][0]
+    if group.get("params") != list(range(len(parameters))):
+        refuse(f"names parameters {str(group.get('params'))[:60]}, not the model's {len(parameters)}")
+    for key in ("lr", "momentum", "betas", "eps", "weight_decay"):
+        if key in config and key in group:
+            value = list(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
+            if value != config[key]:
+                where = f"({FLAGS[key]})" if key in FLAGS else "(train.py always uses the default)"
+                refuse(f"says {key} {group[key]!r}, but this run's is {config[key]!r} {where}")
+    name = config.get("optimizer", "adam")
+    steps = set()
+    for index, state in saved["state"].items():
+        if not (isinstance(index, int) and 0 <= index < len(parameters)) or not isinstance(state, dict):
+            refuse(f"has an entry {str(index)[:20]} that is no parameter of the model")
+        expected = set(STATE_TENSORS[name]) | ({"step"} if name != "sgd" else set())
+        if set(state) != expected:
+            refuse(f"for parameter {index} holds {sorted(map(str, state))}, not {sorted(expected)}")
+        for key in STATE_TENSORS[name]:
+            tensor, parameter = state[key], parameters[index]
+            if tensor is None and name == "sgd":
+                continue
+            if not (isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
+                    and tensor.layout == torch.strided and tensor.shape == parameter.shape):
+                refuse(f"{key} of parameter {index} is not a float32 tensor of shape {list(parameter.shape)}")
+        if "step" in state:
+            step = state["step"]
+            value = float(step) if isinstance(step, (int, float)) or (
+                isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point()) else -1.0
+            if not (0 <= value <= 1e9 and value == int(value)):
+                refuse(f"step count of parameter {index} is {str(step)[:30]}, not a whole number")
+            steps.add(value)
+    if len(steps) > 1:
+        refuse(f"has different step counts per parameter ({sorted(steps)[:3]}): not one that train.py saved")

@@ -170,3 +170,40 @@ def test_malformed_optimizer_or_rng_entries_are_one_line_errors_on_resume(entry,
     code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next",
                                             "--resume", tmp_path / "odd.pth"), capsys)
     assert_usage_error(code, err, entry)
+
+
+@pytest.mark.parametrize("optimizer, change, words", [
+    ("adam", lambda o: o["param_groups"][0].update(lr=1e6), ["lr 1000000.0", "--lr"]),
+    ("adam", lambda o: o["param_groups"][0].update(betas=(0.5, 0.5)), ["betas (0.5, 0.5)", "the default"]),
+    ("adam", lambda o: o["state"][0].update(exp_avg=torch.zeros(1)), ["exp_avg of parameter 0", "[128, 784]"]),
+    ("adam", lambda o: o["state"][2].update(exp_avg_sq=torch.zeros(64, 128, dtype=torch.float64)), ["exp_avg_sq"]),
+    ("adam", lambda o: o["state"][1].update(step=torch.tensor(3.5)), ["step count"]),
+    ("adam", lambda o: o["state"][1].update(step=torch.tensor(12.0)), ["different step counts"]),
+    ("adam", lambda o: o["state"].update({9: {}}), ["no parameter"]),
+    ("adam", lambda o: o["state"][0].update(extra=[[[[1]]]]), ["holds"]),
+    ("adam", lambda o: o["param_groups"].append(dict(o["param_groups"][0])), ["one param group"]),
+    ("sgd", lambda o: o["state"][0].update(momentum_buffer=torch.zeros(3)), ["momentum_buffer of parameter 0"]),
+    ("sgd", lambda o: o["param_groups"][0].update(momentum=0.5), ["momentum", "--momentum"]),
+])
+def test_an_optimizer_state_that_does_not_fit_the_run_is_refused_whole(optimizer, change, words, tmp_path, capsys):
+    """Before this, such states were trained with (a saved lr of 1e6 overrode --lr), broadcast over the
+    weights (Adam's m of the wrong shape) or crashed the process (SGD's momentum buffer: SIGSEGV)."""
+    flags = ["--optimizer", optimizer] + (["--lr", "0.01"] if optimizer == "sgd" else [])
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder, *flags), capsys)[0] == 0
+    checkpoint = torch.load(folder / "noteLearning_1.pth", weights_only=True)
+    change(checkpoint["optimizer"])
+    torch.save(checkpoint, tmp_path / "odd.pth")
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next", *flags,
+                                            "--resume", tmp_path / "odd.pth"), capsys)
+    assert_usage_error(code, err, "optimizer state", *words)
+    assert not (tmp_path / "next" / "noteLearning_2.pth").exists()
+
+
+def test_a_small_file_that_unpacks_to_far_more_is_refused_before_loading(tmp_path, capsys):
+    import zipfile
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\0" * (64 << 20))  # 64 MiB of zeros in about 64 KB
+    assert os.path.getsize(bomb) < 1 << 20
+    assert_usage_error(*run_main(evaluate, [bomb], capsys)[::2], "would unpack to 67,108,864 bytes", "refused")
