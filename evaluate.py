@@ -166,7 +166,7 @@ def main(argv=None):
         args = parse_args(argv)
         results, save_failure = evaluate_checkpoints(args)
         if args.json:
-            print(json.dumps(results[0] if len(results) == 1 else results, indent=2, allow_nan=False))
+            print(json.dumps(results[0] if len(results) == 1 else results, indent=2, allow_nan=False, ensure_ascii=False))
         else:
             print_results(results, args, saved_errors=args.save_errors and save_failure is None)
         if save_failure is not None:

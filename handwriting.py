@@ -49,6 +49,8 @@ def digit_pixels(image):
     image = ImageOps.exif_transpose(image)  # phone photos store their rotation apart
     gray = _grayscale(image)
     if gray.shape == (28, 28) and _border(gray).median() < 0.25:  # already MNIST-style
+        if float(gray.max()) < 0.3:
+            raise ValueError("no ink found: a blank image?")
         return (gray * 255).round().to(torch.uint8) if image.mode != "L" else \
             torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(28, 28)
     if max(gray.shape) > 600:  # a photo: work at a size where a stroke is still several pixels wide
@@ -70,9 +72,14 @@ def digit_pixels(image):
 
 def _grayscale(image):
     """The image as a float tensor (H, W) in [0, 1]; transparent pixels become white paper."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit and float images
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit, 32-bit and float images
         values = _from_pil(image.convert("F"))
-        return (values / (65535.0 if float(values.max()) > 255 else 255.0)).clamp(0, 1)
+        if not bool(values.isfinite().all()):
+            raise ValueError("the image holds NaN or infinite pixel values")
+        # scaled by their range: floats in [0, 1] as they are, bytes' range by 255, 16 bits' by 65535
+        top = float(values.max())
+        scale = 1.0 if image.mode == "F" and top <= 1.0 else 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+        return (values / scale).clamp(0, 1)
     if "A" in image.mode or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)

@@ -84,6 +84,9 @@ def predict(model, classes, paths):
             pixels = handwriting.digit_pixels(image)
         except ValueError as error:
             result["error"] = str(error)
+        except Exception as error:  # a decoder's own failure on one file: that file's error line, not the run's
+            result["error"] = f"cannot read it ({commands.reason(error)})"
+        if "error" in result:
             results.append(result)
             continue
         top = handwriting.class_probabilities(model, pixels).topk(3)
@@ -135,7 +138,7 @@ def report(results, as_json):
     if as_json:
         public = [{key: value for key, value in result.items() if not key.startswith("_")} for result in results]
         print(json.dumps({"predictions": public, "accuracy": accuracy, "correct": correct,
-                          "labelled": len(labelled)}, indent=2))
+                          "labelled": len(labelled)}, indent=2, allow_nan=False, ensure_ascii=False))
         return
     for result in results:
         if "error" in result:

@@ -124,3 +124,33 @@ def test_the_bundled_sample_digits_are_read(trained, capsys):
     report = json.loads(out)
     assert code == 0 and err == "" and report["labelled"] == 8
     assert report["correct"] >= 6  # one epoch's model; the 20-epoch one read all eight
+
+
+def test_every_failure_of_one_image_is_that_images_error_line(trained, mnist, tmp_path, capsys):
+    """Whatever a decoder raises on one file, the other images are still read and reported; a blank
+    28x28 has no ink either; float images are scaled by their range; names stay readable in JSON."""
+    import predict
+    from PIL import Image
+    _, test_split = mnist
+    digit = test_split.pixels[0].view(28, 28)  # a 7, light on black: MNIST's own form
+    Image.frombytes("L", (28, 28), bytes(digit.flatten().tolist())).save(tmp_path / "7_我的.png")
+    Image.new("L", (28, 28), 0).save(tmp_path / "black28.png")
+    (digit.float() / 255).numpy().tofile(tmp_path / "raw.bin")  # the same 7 as floats in [0, 1]
+    Image.frombytes("F", (28, 28), (tmp_path / "raw.bin").read_bytes()).save(tmp_path / "7_float.tif")
+    nan_rows = torch.full((28, 28), float("nan"))
+    Image.frombytes("F", (28, 28), nan_rows.numpy().tobytes()).save(tmp_path / "nan.tif")
+    png = bytearray((tmp_path / "7_我的.png").read_bytes())
+    start = png.index(b"IDAT") + 8
+    png[start:start + 20] = bytes(20)  # a corrupt chunk: PIL knows the format, its decoder fails
+    (tmp_path / "corrupt.png").write_bytes(bytes(png))
+    files = ["7_我的.png", "black28.png", "7_float.tif", "nan.tif", "corrupt.png"]
+    code, out, err = run_main(predict, [trained[0] / "noteLearning_1.pth", *[tmp_path / name for name in files],
+                                        "--json"], capsys)
+    report = json.loads(out)
+    assert code == 2 and "Traceback" not in err and "我的" in out  # UTF-8, not \u6211
+    by_name = {os.path.basename(result["image"]): result for result in report["predictions"]}
+    assert by_name["7_我的.png"]["prediction"] == "7" and by_name["7_float.tif"]["prediction"] == "7"
+    assert by_name["7_float.tif"]["probability"] == by_name["7_我的.png"]["probability"]
+    assert "no ink" in by_name["black28.png"]["error"] and "NaN" in by_name["nan.tif"]["error"]
+    assert "cannot read it" in by_name["corrupt.png"]["error"]
+    assert len(err.strip().splitlines()) == 3 and ": NaN" not in out and "NaN," not in out
