@@ -16,10 +16,15 @@ the first of those epochs is also timed and reported on its own.
 A benchmark, not a test: nothing here asserts anything.
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -138,6 +143,11 @@ PIPELINES = ["classic", "ours", "fused", "autograd", "floor", "graph"]  # graph:
 
 
 def main(argv=None):
+    return commands.run_main(run, argv)
+
+
+def run(argv):
+    """bench.py's work: the flags checked, then the timings; its errors and Ctrl-C as every script's."""
     parser = commands.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--steps", type=commands.bounded_int(1, 100 * STEPS_PER_EPOCH), default=STEPS_PER_EPOCH,
@@ -153,17 +163,13 @@ def main(argv=None):
     parser.add_argument("--tutorial-epochs", type=commands.bounded_int(1, 1000), metavar="N",
                         help="instead, run tutorial.py's whole program for N epochs "
                              "(time it with /usr/bin/time to compare with train.py)")
-    try:
-        args = parser.parse_args(argv)
-        device = commands.resolve_device(args.device)
-        data_files.load(args.data_dir, download=False)  # decompress and check before timing
-        if args.pipelines is None:
-            args.pipelines = [name for name in PIPELINES if name != "graph" or device.type == "cuda"]
-        if "graph" in args.pipelines and device.type != "cuda":
-            raise commands.UsageError("the graph pipeline needs --device cuda")
-    except commands.UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    device = commands.resolve_device(args.device)
+    data_files.load(args.data_dir, download=False)  # decompress and check before timing
+    if args.pipelines is None:
+        args.pipelines = [name for name in PIPELINES if name != "graph" or device.type == "cuda"]
+    if "graph" in args.pipelines and device.type != "cuda":
+        raise commands.UsageError("the graph pipeline needs --device cuda")
     if args.tutorial_epochs:
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             started = time.perf_counter()
@@ -240,4 +246,4 @@ def print_report(args, report, timings):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    commands.script(main)

@@ -156,8 +156,9 @@ def load_checkpoint(path, map_location="cpu", trust_pickle=False):
             raise UsageError(f"{path} is not a readable checkpoint ({reason(error)})") from None
         if not trust_pickle:
             if any(name.startswith(("__main__.", "torch.nn.")) for name in unsafe):
-                raise UsageError(f"{path} is a pickled model (torch.save(model, ...)); loading it runs code "
-                                 "from the file: pass --trust-pickle if you trust where it came from") from None
+                raise UsageError(f"{path} is a pickled model (torch.save(model, ...)); loading it would run "
+                                 f"{', '.join(unsafe[:3])} from the file: pass --trust-pickle if you trust where "
+                                 "it came from") from None
             raise UsageError(f"{path} is refused: loading it would run {unsafe[0]} (unsafe pickle); "
                              "pass --trust-pickle only if you trust where it came from") from None
         print(f"warning: --trust-pickle: loading {path} runs code from the file", file=sys.stderr)

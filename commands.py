@@ -16,11 +16,13 @@ class UsageError(Exception):
 
 
 def reason(error, limit=300):
-    """An exception as one short line for an `error:` message."""
+    """An exception as one short line for an `error:` message, cut at a word if it is long."""
     text = " ".join(str(error).split()) or "no details"
     if "WeightsUnpickler error:" in text:  # torch.load's long advice; keep the part that says why
         text = text.split("WeightsUnpickler error:", 1)[1].strip()
-    return f"{type(error).__name__}: {text[:limit]}"
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return f"{type(error).__name__}: {text}"
 
 
 # ----------------------------------------------------------------------------- flags
@@ -159,4 +161,6 @@ def script(main):
     """Run a script's main() as the program: Ctrl-C raises KeyboardInterrupt again now that torch has
     loaded (each script's first lines make a Ctrl-C during the imports a quiet exit 130)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.exit(main())
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl-C must not turn the exit into a traceback
+    sys.exit(code)

@@ -248,6 +248,7 @@ class Progress:
         self.argv = argv
         self.last_checkpoint = last_checkpoint
         self.epoch = None
+        self.reported = False
 
     def resume_command(self):
         rest, args_iter = [], iter(self.argv)
@@ -262,8 +263,11 @@ class Progress:
         return shlex.join(["python", script, *rest, "--resume", self.last_checkpoint])
 
     def report_stop(self, what, where=True):
-        """On stderr: why the run stopped (with where=False, `what` alone, as an error line), then the
-        newest checkpoint and the command that resumes from it."""
+        """On stderr, once: why the run stopped (with where=False, `what` alone, as an error line), then
+        the newest checkpoint and the command that resumes from it."""
+        if self.reported:  # a second Ctrl-C a few milliseconds after the first
+            return
+        self.reported = True
         if where:
             during = f" during epoch {self.epoch}; nothing of that epoch was saved" if self.epoch else ""
             print(f"\n{what}{during}.", file=sys.stderr)

@@ -22,7 +22,9 @@ def atomic_write(path, write):
     The file gets the permissions a plain open() would give it (0666 less the umask).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    # The temp name is short whatever the final one is: a name that fits the filesystem must not be
+    # refused because the hidden one beside it is longer.
+    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)[:40]}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as file:

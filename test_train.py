@@ -489,3 +489,36 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_leaves_no_file_and_says
     assert code == 1 and "Traceback" not in err and "No space left on device" in lines[0]
     assert lines[-1].startswith("resume with: python ") and lines[-1].endswith("noteLearning_1.pth")
     assert sorted(os.listdir(folder)) == ["metrics.csv", "noteLearning_1.pth"]  # no temp file, no lock
+
+
+def test_a_divergence_right_after_a_resume_points_at_the_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)[0] == 0
+    checkpoint = torch.load(folder / "noteLearning_1.pth", weights_only=True)
+    checkpoint["model"]["fc3.weight"].mul_(1e36)  # finite, but the first logits overflow
+    torch.save(checkpoint, tmp_path / "bad.pth")
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next",
+                                            "--resume", tmp_path / "bad.pth"), capsys)
+    assert_usage_error(code, err, "non-finite", "resume from before", "bad.pth")
+    assert "smaller --lr" not in err
+
+
+def test_two_ctrl_cs_a_few_milliseconds_apart_report_the_stop_once(tmp_path):
+    argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
+    process = start_training(tmp_path, argv, "ck/noteLearning_2.pth")
+    try:
+        process.send_signal(subprocess.signal.SIGINT)
+        time.sleep(0.005)
+        process.send_signal(subprocess.signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in err
+    assert err.count("resume with:") == 1 and err.count("interrupted") == 1
+
+
+def test_an_output_name_as_long_as_the_filesystem_allows_is_written(tmp_path):
+    import safe_files
+    path = tmp_path / ("x" * 251 + ".png")  # 255 bytes: the longest name most filesystems take
+    safe_files.atomic_write(str(path), lambda file: file.write(b"ok"))
+    assert path.read_bytes() == b"ok" and os.listdir(tmp_path) == [path.name]

@@ -1,9 +1,7 @@
 """Train the tutorial's MNIST MLP: python train.py --epochs 20 --device cuda
 
-Writes noteLearning_{epoch}.pth after every epoch and each epoch's figures to metrics.csv. The pieces
-are mnist_mlp's lesson; fast_step makes each step fast only where it is proven equal to the
-textbook step; checkpoints and run_folder keep the files safe.
-"""
+Writes noteLearning_{epoch}.pth and a metrics.csv row after every epoch. The pieces are mnist_mlp's lesson;
+fast_step makes a step fast where it is proven equal; checkpoints and run_folder keep the files safe."""
 
 import signal
 import sys
@@ -91,9 +89,8 @@ class Run:
                                                   fused=args.fused)
         self.config = {"hidden": list(args.hidden), **fast_step.optimizer_config(self.optimizer),
                        "batch_size": args.batch_size, "seed": args.seed, "dataset": args.dataset,
-                       "val_size": args.val_size, "fused": args.fused}
-        if device.type == "cpu":
-            self.config["threads"] = torch.get_num_threads()  # the matmuls round differently on other thread counts
+                       "val_size": args.val_size, "fused": args.fused,  # threads: the matmuls' rounding
+                       **({"threads": torch.get_num_threads()} if device.type == "cpu" else {})}
         self.start_epoch = 0
         if resumed is not None:
             self.start_epoch = checkpoints.restore_training_state(args.resume, resumed, self.config, self.optimizer,
@@ -127,8 +124,13 @@ class Run:
             return mnist_mlp.train_epoch(self.step, self.train_split, order.split(self.args.batch_size),
                                          self.args.log_interval, log, stop)
         except mnist_mlp.NonFiniteLoss as error:
-            raise UsageError(f"{error} of epoch {epoch} (--lr {self.args.lr} with {self.args.optimizer}); "
-                             "nothing of it was saved; try a smaller --lr") from None
+            raise self.diverged(f"{error} of epoch {epoch}", epoch) from None
+
+    def diverged(self, what, epoch):
+        """The error for a run gone non-finite; right after a resume, the checkpoint is the likelier cause."""
+        first = self.args.resume and epoch == self.start_epoch + 1
+        return UsageError(f"{what} (--lr {self.args.lr} with {self.args.optimizer}); nothing of it was saved; "
+                          + (f"resume from before {self.args.resume}" if first else "try a smaller --lr"))
 
     def evaluate(self, train_loss, seconds):
         """The epoch's figures: training loss, test (and validation) loss and accuracy, speed."""
@@ -149,8 +151,7 @@ class Run:
             checkpoints.save_checkpoint(path, checkpoints.training_state(
                 self.model, self.optimizer, epoch, self.config, metrics, self.order_generator))
         except checkpoints.NonFiniteCheckpoint:  # the weights, Adam's state or a loss: the last update diverged
-            raise UsageError(f"the weights became non-finite in epoch {epoch} (--lr {args.lr} with "
-                             f"{args.optimizer}); nothing of it was saved; try a smaller --lr") from None
+            raise self.diverged(f"the weights became non-finite in epoch {epoch}", epoch) from None
         except OSError as error:
             raise run_folder.WriteFailed(f"cannot write {path} ({error.strerror or error})") from None
         self.progress.last_checkpoint = path
@@ -189,8 +190,7 @@ def train(args, progress):
     """Train as the flags say, leaving torch's threads and random generators as they were."""
     device = commands.resolve_device(args.device)
     threads_before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads if device.type == "cpu" else threads_before)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             run = Run(args, device, progress)
