@@ -36,6 +36,14 @@ def load(data_dir, dataset="mnist", download=True):
         raise UsageError(str(error) if isinstance(error, ValueError) else reason(error)) from None
 
 
+def split_validation(train, val_size, seed):
+    """mnist_mlp.split_validation, a --val-size that does not fit as a one-line UsageError."""
+    try:
+        return mnist_mlp.split_validation(train, val_size, seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def prepare_raw_file(folder, name):
     """True once folder/name is a valid IDX file, gunzipping folder/name.gz if needed; False if absent.
 
@@ -111,7 +119,8 @@ def download_raw_files(data_dir, dataset):
 
     folder = raw_folder(data_dir, dataset)
     try:
-        getattr(datasets, mnist_mlp.DATASETS[dataset][0])(data_dir, train=True, download=True)
+        with safe_files.folders_removed_if_left_empty(folder):  # a failed download leaves no empty folders
+            getattr(datasets, mnist_mlp.DATASETS[dataset][0])(data_dir, train=True, download=True)
     except Exception as error:  # torchvision raises many kinds: offline, corrupt, permissions
         raise UsageError(f"{missing_data_message(folder, dataset)} (download failed: {reason(error)})") from None
     missing = [name for name in mnist_mlp.RAW_FILES if not prepare_raw_file(folder, name)]

@@ -44,3 +44,19 @@ def is_regular_file(path):
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def folders_removed_if_left_empty(path):
+    """Around work that may create the folder `path` and its parents: those it created are removed
+    again if they are left empty, so a run that failed before writing anything leaves no trace."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        yield
+    finally:
+        for folder in missing:  # the deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)

@@ -30,7 +30,7 @@ def test_missing_data_names_the_files_and_the_flag(tmp_path, monkeypatch, capsys
                                     "--device", "cpu"], capsys)
     assert_usage_error(code, err, "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "--data-dir",
                        str(tmp_path / "nothing" / "MNIST" / "raw"))
-    assert not (tmp_path / "out" / "noteLearning_1.pth").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "nothing").exists()  # no empty folders left
 
 
 def test_unreadable_data_folder(tmp_path, capsys):

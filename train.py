@@ -21,6 +21,7 @@ import data_files
 import fast_step
 import mnist_mlp
 import run_folder
+import safe_files
 from commands import UsageError
 from run_folder import say
 
@@ -103,10 +104,7 @@ class Run:
         """Read the data and claim the folder (after every check of the input: it may delete files)."""
         args = self.args
         train_split, test_split = data_files.load(args.data_dir, args.dataset)
-        try:
-            train_split, val_split = mnist_mlp.split_validation(train_split, args.val_size, args.seed)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        train_split, val_split = data_files.split_validation(train_split, args.val_size, args.seed)
         self.metrics_rows = run_folder.claim_folder(args.checkpoint_dir, self.start_epoch, args.resume, args.overwrite)
         self.train_split, self.test_split = train_split.to(self.device), test_split.to(self.device)
         self.val_split = val_split.to(self.device) if val_split is not None else None
@@ -192,7 +190,8 @@ def train(args, progress):
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads if device.type == "cpu" else threads_before)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with safe_files.folders_removed_if_left_empty(args.checkpoint_dir), \
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             run = Run(args, device, progress)
             with run_folder.FolderLock(args.checkpoint_dir):
                 run.open()
