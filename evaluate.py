@@ -8,6 +8,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quiet
 
 import json
 import math
+import re
 
 import checkpoints
 import commands
@@ -40,12 +41,11 @@ def parse_args(argv):
 def evaluate_checkpoints(args):
     """(one result dict per checkpoint, why --save-errors failed or None); data is read once per dataset."""
     device = commands.resolve_device(args.device)
-    loaded = [(path, checkpoints.load_checkpoint(path, map_location=device, trust_pickle=args.trust_pickle))
-              for path in args.checkpoints]
-    models = [checkpoints.model_from_checkpoint(path, checkpoint, device) for path, checkpoint in loaded]
     splits = {}  # dataset -> (train, test), each read once
     results = []
-    for (path, checkpoint), model in zip(loaded, models):
+    for path in sorted(args.checkpoints, key=natural_order):  # one checkpoint in memory at a time
+        checkpoint = checkpoints.load_checkpoint(path, map_location=device, trust_pickle=args.trust_pickle)
+        model = checkpoints.model_from_checkpoint(path, checkpoint, device)
         config = checkpoint["config"]
         dataset = config.get("dataset", "mnist")
         if dataset not in splits:
@@ -69,10 +69,15 @@ def evaluate_checkpoints(args):
         results.append(result)
     if args.save_errors:
         try:
-            save_error_grid(args.save_errors, models[0], splits[results[0]["dataset"]][1], results[0]["classes"])
+            save_error_grid(args.save_errors, model, splits[results[0]["dataset"]][1], results[0]["classes"])
         except OSError as error:  # the figures above are still printed
             return results, f"cannot write {args.save_errors} ({error.strerror or error})"
     return results, None
+
+
+def natural_order(path):
+    """Sort key: noteLearning_2.pth before noteLearning_10.pth (the shell's glob puts 10 first)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
 def summary(evaluation):
@@ -137,13 +142,14 @@ def print_results(results, args, saved_errors):
                   f"accuracy {val['correct']}/{val['total']} = {val['accuracy']:.2f}%, mean loss {loss_text(val['loss'])}")
     else:
         best, best_by = best_index(results)
+        by_validation = best_by == "validation accuracy"  # then the table shows what it ranks by
         width = max(len("checkpoint"), *(len(result["checkpoint"]) for result in results))
-        print(f"{'checkpoint':<{width}}  epoch  accuracy      correct    loss")
+        print(f"{'checkpoint':<{width}}  epoch  accuracy      correct    loss" + ("  val acc." if by_validation else ""))
         for number, result in enumerate(results):
             mark = f"  <- best {best_by}" if number == best else ""
-            loss = loss_text(result["loss"])
+            val = f"  {result['validation']['accuracy']:>8.2f}%" if by_validation else ""
             print(f"{result['checkpoint']:<{width}}  {result['epoch']:>5}  {result['accuracy']:>7.2f}%  "
-                  f"{result['correct']:>5}/{result['total']:<5}  {loss}{mark}")
+                  f"{result['correct']:>5}/{result['total']:<5}  {loss_text(result['loss']):>6}{val}{mark}")
     for result in results:
         label = f"{result['checkpoint']}: " if len(results) > 1 else ""
         names = result["classes"]

@@ -114,3 +114,17 @@ def test_evaluation_runs_in_eval_mode_and_gives_the_mode_back(mnist):
     assert mnist_mlp.evaluate(model, small).loss == first.loss  # no dropout drawn: the same figures twice
     mnist_mlp.misclassified(model, small)
     assert model.training
+
+
+def test_several_checkpoints_are_listed_in_epoch_order_with_what_the_best_is_chosen_by(tmp_path, capsys):
+    import shutil
+    folder = tmp_path / "out"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "2", "--val-size", "56", "--checkpoint-dir", folder), capsys)[0] == 0
+    shutil.copy(folder / "noteLearning_2.pth", folder / "noteLearning_10.pth")
+    shell_order = [folder / f"noteLearning_{epoch}.pth" for epoch in (1, 10, 2)]  # what noteLearning_*.pth gives
+    code, out, _ = run_main(evaluate, [*shell_order, "--data-dir", tmp_path / "data"], capsys)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[-2:] == ["val", "acc."]
+    assert [line.split()[0].rsplit("_", 1)[1] for line in lines[1:]] == ["1.pth", "2.pth", "10.pth"]
+    best = next(line for line in lines if "<- best validation accuracy" in line)
+    assert best.split()[-5].endswith("%")  # the validation accuracy it was chosen by is in the row
