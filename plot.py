@@ -18,7 +18,7 @@ import re
 import commands
 import run_folder
 from commands import UsageError
-from safe_files import atomic_write
+import safe_files
 
 PANELS = [("test_accuracy", "test accuracy (%)"), ("train_loss", "training loss (mean over the epoch)")]
 
@@ -34,6 +34,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if not args.output.lower().endswith(".png"):
         parser.error("--output must name a .png file")
+    if args.accuracy_from is not None and not 0 <= args.accuracy_from < 100:
+        parser.error(f"--accuracy-from must be a percentage from 0 up to 100, got {args.accuracy_from}")
     return args
 
 
@@ -71,8 +73,18 @@ def spread(group, column):
     """(epochs, mean, min, max) of one column over the runs of a group, at the epochs all of them have."""
     per_run = [dict(series[column]) for _, series in group]
     epochs = sorted(set.intersection(*(set(values) for values in per_run)))
+    if not epochs:
+        raise UsageError(f"the runs {', '.join(label for label, _ in group)} differ only in their seed but share no "
+                         "epoch: rename one to plot them apart")
     values = [[values[epoch] for values in per_run] for epoch in epochs]
     return epochs, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def shown(text):
+    """Text as matplotlib should print it: a $ is a dollar sign, not mathtext, and a leading _ does
+    not hide a line from the legend."""
+    text = text.replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
 
 
 def draw(groups, path, title=None, accuracy_from=None):
@@ -89,10 +101,10 @@ def draw(groups, path, title=None, accuracy_from=None):
             if len(group) == 1:
                 label, series = group[0]
                 epochs, values = zip(*series[column])
-                axis.plot(epochs, values, marker=".", color=color, label=label)
+                axis.plot(epochs, values, marker=".", color=color, label=shown(label))
             else:
                 epochs, mean, low, high = spread(group, column)
-                axis.plot(epochs, mean, marker=".", color=color, label=f"{setting} (mean of {len(group)}, min-max)")
+                axis.plot(epochs, mean, marker=".", color=color, label=shown(f"{setting} (mean of {len(group)}, min-max)"))
                 axis.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
         axis.set_xlabel("epoch")
         axis.set_ylabel(name)
@@ -103,8 +115,8 @@ def draw(groups, path, title=None, accuracy_from=None):
         axes[0].set_ylim(bottom=accuracy_from)
     axes[0].legend(fontsize=8, loc="lower right")
     if title:
-        figure.suptitle(title)
-    atomic_write(path, lambda file: figure.savefig(file, format="png"))
+        figure.suptitle(shown(title))
+    safe_files.atomic_write(path, lambda file: figure.savefig(file, format="png"))
 
 
 def main(argv=None):
@@ -118,10 +130,14 @@ def main(argv=None):
         folder = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(folder):
             raise UsageError(f"--output: no folder {folder}")
+        for setting, group in groups.items():  # runs of one setting that cannot be averaged: refused before drawing
+            if len(group) > 1:
+                spread(group, PANELS[0][0])
         try:
             draw(groups, args.output, args.title, args.accuracy_from)
-        except OSError as error:
-            raise UsageError(f"cannot write {args.output} ({error.strerror or error})") from None
+        except OSError as error:  # exit code 1, as for the other scripts' failed writes
+            print(f"error: cannot write {args.output} ({error.strerror or error})", file=sys.stderr)
+            return 1
         print(f"saved {args.output}: {sum(len(group) for group in groups.values())} runs in {len(groups)} settings")
         return 0
     return commands.run_main(body, argv)

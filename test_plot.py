@@ -47,3 +47,28 @@ def test_plot_bad_input_is_one_line_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     code, _, err = run_main(plot, [write_metrics_csv(tmp_path / "run", [90])], capsys)
     assert_usage_error(code, err, "pip install matplotlib")
+
+
+def test_plot_odd_runs_titles_and_failures(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import plot
+    import safe_files
+    apart = [write_metrics_csv(tmp_path / "a-1", [90, 91]), tmp_path / "a-2"]
+    (tmp_path / "a-2").mkdir()
+    (tmp_path / "a-2" / "metrics.csv").write_text(
+        "epoch,train_loss,val_loss,val_accuracy,test_loss,test_accuracy,seconds,samples_per_s,checkpoint\n"
+        "7,0.1,,,0.5,95,1.0,60000,noteLearning_7.pth\n")
+    assert_usage_error(*run_main(plot, [*apart, "-o", tmp_path / "x.png"], capsys)[::2], "share no epoch")
+    odd = [write_metrics_csv(tmp_path / "cost$5", [90, 92]), write_metrics_csv(tmp_path / "_x", [80, 85])]
+    code, out, err = run_main(plot, [*odd, "--title", "costs in $ and $$", "-o", tmp_path / "odd.png"], capsys)
+    assert code == 0 and err == "" and (tmp_path / "odd.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot.shown("_x") == " _x" and plot.shown("a$b") == "a\\$b"  # shown in the legend, not mathtext
+    assert_usage_error(*run_main(plot, [odd[0], "--accuracy-from", "nan"], capsys)[::2], "--accuracy-from")
+    (tmp_path / "model.pth").write_bytes(bytes(range(256)) * 4)  # a checkpoint given as a run
+    assert_usage_error(*run_main(plot, [tmp_path / "model.pth"], capsys)[::2], "cannot read", "model.pth")
+
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safe_files, "atomic_write", full_disk)
+    code, _, err = run_main(plot, [odd[0], "-o", tmp_path / "full.png"], capsys)
+    assert code == 1 and err.startswith("error: cannot write") and err.count("\n") == 1
