@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 a file could not be written, 2 bad input (one `error:` lin
 """
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -144,7 +145,8 @@ def run_main(body, argv):
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     try:
         code = body(argv)
-        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        if sys.stdout is not None:  # None when the program was started with stdout closed
+            sys.stdout.flush()  # a closed pipe or a full disk shows here, inside the handlers below
         return code
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -155,6 +157,12 @@ def run_main(body, argv):
     except BrokenPipeError:  # `script ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as error:  # stdout on a full disk (or /dev/full): say so, if stderr still can
+        if sys.stdout is not None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more
+        with contextlib.suppress(OSError, ValueError):
+            print(f"error: cannot write the output ({error.strerror or error})", file=sys.stderr, flush=True)
+        return 1
 
 
 def script(main):

@@ -233,11 +233,16 @@ class GracefulStop:
 
 
 def say(*args, **kwargs):
-    """print() to stdout that keeps training when stdout is gone (`train.py | head -1`)."""
+    """print() to stdout that keeps training when stdout is gone (`train.py | head -1`, a full disk,
+    /dev/full): the checkpoints are what matters. The first failure is reported on stderr, if it can be."""
     try:
         print(*args, **kwargs, flush=True)
-    except BrokenPipeError:
+    except OSError as error:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not isinstance(error, BrokenPipeError):  # a reader that left wanted no more: nothing to report
+            with contextlib.suppress(OSError, ValueError):
+                print(f"warning: cannot write to stdout ({error.strerror or error}); training goes on, "
+                      "the checkpoints are still written", file=sys.stderr, flush=True)
 
 
 class Progress:

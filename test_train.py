@@ -522,3 +522,25 @@ def test_an_output_name_as_long_as_the_filesystem_allows_is_written(tmp_path):
     path = tmp_path / ("x" * 251 + ".png")  # 255 bytes: the longest name most filesystems take
     safe_files.atomic_write(str(path), lambda file: file.write(b"ok"))
     assert path.read_bytes() == b"ok" and os.listdir(tmp_path) == [path.name]
+
+
+def test_a_full_or_closed_stdout_neither_stops_training_nor_makes_a_traceback(tmp_path):
+    """train.py keeps training and saving with stdout on a full device or closed; evaluate.py and
+    predict.py say in one line that they could not write (exit 1), or print nothing to a closed one."""
+    argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", "ck")]
+    script = os.path.join(HERE, "train.py")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, stdout=full, stderr=subprocess.PIPE,
+                                text=True)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("warning: cannot write to stdout") and result.stderr.count("\n") == 1
+    assert (tmp_path / "ck" / "noteLearning_2.pth").exists()
+    checkpoint = str(tmp_path / "ck" / "noteLearning_2.pth")
+    for name, extra in (("evaluate.py", ["--data-dir", "data"]), ("predict.py", [os.path.join(HERE, "data", "digits")])):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([sys.executable, os.path.join(HERE, name), checkpoint, *extra], cwd=tmp_path,
+                                    stdout=full, stderr=subprocess.PIPE, text=True)
+        assert result.returncode == 1 and result.stderr == "error: cannot write the output (No space left on device)\n"
+        result = subprocess.run([sys.executable, os.path.join(HERE, name), checkpoint, *extra], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+        assert result.returncode == 0 and result.stderr == ""
