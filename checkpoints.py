@@ -218,6 +218,8 @@ def checked_checkpoint(path, data):
     for key in ("val_size", "seed", "batch_size"):
         if key in config and (type(config[key]) is not int or config[key] < 0):
             raise UsageError(f"{path}: its config's {key} is {config[key]!r}, not a whole number of 0 or more")
+    if "run" in config and not (isinstance(config["run"], str) and len(config["run"]) <= 64 and config["run"].isalnum()):
+        raise UsageError(f"{path}: its config's run is {str(config['run'])[:40]!r}, not a run identity")
     if config.get("val_size") and "seed" not in config:
         raise UsageError(f"{path}: it held out {config['val_size']} validation images but records no seed")
     if "metrics" in checkpoint and not isinstance(checkpoint["metrics"], dict):

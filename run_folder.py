@@ -20,7 +20,7 @@ from safe_files import is_regular_file
 CHECKPOINT_NAME = "noteLearning_{epoch}.pth"
 METRICS_NAME = "metrics.csv"
 METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-                  "seconds", "samples_per_s", "checkpoint"]
+                  "seconds", "samples_per_s", "checkpoint", "run"]  # run: the run's identity (not in older files)
 
 
 class FolderLock:
@@ -90,30 +90,44 @@ def checkpoint_epochs(folder):
     return found
 
 
-def claim_folder(folder, start_epoch, resume_path=None, overwrite=False):
+def claim_folder(folder, start_epoch, resume_path, overwrite, run_id):
     """Make sure this run mixes with no other in `folder`: refuse, or (overwrite) clear.
 
-    A new run needs a folder without checkpoints or metrics.csv; a resumed one, a folder without
-    checkpoints after its epoch. Returns the metrics rows to keep (those up to start_epoch).
+    A new run needs a folder without checkpoints or metrics.csv. A resumed one needs a folder without
+    checkpoints after its epoch, and whose earlier checkpoints and metrics rows are its own: each run
+    has an identity, recorded in its checkpoints' config and in metrics.csv's `run` column.
+    Returns the metrics rows to keep (this run's, up to start_epoch).
     """
+    import checkpoints  # here, not above: plot.py reads metrics.csv without needing torch
+
     metrics_path = os.path.join(folder, METRICS_NAME)
     resume_path = os.path.abspath(resume_path) if resume_path else None
-    later = {epoch: path for epoch, path in checkpoint_epochs(folder).items()
-             if epoch > start_epoch and os.path.abspath(path) != resume_path}
-    conflicts = [os.path.basename(later[epoch]) for epoch in sorted(later)]
-    if start_epoch == 0 and os.path.lexists(metrics_path):
+    others = {}
+    for epoch, path in checkpoint_epochs(folder).items():
+        if os.path.abspath(path) == resume_path:
+            continue
+        if epoch > start_epoch:
+            others[epoch] = path
+        else:  # an earlier epoch here must be this very run's
+            with contextlib.suppress(UsageError):
+                if checkpoints.load_checkpoint(path)["config"].get("run") == run_id:
+                    continue
+            others[epoch] = path
+    rows = read_metrics(metrics_path) if start_epoch > 0 and os.path.lexists(metrics_path) else []
+    foreign = [row for row in rows if row.get("run") not in (None, "", run_id)]  # legacy rows have no run
+    conflicts = [os.path.basename(others[epoch]) for epoch in sorted(others)]
+    if (start_epoch == 0 and os.path.lexists(metrics_path)) or foreign:
         conflicts.append(METRICS_NAME)
     if conflicts and not overwrite:
         shown = ", ".join(conflicts[:3]) + (f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
         how = ("resume it with --resume, " if start_epoch == 0 else "") + "choose another --checkpoint-dir"
         raise UsageError(f"{folder} already holds another run ({shown}); {how}, or pass --overwrite to replace it")
-    resumed_here = start_epoch > 0 and os.path.lexists(metrics_path) and not overwrite
-    rows = read_metrics(metrics_path) if resumed_here else []
     try:
-        for path in later.values():
+        for path in others.values():
             os.remove(path)
-        if start_epoch == 0 and os.path.lexists(metrics_path):
+        if (start_epoch == 0 or foreign) and os.path.lexists(metrics_path):
             os.remove(metrics_path)
+            rows = []
     except OSError as error:
         raise UsageError(f"cannot replace the earlier run in {folder} ({error.strerror})") from None
     return [row for row in rows if int(row["epoch"]) <= start_epoch]
@@ -138,16 +152,16 @@ def read_metrics(path):
     """The rows of a metrics.csv that train.py wrote; refuses (never rewrites) anything else."""
     advice = "; it is left as it is: move it away, or pass --overwrite to replace it"
     columns, rows = read_csv(path, advice)
-    if columns is not None and columns != METRICS_FIELDS:
+    if columns is not None and columns not in (METRICS_FIELDS, METRICS_FIELDS[:-1]):
         raise UsageError(f"{path} has other columns than train.py writes ({','.join(columns)[:80]}){advice}")
     if any(not (row.get("epoch") or "").isdigit() or None in row for row in rows):
         raise UsageError(f"{path} has rows train.py cannot read{advice}")
     return rows
 
 
-def metrics_row(epoch, metrics, checkpoint_name):
+def metrics_row(epoch, metrics, checkpoint_name, run_id):
     """One metrics.csv row from a checkpoint's `metrics` entry."""
-    row = {"epoch": epoch, "checkpoint": checkpoint_name}
+    row = {"epoch": epoch, "checkpoint": checkpoint_name, "run": run_id or ""}
     for key, digits in (("train_loss", 4), ("val_loss", 4), ("val_accuracy", 2), ("test_loss", 4),
                         ("test_accuracy", 2), ("seconds", 2), ("samples_per_s", 0)):
         if isinstance(metrics.get(key), (int, float)):
@@ -164,11 +178,11 @@ def metrics_text(metrics):
             f"{metrics['samples_per_s']:.0f} samples/s")
 
 
-def add_metrics_row(folder, rows, epoch, metrics):
+def add_metrics_row(folder, rows, epoch, metrics, run_id):
     """Put the epoch's row (from its checkpoint's metrics) into `rows` and write metrics.csv;
     WriteFailed if it cannot be written (the checkpoint already is)."""
     name = CHECKPOINT_NAME.format(epoch=epoch)
-    rows[:] = [row for row in rows if int(row["epoch"]) < epoch] + [metrics_row(epoch, metrics, name)]
+    rows[:] = [row for row in rows if int(row["epoch"]) < epoch] + [metrics_row(epoch, metrics, name, run_id)]
     try:
         write_metrics(folder, rows)
     except OSError as error:
@@ -187,7 +201,8 @@ def write_metrics(folder, rows):
         if epoch not in by_epoch and epoch < newest:
             with contextlib.suppress(UsageError):
                 checkpoint = checkpoints.load_checkpoint(path)
-                by_epoch[epoch] = metrics_row(epoch, checkpoint.get("metrics", {}), os.path.basename(path))
+                by_epoch[epoch] = metrics_row(epoch, checkpoint.get("metrics", {}), os.path.basename(path),
+                                              checkpoint["config"].get("run"))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=METRICS_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -40,6 +40,8 @@ def test_tiny_idx_dataset_trains_and_checkpoints(tmp_path, capsys):
         checkpoint = torch.load(tmp_path / f"noteLearning_{epoch}.pth", weights_only=True, map_location="cpu")
         assert checkpoint["epoch"] == epoch
     assert checkpoint["metrics"]["test_accuracy"] == 100.0  # the bars are easy to tell apart
+    run_id = checkpoint["config"].pop("run")  # the run's identity: the same in every epoch's checkpoint
+    assert len(run_id) == 32 and run_id.isalnum()
     assert checkpoint["config"] == {"hidden": [128, 64], "optimizer": "adam", "lr": 0.001, "betas": [0.9, 0.999],
                                     "eps": 1e-08, "weight_decay": 0, "batch_size": 32, "seed": 1,
                                     "dataset": "mnist", "val_size": 0, "fused": False, "threads": 1}
@@ -544,3 +546,27 @@ def test_a_full_or_closed_stdout_neither_stops_training_nor_makes_a_traceback(tm
         result = subprocess.run([sys.executable, os.path.join(HERE, name), checkpoint, *extra], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
         assert result.returncode == 0 and result.stderr == ""
+
+
+
+def test_a_resume_into_a_folder_of_another_run_is_refused_unless_overwrite(tmp_path, capsys):
+    """--resume A/noteLearning_2.pth --checkpoint-dir B, where B holds another run's epochs 1-2: refused,
+    not mixed; with --overwrite, B holds the resumed run alone."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", a), capsys)[0] == 0
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", b, "--seed", "2"), capsys)[0] == 0
+    before = {name: (b / name).read_bytes() for name in os.listdir(b)}
+    resume = ["--epochs", "3", "--resume", a / "noteLearning_2.pth", "--checkpoint-dir", b]
+    code, _, err = run_main(train, tiny_run(tmp_path, *resume), capsys)
+    assert_usage_error(code, err, "already holds another run", "noteLearning_1.pth", "--overwrite")
+    assert {name: (b / name).read_bytes() for name in os.listdir(b)} == before
+    assert run_main(train, tiny_run(tmp_path, *resume, "--overwrite"), capsys)[0] == 0
+    runs = {torch.load(b / name, weights_only=True)["config"]["run"] for name in os.listdir(b) if name.endswith(".pth")}
+    assert sorted(os.listdir(b)) == ["metrics.csv", "noteLearning_3.pth"] and len(runs) == 1
+    rows = (b / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",run") and [row.split(",")[0] for row in rows[1:]] == ["3"]
+    assert rows[1].split(",")[-1] == torch.load(a / "noteLearning_2.pth", weights_only=True)["config"]["run"]
+    # resuming in its own folder keeps its own rows and checkpoints, as always
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--resume", a / "noteLearning_2.pth",
+                                    "--checkpoint-dir", a), capsys)[0] == 0
+    assert [row.split(",")[0] for row in (a / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]

@@ -11,6 +11,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quiet
 
 import os
 import time
+import uuid
 
 import torch
 from torch import nn
@@ -91,21 +92,21 @@ class Run:
         self.config = {"hidden": list(args.hidden), **fast_step.optimizer_config(self.optimizer),
                        "batch_size": args.batch_size, "seed": args.seed, "dataset": args.dataset,
                        "val_size": args.val_size, "fused": args.fused,  # threads: the matmuls' rounding
-                       **({"threads": torch.get_num_threads()} if device.type == "cpu" else {})}
-        self.start_epoch = 0
-        if resumed is not None:
-            self.start_epoch = checkpoints.restore_training_state(args.resume, resumed, self.config, self.optimizer,
-                                                                  self.order_generator)
-            if self.start_epoch >= args.epochs:
-                raise UsageError(f"{args.resume} is already at epoch {self.start_epoch}; "
-                                 f"pass --epochs larger than {self.start_epoch} to train more")
+                       **({"threads": torch.get_num_threads()} if device.type == "cpu" else {}),
+                       "run": (resumed or {}).get("config", {}).get("run") or uuid.uuid4().hex}  # the run's identity
+        self.start_epoch = 0 if resumed is None else checkpoints.restore_training_state(
+            args.resume, resumed, self.config, self.optimizer, self.order_generator)
+        if self.start_epoch >= args.epochs:
+            raise UsageError(f"{args.resume} is already at epoch {self.start_epoch}; "
+                             f"pass --epochs larger than {self.start_epoch} to train more")
 
     def open(self):
         """Read the data and claim the folder (after every check of the input: it may delete files)."""
         args = self.args
         train_split, test_split = data_files.load(args.data_dir, args.dataset)
         train_split, val_split = data_files.split_validation(train_split, args.val_size, args.seed)
-        self.metrics_rows = run_folder.claim_folder(args.checkpoint_dir, self.start_epoch, args.resume, args.overwrite)
+        self.metrics_rows = run_folder.claim_folder(args.checkpoint_dir, self.start_epoch, args.resume, args.overwrite,
+                                                    self.config["run"])
         self.train_split, self.test_split = train_split.to(self.device), test_split.to(self.device)
         self.val_split = val_split.to(self.device) if val_split is not None else None
         self.model.train()
@@ -153,7 +154,7 @@ class Run:
         except OSError as error:
             raise run_folder.WriteFailed(f"cannot write {path} ({error.strerror or error})") from None
         self.progress.last_checkpoint = path
-        run_folder.add_metrics_row(args.checkpoint_dir, self.metrics_rows, epoch, metrics)
+        run_folder.add_metrics_row(args.checkpoint_dir, self.metrics_rows, epoch, metrics, self.config["run"])
         return path
 
 
