@@ -30,6 +30,19 @@ def all_finite(tensors):
 
 
 MAX_HIDDEN = 1 << 16  # units in one hidden layer that a checkpoint may ask for
+
+
+def fitting_widths(hidden):
+    """The hidden widths, refused before anything is allocated if the model would not fit in memory:
+    its parameters, their gradients, Adam's m and v, and a checkpoint's two copies, 4 bytes each."""
+    sizes = [784, *hidden, 10]
+    parameters = sum(n_in * n_out + n_out for n_in, n_out in zip(sizes, sizes[1:]))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if parameters * 4 * 6 > memory:
+        raise UsageError(f"--hidden {' '.join(map(str, hidden))} makes {parameters:,} parameters, about "
+                         f"{parameters * 24 / 2**30:.0f} GiB to train, more than this machine's "
+                         f"{memory / 2**30:.0f} GiB; choose smaller widths")
+    return hidden
 # What torch.load(weights_only=True) imports for plain data, besides torch's own tensor rebuilders.
 WEIGHTS_ONLY_GLOBALS = {"collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.bytearray",
                         "builtins.slice", "builtins.complex", "_codecs.encode"}

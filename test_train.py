@@ -447,6 +447,7 @@ def test_output_into_a_closed_pipe_neither_crashes_nor_loses_checkpoints(tmp_pat
     (["--seed", "18446744073709551616"], ["--seed"]),
     (["--hidden", "100000000000000000000", "64"], ["--hidden"]),
     (["--hidden", "128", "64", "32"], ["unrecognized arguments", "32"]),
+    (["--hidden", "65536", "65536"], ["--hidden 65536 65536", "GiB", "smaller widths"]),  # refused, not allocated
     (["--threads", "1000"], ["--threads"]),
     (["--lr", "abc"], ["--lr"]),
 ])

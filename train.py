@@ -78,7 +78,7 @@ class Run:
         self.args, self.device, self.progress = args, device, progress
         run_folder.writable_folder(args.checkpoint_dir)
         torch.manual_seed(args.seed)  # as the tutorial with a seed: weights first, then the batch order
-        self.model = mnist_mlp.NoteModel(*args.hidden)
+        self.model = mnist_mlp.NoteModel(*checkpoints.fitting_widths(args.hidden))
         self.order_generator = torch.Generator().manual_seed(args.seed)
         resumed = None
         if args.resume:
