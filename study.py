@@ -271,10 +271,11 @@ def figures(study, settings, chosen):
     for number, setting in enumerate(settings["bias"]):
         with open(os.path.join(study.folder(setting, setting.seeds[0]), "steps.json")) as file:
             losses = json.load(file)
-        left.plot(range(1, len(losses) + 1), losses, color=f"C{number // 2}", linewidth=0.8,
+        smooth = torch.tensor(losses).unfold(0, 20, 1).mean(1).tolist()  # a running mean of 20 steps
+        left.plot(range(20, len(losses) + 1), smooth, color=f"C{number // 2}", linewidth=1,
                   linestyle="-" if number % 2 == 0 else ":",
                   label=f"lr {setting.flags[-1]}" + ("" if number % 2 == 0 else ", no correction"))
-    left.set(xlabel="step", ylabel="training loss of the step (seed 1)", yscale="log")
+    left.set(xlabel="step", ylabel="training loss, mean of the last 20 steps (seed 1)", yscale="log")
     left.legend(fontsize=7)
     steps = range(1, 3001)
     right.plot(steps, [multiplier(t) for t in steps])
