@@ -271,8 +271,9 @@ def figures(study, settings, chosen):
     for number, setting in enumerate(settings["bias"]):
         with open(os.path.join(study.folder(setting, setting.seeds[0]), "steps.json")) as file:
             losses = json.load(file)
-        smooth = torch.tensor(losses).unfold(0, 20, 1).mean(1).tolist()  # a running mean of 20 steps
-        left.plot(range(20, len(losses) + 1), smooth, color=f"C{number // 2}", linewidth=1,
+        window = min(20, len(losses))  # a running mean of 20 steps (fewer in a tiny quick study)
+        smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
+        left.plot(range(window, len(losses) + 1), smooth, color=f"C{number // 2}", linewidth=1,
                   linestyle="-" if number % 2 == 0 else ":",
                   label=f"lr {setting.flags[-1]}" + ("" if number % 2 == 0 else ", no correction"))
     left.set(xlabel="step", ylabel="training loss, mean of the last 20 steps (seed 1)", yscale="log")
