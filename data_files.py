@@ -14,6 +14,7 @@ from safe_files import is_regular_file
 
 # The bundled data lives beside this file, so `python train.py` works from any folder, offline.
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+MAX_IMAGES = 1_000_000  # MNIST has 70,000; a header claiming more than this is refused
 
 
 def raw_folder(data_dir, dataset):
@@ -107,6 +108,10 @@ def check_idx_header(header, size, ndim, shown_name):
     if magic != 0x800 + ndim:
         raise UsageError(f"{shown_name} is not an IDX file of {ndim}-D bytes (magic {magic:#010x}, "
                          f"expected {0x800 + ndim:#010x})")
+    if ndim == 3 and tuple(dims[1:]) != (28, 28):
+        raise UsageError(f"{shown_name} holds images of {dims[1]}x{dims[2]} pixels, not 28x28")
+    if dims[0] > MAX_IMAGES:  # checked before a byte is decompressed: a small .gz cannot fill the disk
+        raise UsageError(f"{shown_name} claims {dims[0]:,} items, more than the {MAX_IMAGES:,} this reads")
     expected_size = len(header) + math.prod(dims)
     if size is not None and size != expected_size:
         raise UsageError(f"{shown_name} has {size} bytes, its header promises {expected_size}: truncated or corrupt")

@@ -108,7 +108,7 @@ def test_the_tutorials_pickled_model_loads_only_with_trust_pickle(trained, tmp_p
                              data_files.DEFAULT_DATA_DIR, str(old)], capture_output=True, text=True, check=True)
     printed = result.stdout.split("Accuracy: ")[1].split("%")[0]
 
-    assert_usage_error(*run_main(evaluate, [old], capsys)[::2], "pickled model", "--trust-pickle")
+    assert_usage_error(*run_main(evaluate, [old], capsys)[::2], "pickled model", "__main__.NoteModel", "--trust-pickle")
     code, out, err = run_main(evaluate, [old, "--trust-pickle"], capsys)
     assert code == 0 and f"= {printed}%" in out
     assert err.startswith("warning: ") and "runs code" in err and err.count("\n") == 1

@@ -120,3 +120,21 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path, capsys):
     os.mkfifo(tmp_path / "fifo.pth")
     assert_usage_error(*run_main(evaluate, [tmp_path / "fifo.pth"], capsys)[::2], "not a regular file")
     assert_usage_error(*run_main(evaluate, ["/dev/zero"], capsys)[::2], "not a regular file")
+
+
+def test_a_dataset_file_with_no_images_or_an_absurd_header_is_one_line_and_writes_nothing(tmp_path, capsys):
+    import struct
+    root = make_tiny_mnist(tmp_path / "data")
+    raw = root / "MNIST" / "raw"
+    (raw / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">4I", 0x803, 0, 28, 28))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">2I", 0x801, 0))
+    code, _, err = run_main(train, tiny_run(tmp_path, "--checkpoint-dir", tmp_path / "out"), capsys)
+    assert_usage_error(code, err, "N > 0 images")
+    # a 2.6 GB promise in a small .gz: refused from the header, before anything is decompressed
+    os.remove(raw / "t10k-images-idx3-ubyte")
+    with gzip.open(raw / "t10k-images-idx3-ubyte.gz", "wb") as packed:
+        packed.write(struct.pack(">4I", 0x803, 3_300_000, 28, 28) + bytes(1 << 20))
+    with pytest.raises(commands.UsageError, match="claims 3,300,000 items"):
+        data_files.load(str(root), download=False)
+    assert not (raw / "t10k-images-idx3-ubyte").exists()
+    assert [name for name in os.listdir(raw) if name.endswith(".tmp")] == []

@@ -163,3 +163,19 @@ def test_a_model_with_an_added_dropout_trains(monkeypatch, tmp_path, capsys):
     code, out, _ = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "out"), capsys)
     assert code == 0 and "autograd step" in out.splitlines()[0] and "Dropout" in out.splitlines()[0]
     assert (tmp_path / "out" / "noteLearning_2.pth").is_file()
+
+
+def test_the_probe_batch_is_bounded_whatever_the_batch_size(monkeypatch):
+    """--batch-size 1000000 is allowed; the probe that proves the fast step must not allocate for it
+    (it made a 3 GB probe batch before)."""
+    shapes, real_rand = [], torch.rand
+
+    def recording_rand(*size, **kwargs):
+        shapes.append(size)
+        return real_rand(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "rand", recording_rand)
+    model = mnist_mlp.NoteModel()
+    assert fast_step.fast_step_problem(model, nn.CrossEntropyLoss(), 1_000_000) is None
+    assert fast_step.fast_step_problem(model, nn.CrossEntropyLoss(), 7) is None
+    assert shapes == [(256, 784), (7, 784)]

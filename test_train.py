@@ -571,3 +571,17 @@ def test_a_resume_into_a_folder_of_another_run_is_refused_unless_overwrite(tmp_p
     assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--resume", a / "noteLearning_2.pth",
                                     "--checkpoint-dir", a), capsys)[0] == 0
     assert [row.split(",")[0] for row in (a / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+
+
+def test_small_messages_a_newcomer_meets(tmp_path, capsys):
+    import commands
+    code, out, _ = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", tmp_path / "out"), capsys)
+    assert code == 0 and "on cpu (1 thread)," in out.splitlines()[1]
+    long = commands.reason(ValueError("word " * 100), limit=30)
+    assert long == "ValueError: word word word word word word …"  # cut at a word, and says so
+    checkpoint = torch.load(tmp_path / "out" / "noteLearning_1.pth", weights_only=True)
+    checkpoint["config"].update(val_size=10_000, seed=1)  # more than the tiny set's 256 images
+    torch.save(checkpoint, tmp_path / "odd.pth")
+    code, _, err = run_main(evaluate, [tmp_path / "odd.pth", "--data-dir", tmp_path / "data"], capsys)
+    assert_usage_error(code, err, "holds out 10000 validation images", "training set has 256")
+    assert "--val-size" not in err  # evaluate.py has no such flag
