@@ -585,3 +585,26 @@ def test_small_messages_a_newcomer_meets(tmp_path, capsys):
     code, _, err = run_main(evaluate, [tmp_path / "odd.pth", "--data-dir", tmp_path / "data"], capsys)
     assert_usage_error(code, err, "holds out 10000 validation images", "training set has 256")
     assert "--val-size" not in err  # evaluate.py has no such flag
+
+
+def test_a_disk_already_full_when_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch, capsys):
+    import run_folder
+
+    def full_disk(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_folder.os, "pwrite", full_disk)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)
+    assert_usage_error(code, err, "cannot lock", "No space left on device")
+    assert os.listdir(folder) == []
+
+
+def test_predict_into_a_closed_pipe_exits_quietly(trained, tmp_path):
+    folder = os.path.join(HERE, "data", "digits")
+    command = (f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'predict.py'))} "
+               f"{shlex.quote(str(trained[0] / 'noteLearning_1.pth'))} " + " ".join([shlex.quote(folder)] * 150)
+               + " | head -1; echo \"exit ${PIPESTATUS[0]}\"")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.splitlines()[-1] == "exit 141" and result.stderr == ""
