@@ -315,6 +315,10 @@ def main(argv=None):
                             help="images held out for choosing the learning rate")
         commands.add_data_dir_flag(parser)
         args = parser.parse_args(argv)
+        try:  # the output folder checked before the first run, not by each run's train.py
+            os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"cannot use --out {args.out} as the study's folder ({error.strerror or error})") from None
         settings = plan(args.quick)
         study = Study(args.out, args.data_dir, 0)
         everything = [*settings["optimizers"], *settings["bias"], *settings["scaling"], *settings["decay"]]

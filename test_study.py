@@ -40,5 +40,7 @@ def test_the_study_runs_restore_what_they_change(tmp_path):
     assert mnist_mlp.normalize is normalize and fast_step.make_optimizer is make_optimizer
 
 
-def test_study_needs_an_output_folder(capsys):
+def test_study_needs_an_output_folder(tmp_path, capsys):
     assert_usage_error(*run_main(study, [], capsys)[::2], "--out")
+    (tmp_path / "a-file").write_text("not a folder")
+    assert_usage_error(*run_main(study, ["--out", tmp_path / "a-file", "--quick"], capsys)[::2], "--out", "a-file")
