@@ -155,14 +155,22 @@ def run_main(body, argv):
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `script ... | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_stdout()
         return 141
     except OSError as error:  # stdout on a full disk (or /dev/full): say so, if stderr still can
-        if sys.stdout is not None:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails no more
+        silence_stdout()  # so the exit's flush fails no more
         with contextlib.suppress(OSError, ValueError):
             print(f"error: cannot write the output ({error.strerror or error})", file=sys.stderr, flush=True)
         return 1
+
+
+def silence_stdout():
+    """Point stdout at /dev/null, for output that can no longer be written (a closed pipe, a full disk)."""
+    if sys.stdout is None:  # the program was started with stdout closed: nothing to silence
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def script(main):

@@ -14,7 +14,7 @@ import stat
 import sys
 
 import safe_files
-from commands import UsageError, reason
+from commands import UsageError, reason, silence_stdout
 from safe_files import is_regular_file
 
 CHECKPOINT_NAME = "noteLearning_{epoch}.pth"
@@ -253,7 +253,7 @@ def say(*args, **kwargs):
     try:
         print(*args, **kwargs, flush=True)
     except OSError as error:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_stdout()
         if not isinstance(error, BrokenPipeError):  # a reader that left wanted no more: nothing to report
             with contextlib.suppress(OSError, ValueError):
                 print(f"warning: cannot write to stdout ({error.strerror or error}); training goes on, "
