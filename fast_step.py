@@ -222,7 +222,6 @@ class FlatAdam(torch.optim.Adam):
                 v_view.copy_(state["exp_avg_sq"].reshape(-1))
             state.update(step=step, exp_avg=m_view.view_as(parameter), exp_avg_sq=v_view.view_as(parameter))
         self._step_views = list(self.flat_steps.unbind())
-        self._steps_taken = int(next(iter(steps))) if len(steps) == 1 else 0
         self._one = torch.ones((), device=step_device)
         # One call serves all parameters only while they share one step count.
         group = self.param_groups[0]
@@ -258,11 +257,10 @@ class FlatAdam(torch.optim.Adam):
         """step() for gradients already in the flat buffer, without torch.optim's per-call hooks and
         profiler label (about 30 microseconds): FastStep writes its gradients there itself."""
         self.flat_steps.add_(self._one)
-        self._steps_taken += 1
         group = self.param_groups[0]
-        if not group["fused"]:
+        if not group["fused"]:  # the step count as torch reads it: .item() of its CPU tensor
             adam_elementwise(self.flat_params, self.flat_grads, self.flat_exp_avg, self.flat_exp_avg_sq,
-                             float(self._steps_taken), group)
+                             self._step_views[0].item(), group)
             return
         torch._fused_adam_([self.flat_params], [self.flat_grads], [self.flat_exp_avg], [self.flat_exp_avg_sq], [],
                            [self._step_views[0]], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
