@@ -80,6 +80,7 @@ class Study:
     def __init__(self, out, data_dir, val_size):
         self.out, self.data_dir, self.val_size = out, data_dir, val_size
         self.done = self.total = 0
+        self.test_split = None  # read once, for every count of dead units
 
     def folder(self, setting, seed):
         return os.path.join(self.out, "runs", f"{setting.name}-{seed}")
@@ -131,8 +132,9 @@ class Study:
 
     def dead_units(self, setting, epoch):
         """fc1 units that are zero after ReLU on every test image, one count per seed."""
-        _, test = data_files.load(self.data_dir)
-        counts = []
+        if self.test_split is None:
+            self.test_split = data_files.load(self.data_dir)[1]
+        test, counts = self.test_split, []
         with zero_one_inputs(setting.zero_one_inputs):
             for seed in setting.seeds:
                 path = os.path.join(self.folder(setting, seed), run_folder.CHECKPOINT_NAME.format(epoch=epoch))
@@ -188,7 +190,7 @@ def plan(quick):
     return {"optimizers": optimizers, "bias": bias, "fair": fair, "scaling": scaling, "decay": decay}
 
 
-def report(study, settings, quick):
+def report(study, settings):
     """study.md: the tables, in the order README answers the questions."""
     last = settings["optimizers"][0].epochs
     shown = [epoch for epoch in (1, 5, 10, 20) if epoch <= last]
@@ -332,7 +334,7 @@ def main(argv=None):
         for setting in fair:
             for seed in setting.seeds:
                 study.run(setting, seed)
-        chosen = report(study, settings, args.quick)
+        chosen = report(study, settings)
         try:
             figures(study, settings, chosen)
             pictures = "and the figures study_curves.png, study_bias_correction.png, study_fair.png"

@@ -17,10 +17,8 @@ import threading
 import time
 
 import pytest
-import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-import data_files
 import draw
 from conftest import HERE, assert_usage_error, run_main
 
