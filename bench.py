@@ -16,28 +16,47 @@ the first of those epochs is also timed and reported on its own.
 A benchmark, not a test: nothing here asserts anything.
 """
 
-import signal
-import sys
-
-if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
-
 import json
 import os
 import platform
 import tempfile
 import time
 
-import torch
-from torch import nn
-
 import commands
-import data_files
-import fast_step
-import mnist_mlp
-import tutorial
 
 STEPS_PER_EPOCH = 938  # 60000 images in batches of 64: 937 full ones and one of 32
+PIPELINES = ["classic", "ours", "fused", "autograd", "floor", "graph"]  # graph: fused replayed as a CUDA graph (CUDA only)
+
+
+def parse_args(argv):
+    parser = commands.ArgumentParser(description=__doc__.splitlines()[0])
+    commands.add_device_flag(parser)
+    parser.add_argument("--steps", type=commands.bounded_int(1, 100 * STEPS_PER_EPOCH), default=STEPS_PER_EPOCH,
+                        help="timed steps in the steady state (938 = one epoch)")
+    parser.add_argument("--warmup-epochs", type=commands.bounded_int(0, 100), default=2,
+                        help="untimed epochs before the timed steps; the first is timed on its own")
+    parser.add_argument("--threads", type=commands.bounded_int(1, os.cpu_count() or 1), default=1,
+                        help="torch CPU threads")
+    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=None,
+                        help="which to time (default: all; graph only on CUDA)")
+    commands.add_data_dir_flag(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--tutorial-epochs", type=commands.bounded_int(1, 1000), metavar="N",
+                        help="instead, run tutorial.py's whole program for N epochs "
+                             "(time it with /usr/bin/time to compare with train.py)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer before torch loads
+    commands.flags_first(parse_args)
+
+import torch  # noqa: E402  (after the flags, on purpose)
+from torch import nn  # noqa: E402
+
+import data_files  # noqa: E402
+import fast_step  # noqa: E402
+import mnist_mlp  # noqa: E402
+import tutorial  # noqa: E402
 
 
 def synchronize(device):
@@ -139,31 +158,13 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-PIPELINES = ["classic", "ours", "fused", "autograd", "floor", "graph"]  # graph: fused replayed as a CUDA graph (CUDA only)
-
-
 def main(argv=None):
     return commands.run_main(run, argv)
 
 
 def run(argv):
     """bench.py's work: the flags checked, then the timings; its errors and Ctrl-C as every script's."""
-    parser = commands.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    parser.add_argument("--steps", type=commands.bounded_int(1, 100 * STEPS_PER_EPOCH), default=STEPS_PER_EPOCH,
-                        help="timed steps in the steady state (938 = one epoch)")
-    parser.add_argument("--warmup-epochs", type=commands.bounded_int(0, 100), default=2,
-                        help="untimed epochs before the timed steps; the first is timed on its own")
-    parser.add_argument("--threads", type=commands.bounded_int(1, os.cpu_count() or 1), default=1,
-                        help="torch CPU threads")
-    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=None,
-                        help="which to time (default: all; graph only on CUDA)")
-    commands.add_data_dir_flag(parser)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--tutorial-epochs", type=commands.bounded_int(1, 1000), metavar="N",
-                        help="instead, run tutorial.py's whole program for N epochs "
-                             "(time it with /usr/bin/time to compare with train.py)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     device = commands.resolve_device(args.device)
     data_files.load(args.data_dir, download=False)  # decompress and check before timing
     if args.pipelines is None:

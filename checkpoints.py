@@ -1,6 +1,11 @@
 """Checkpoints: saved whole or not at all, loaded without running code from the file, and checked
-(names, shapes, storage, finiteness, config) before anything is built from them; and what a resumed
-run must match to continue exactly."""
+before anything is built from them; and what a resumed run must match to continue exactly.
+
+The rules, stated once and for any NoteModel a student writes: a checkpoint's weights are a dict of
+names to dense, strided CPU tensors of a plain dtype (FLOAT_DTYPES, or INTEGER_DTYPES for counters
+such as BatchNorm's), each storing all the values it claims, all finite; its config fields have
+their types and ranges; the weights must then have exactly the names, shapes and dtypes of the
+current NoteModel built as the config records (models.py)."""
 
 import io
 import math
@@ -9,19 +14,24 @@ import pickle
 import pickletools
 import sys
 import types
+import zipfile
 
 import torch
 from torch import nn
 
 import mnist_mlp
-from commands import UsageError, reason
+import models
 import safe_files
-from safe_files import is_regular_file
+from commands import MAX_WIDTH, UsageError, existing_file, reason
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+
 
 def all_finite(tensors):
     """True if no tensor in `tensors` (any nesting of dicts and lists) holds a NaN or infinity."""
     if isinstance(tensors, torch.Tensor):
-        return not tensors.is_floating_point() or bool(torch.isfinite(tensors).all())
+        return tensors.dtype not in FLOAT_DTYPES or bool(torch.isfinite(tensors).all())
     if isinstance(tensors, dict):
         return all(all_finite(value) for value in tensors.values())
     if isinstance(tensors, (list, tuple)):
@@ -29,20 +39,6 @@ def all_finite(tensors):
     return not isinstance(tensors, float) or math.isfinite(tensors)
 
 
-MAX_HIDDEN = 1 << 16  # units in one hidden layer that a checkpoint may ask for
-
-
-def fitting_widths(hidden):
-    """The hidden widths, refused before anything is allocated if the model would not fit in memory:
-    its parameters, their gradients, Adam's m and v, and a checkpoint's two copies, 4 bytes each."""
-    sizes = [784, *hidden, 10]
-    parameters = sum(n_in * n_out + n_out for n_in, n_out in zip(sizes, sizes[1:]))
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if parameters * 4 * 6 > memory:
-        raise UsageError(f"--hidden {' '.join(map(str, hidden))} makes {parameters:,} parameters, about "
-                         f"{parameters * 24 / 2**30:.0f} GiB to train, more than this machine's "
-                         f"{memory / 2**30:.0f} GiB; choose smaller widths")
-    return hidden
 # What torch.load(weights_only=True) imports for plain data, besides torch's own tensor rebuilders.
 WEIGHTS_ONLY_GLOBALS = {"collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.bytearray",
                         "builtins.slice", "builtins.complex", "_codecs.encode"}
@@ -89,8 +85,6 @@ def check_unpacked_size(path):
     torch.save stores its entries uncompressed, so a real checkpoint unpacks to about its own size;
     a small file that inflates to gigabytes is a zip bomb, read from the zip's directory alone.
     """
-    import zipfile
-
     try:
         if not zipfile.is_zipfile(path):
             return  # the legacy format is read by torch.load, which checks it
@@ -109,8 +103,6 @@ def pickle_globals(path):
     Read from the pickle's opcodes without running any of it: torch.load's own message about a
     refused import is worded differently from one torch version to the next.
     """
-    import zipfile
-
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -144,29 +136,33 @@ def pickle_globals(path):
     return found
 
 
-def load_checkpoint(path, map_location="cpu", trust_pickle=False):
-    """Read a checkpoint safely: our dict, a bare state_dict, or (trust_pickle) a pickled model.
+def written_by_torch_save(path):
+    """True if the file starts as torch.save writes: a zip archive, or (its legacy format) a pickle."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(2)
+    except OSError:
+        return False
+    return zipfile.is_zipfile(path) or (len(start) == 2 and start[0] == 0x80 and 2 <= start[1] <= 5)
 
-    Always returns our dict format, checked (types, sizes, ranges) before anything is built
-    from it; for a bare state_dict or a pickled model, `epoch` is 0 and the config holds only
-    the hidden sizes.
+
+def load_checkpoint(path, trust_pickle=False):
+    """Read a checkpoint safely, onto the CPU: our dict, a bare state_dict, or (trust_pickle) a pickled model.
+
+    Always returns our dict format, checked (checked_checkpoint) before anything is built from it; for
+    a bare state_dict or a pickled model, `epoch` is 0 and the config holds only the widths.
     """
-    if not os.path.lexists(path):
-        raise UsageError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UsageError(f"{path} is a folder, not a checkpoint file")
-    if not is_regular_file(path):
-        raise UsageError(f"{path} is not a regular file (a pipe or a device?)")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{path}: permission denied")
+    existing_file(path, "checkpoint")
+    if not written_by_torch_save(path):
+        raise UsageError(f"{path} is not a checkpoint written by train.py (not a file that torch.save wrote)")
     check_unpacked_size(path)
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         unsafe = [name for name in pickle_globals(path) if name not in WEIGHTS_ONLY_GLOBALS
                   and (not name.startswith("torch.") or name.startswith("torch.nn."))]
         if not unsafe:
-            raise UsageError(f"{path} is not a readable checkpoint ({reason(error)})") from None
+            raise UsageError(f"{path} is not a checkpoint written by train.py ({reason(error, 120)})") from None
         if not trust_pickle:
             if any(name.startswith(("__main__.", "torch.nn.")) for name in unsafe):
                 raise UsageError(f"{path} is a pickled model (torch.save(model, ...)); loading it would run "
@@ -176,13 +172,13 @@ def load_checkpoint(path, map_location="cpu", trust_pickle=False):
                              "pass --trust-pickle only if you trust where it came from") from None
         print(f"warning: --trust-pickle: loading {path} runs code from the file", file=sys.stderr)
         try:
-            data = _load_trusting_pickle(path, map_location)
+            data = _load_trusting_pickle(path)
         except Exception as trusted_error:
             raise UsageError(f"{path} cannot be loaded even with --trust-pickle ({reason(trusted_error)})") from None
     return checked_checkpoint(path, data)
 
 
-def _load_trusting_pickle(path, map_location):
+def _load_trusting_pickle(path):
     """torch.load(weights_only=False), which runs code from the file, for the tutorial's whole-model files.
 
     The tutorial pickled `__main__.NoteModel`; any class from a `__main__` we don't have is
@@ -198,85 +194,96 @@ def _load_trusting_pickle(path, map_location):
                 raise
 
     pickle_module = types.SimpleNamespace(Unpickler=Unpickler, load=pickle.load, __name__="pickle")
-    return torch.load(path, map_location=map_location, weights_only=False, pickle_module=pickle_module)
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module)
 
 
 def checked_checkpoint(path, data):
-    """`data` from a checkpoint file as our dict, or a one-line UsageError saying what is wrong.
+    """`data` from a checkpoint file as our dict, or a one-line UsageError naming the field that breaks a rule.
 
     Every field is checked before anything is built from it: a small file must not be able to
-    make us allocate gigabytes (stride-0 tensors, a huge `hidden`) or crash with a traceback.
+    make us allocate gigabytes (stride-0 tensors, huge widths) or crash with a traceback.
     """
     if isinstance(data, nn.Module):
-        data = data.state_dict()
+        data = {name: tensor.detach() for name, tensor in data.state_dict().items()}
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         checkpoint = dict(data)
     elif isinstance(data, dict) and data and all(isinstance(value, torch.Tensor) for value in data.values()):
         checkpoint = {"model": data}
     else:
-        raise UsageError(f"{path} holds no model weights (expected a checkpoint or a state_dict)")
-    hidden = _checked_state_dict(path, checkpoint["model"])
+        raise UsageError(f"{path} is not a checkpoint written by train.py: it holds no model weights "
+                         "(expected a checkpoint or a state_dict)")
+    check_weights(path, checkpoint["model"])
     config = checkpoint.setdefault("config", {})
     if not isinstance(config, dict):
         raise UsageError(f"{path}: its config is a {type(config).__name__}, not a dict")
     config = checkpoint["config"] = dict(config)
-    if "hidden" in config and not (isinstance(config["hidden"], (list, tuple)) and list(config["hidden"]) == hidden):
-        raise UsageError(f"{path}: its config says hidden sizes {config['hidden']!r}, its weights have {hidden}")
-    config["hidden"] = hidden
+    check_config(path, config)
+    if "hidden" not in config:
+        config["hidden"] = models.args_from_weights(checkpoint["model"])
+        if config["hidden"] is None:
+            raise UsageError(f"{path} records no widths, and {models.signature_text()} in mnist_mlp.py needs them")
     epoch = checkpoint.setdefault("epoch", 0)
     if type(epoch) is not int or not 0 <= epoch <= 1_000_000:
         raise UsageError(f"{path}: its epoch is {epoch!r}, not a whole number from 0 to 1,000,000")
-    if config.get("dataset", "mnist") not in mnist_mlp.DATASETS:
-        raise UsageError(f"{path}: unknown dataset {config['dataset']!r} (known: {', '.join(mnist_mlp.DATASETS)})")
-    for key in ("val_size", "seed", "batch_size"):
-        if key in config and (type(config[key]) is not int or config[key] < 0):
-            raise UsageError(f"{path}: its config's {key} is {config[key]!r}, not a whole number of 0 or more")
-    if "run" in config and not (isinstance(config["run"], str) and len(config["run"]) <= 64 and config["run"].isalnum()):
-        raise UsageError(f"{path}: its config's run is {str(config['run'])[:40]!r}, not a run identity")
-    if config.get("val_size") and "seed" not in config:
-        raise UsageError(f"{path}: it held out {config['val_size']} validation images but records no seed")
     if "metrics" in checkpoint and not isinstance(checkpoint["metrics"], dict):
         raise UsageError(f"{path}: its metrics entry is not a dict")
     return checkpoint
 
 
-def _checked_state_dict(path, state):
-    """The hidden sizes of a NoteModel state_dict, after checking its names, shapes and storage."""
-    depth = len(state) // 2
-    expected = [f"fc{number}.{kind}" for number in range(1, depth + 1) for kind in ("weight", "bias")]
-    if depth == 0 or list(state) != expected:
-        names = ", ".join(map(str, list(state)[:6]))
-        raise UsageError(f"{path}: its weights are named {names}, not fc1.weight, fc1.bias, ... as in NoteModel")
-    sizes = [784]
-    for number in range(1, depth + 1):
-        weight, bias = state[f"fc{number}.weight"], state[f"fc{number}.bias"]
-        for name, tensor in ((f"fc{number}.weight", weight), (f"fc{number}.bias", bias)):
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.layout != torch.strided:
-                raise UsageError(f"{path}: {name} is not a dense floating-point tensor")
-            if tensor.untyped_storage().nbytes() < tensor.numel() * tensor.element_size():
-                raise UsageError(f"{path}: {name} claims {tensor.numel():,} values but stores fewer "
-                                 "(a stride trick); refused")
-        if weight.dim() != 2 or bias.dim() != 1 or weight.shape[1] != sizes[-1] or bias.shape[0] != weight.shape[0]:
-            raise UsageError(f"{path} does not fit a NoteModel: fc{number}.weight is {list(weight.shape)} and "
-                             f"fc{number}.bias {list(bias.shape)}, where the input has {sizes[-1]} values")
-        sizes.append(weight.shape[0])
+def check_weights(path, state):
+    """The weights' rule: names are strings; each value a dense, strided CPU tensor of FLOAT_DTYPES or
+    INTEGER_DTYPES that stores every value it claims (no stride trick); all finite."""
+    for name, tensor in state.items():
+        shown = str(name)[:60]
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise UsageError(f"{path}: its weights hold {shown}: {type(tensor).__name__}, not a name and a tensor")
+        if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.dtype not in FLOAT_DTYPES + INTEGER_DTYPES:
+            raise UsageError(f"{path}: {shown} is a {tensor.dtype} {tensor.layout} tensor on {tensor.device.type}, "
+                             "not a plain dense tensor of a float or integer dtype")
+        span = 1 + tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+        if tensor.numel() and tensor.untyped_storage().nbytes() < max(span, tensor.numel()) * tensor.element_size():
+            raise UsageError(f"{path}: {shown} claims {tensor.numel():,} values but stores fewer (a stride trick); refused")
     if not all_finite(state):
         raise UsageError(f"{path}: its weights hold NaN or infinity (the run that wrote it diverged)")
-    if sizes[-1] != 10:
-        raise UsageError(f"{path} does not fit a NoteModel: its last layer has {sizes[-1]} outputs, not 10")
-    if any(not 1 <= size <= MAX_HIDDEN for size in sizes[1:-1]):
-        raise UsageError(f"{path}: hidden sizes {sizes[1:-1]} are outside 1..{MAX_HIDDEN}")
-    if len(sizes) != 4:
-        raise UsageError(f"{path} has {len(sizes) - 2} hidden layers of widths {sizes[1:-1]}; NoteModel has two "
-                         "(edit NoteModel in mnist_mlp.py to load another depth)")
-    return sizes[1:-1]
+
+
+def _whole(value, low, high):
+    return type(value) is int and low <= value <= high
+
+
+def check_config(path, config):
+    """The config's rule: each field train.py writes has its type and range (any field may be absent)."""
+    def refuse(key, what):
+        raise UsageError(f"{path}: its config's {key} is {str(config[key])[:40]!r}, not {what}")
+
+    if "hidden" in config and not (isinstance(config["hidden"], (list, tuple)) and len(config["hidden"]) <= 64
+                                   and all(_whole(width, 1, MAX_WIDTH) for width in config["hidden"])):
+        refuse("hidden", f"a list of widths from 1 to {MAX_WIDTH}")
+    if "hidden" in config:
+        config["hidden"] = list(config["hidden"])
+    if "dataset" in config and not (isinstance(config["dataset"], str) and config["dataset"] in mnist_mlp.DATASETS):
+        refuse("dataset", f"one of {', '.join(mnist_mlp.DATASETS)}")
+    for key in ("val_size", "seed", "batch_size"):
+        if key in config and not _whole(config[key], 0, 2**63 - 1):
+            refuse(key, "a whole number of 0 or more")
+    if "model_source" in config and config["model_source"] is None:  # its source could not be read: no record
+        del config["model_source"]
+    for key in ("run", "model_source"):
+        if key in config and not (isinstance(config[key], str) and 0 < len(config[key]) <= 64
+                                  and config[key].isascii() and config[key].isalnum()):
+            refuse(key, "a run identity" if key == "run" else "a source fingerprint")
+    if config.get("val_size") and "seed" not in config:
+        raise UsageError(f"{path}: it held out {config['val_size']} validation images but records no seed")
+
+
+def dataset_classes(checkpoint):
+    """The class names of the dataset a checked checkpoint was trained on."""
+    return mnist_mlp.DATASETS[checkpoint["config"].get("dataset", "mnist")][1]
 
 
 def model_from_checkpoint(path, checkpoint, device="cpu"):
-    """The NoteModel a checked checkpoint describes, with its weights, on `device`."""
-    model = mnist_mlp.NoteModel(*checkpoint["config"]["hidden"])
-    model.load_state_dict(checkpoint["model"])  # names and shapes were checked in checked_checkpoint
-    return model.to(device)
+    """The current NoteModel with a checked checkpoint's weights, on `device` (models.model_from_checkpoint)."""
+    return models.model_from_checkpoint(path, checkpoint, dataset_classes(checkpoint), device)
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -286,16 +293,25 @@ FLAGS = {"hidden": "--hidden", "optimizer": "--optimizer", "lr": "--lr", "moment
          "fused": "--fused", "threads": "--threads"}
 
 
+def resume_widths(path, saved, hidden):
+    """The widths to build NoteModel with to resume a checkpoint: --hidden where given (it must be the
+    checkpoint's), else the checkpoint's as the current NoteModel takes them (its weights must then fit)."""
+    if hidden is None:
+        return models.args_for_current(saved["hidden"])
+    if list(hidden) != list(saved["hidden"]):
+        raise UsageError(f"{path} has widths {list(saved['hidden'])}, but --hidden is {' '.join(map(str, hidden))}; "
+                         f"pass --hidden {' '.join(map(str, saved['hidden']))}, or leave --hidden out to take the "
+                         "checkpoint's")
+    return models.constructor_args(hidden)
+
+
 def check_resume_config(path, saved, current):
-    """Refuse to resume a run with other settings than the checkpoint's."""
-    if list(saved["hidden"]) != current["hidden"]:
-        raise UsageError(f"{path} has hidden sizes {list(saved['hidden'])}, but --hidden is "
-                         f"{' '.join(map(str, current['hidden']))}; pass --hidden "
-                         f"{' '.join(map(str, saved['hidden']))}")
+    """Refuse to resume a run with other settings than the checkpoint's (the model is the weights' to fit)."""
     if "optimizer" not in saved:
         return  # a bare state_dict or a tutorial file: weights only
-    differences = [f"{FLAGS.get(key, key)}: checkpoint {saved[key]!r}, now {value!r}"
-                   for key, value in current.items() if key in saved and saved[key] != value]
+    differences = [f"{FLAGS.get(key, key)}: checkpoint {saved[key]!r}, now {value!r}"  # not the run, nor the code:
+                   for key, value in current.items()                                   # models.py warns of that
+                   if key in saved and key not in ("run", "model_source", "hidden") and saved[key] != value]
     if differences:
         raise UsageError(f"{path} was trained with other settings ({'; '.join(differences)}); "
                          "pass the same flags to resume it exactly")

@@ -7,9 +7,16 @@ Exit codes: 0 done, 1 a file could not be written, 2 bad input (one `error:` lin
 
 import argparse
 import contextlib
+import difflib
 import os
 import signal
 import sys
+
+# The bundled data lives beside the scripts, so `python train.py` works from any folder, offline.
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# mnist_mlp.DATASETS' names, here so that the flags are parsed before torch loads (a test holds them equal).
+DATASET_NAMES = ("mnist", "fashion-mnist")
+MAX_WIDTH = 1 << 16  # units in one layer that --hidden or a checkpoint's config may ask for
 
 
 class UsageError(Exception):
@@ -78,17 +85,43 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
+        """One line; an unknown flag gets the nearest known one (--epohcs: did you mean --epochs?)."""
+        if message.startswith("unrecognized arguments:"):
+            unknown = [word for word in message.split(":", 1)[1].split() if word.startswith("--")]
+            known = [name for name in self._option_string_actions if name.startswith("--")]
+            close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1) if unknown else []
+            if close:
+                message += f" (did you mean {close[0]}?)"
         raise UsageError(message)
 
 
-def add_device_flag(parser, default="auto"):
-    parser.add_argument("--device", default=default, help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
+def add_device_flag(parser):
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
 
 
 def add_data_dir_flag(parser):
-    from data_files import DEFAULT_DATA_DIR  # the bundled data, beside the scripts
-
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="dataset root folder")
+
+
+def add_dataset_flag(parser):
+    parser.add_argument("--dataset", choices=DATASET_NAMES, default="mnist", help="dataset")
+
+
+def existing_file(path, what="file", flag=None):
+    """`path` if it is a readable regular file; else a one-line UsageError saying what it is and, for a
+    relative path, where it was looked for. Torch-free, so a mistyped name answers at once."""
+    if not path.strip():
+        raise UsageError(f"{flag or 'it'} needs a {what} path (it was given an empty one)")
+    if not os.path.lexists(path):
+        where = "" if os.path.isabs(path) else f" in {os.getcwd()} (the current folder)"
+        raise UsageError(f"{path}: no such file{where}")
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder, not a {what}")
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} is not a regular file (a pipe or a device?)")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{path}: permission denied")
+    return path
 
 
 def add_trust_pickle_flag(parser, what="allow pickled whole models (the tutorial's torch.save(model, ...))"):
@@ -108,7 +141,20 @@ def png_path(parser, flag, path):
         parser.error(f"{flag}: folder {folder} is not writable")
 
 
-# ----------------------------------------------------------------------------- devices
+# ----------------------------------------------------------------------------- devices and threads
+
+@contextlib.contextmanager
+def torch_threads(count):
+    """torch's CPU threads set to `count` inside the block, given back as they were after it."""
+    import torch  # here, not above: the flags are parsed before torch loads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 def resolve_device(name):
     """torch.device for --device: auto is CUDA if available, else the CPU; never a silent fallback.
@@ -141,8 +187,12 @@ def resolve_device(name):
 # ----------------------------------------------------------------------------- the scripts' edge
 
 def run_main(body, argv):
-    """body(argv) -> exit code, with the errors every script shares turned into exit codes."""
-    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    """body(argv) -> exit code, with the errors every script shares turned into exit codes.
+
+    argv None is no flags at all: main() in a notebook runs with the defaults (a Jupyter kernel's own
+    command line, `-f kernel.json`, is not the user's); the program itself passes sys.argv[1:].
+    """
+    argv = [] if argv is None else [str(arg) for arg in argv]
     try:
         code = body(argv)
         if sys.stdout is not None:  # None when the program was started with stdout closed
@@ -173,10 +223,21 @@ def silence_stdout():
     os.close(devnull)
 
 
+def flags_first(parse_args):
+    """At the top of a script run as the program, before torch loads (about 3 s): a Ctrl-C during the
+    imports is a quiet exit 130, and --help or a bad flag is answered now rather than after torch."""
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+    try:
+        parse_args(sys.argv[1:])
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def script(main):
     """Run a script's main() as the program: Ctrl-C raises KeyboardInterrupt again now that torch has
-    loaded (each script's first lines make a Ctrl-C during the imports a quiet exit 130)."""
+    loaded (flags_first made a Ctrl-C during the imports a quiet exit 130)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    code = main()
+    code = main(sys.argv[1:])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl-C must not turn the exit into a traceback
     sys.exit(code)

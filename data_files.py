@@ -8,12 +8,10 @@ import struct
 import zlib
 
 import mnist_mlp
-from commands import UsageError, reason
+from commands import DEFAULT_DATA_DIR, UsageError, reason  # noqa: F401  (DEFAULT_DATA_DIR: data_files' own default)
 import safe_files
 from safe_files import is_regular_file
 
-# The bundled data lives beside this file, so `python train.py` works from any folder, offline.
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 MAX_IMAGES = 1_000_000  # MNIST has 70,000; a header claiming more than this is refused
 
 

@@ -6,28 +6,48 @@ POST /predict as a PNG and is prepared as predict.py prepares a picture (handwri
 Standard library server only; Ctrl-C stops it (exit code 130).
 """
 
-import signal
-import sys
-
-if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
-
 import base64
 import binascii
 import io
 import ipaddress
 import json
 import os
+import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from PIL import Image
-
-import checkpoints
 import commands
-import handwriting
-import mnist_mlp
 import run_folder
 from commands import UsageError
+
+
+def newest_checkpoint(folder="."):
+    """The checkpoint of the latest epoch in `folder`; a one-line UsageError if there is none."""
+    found = run_folder.checkpoint_epochs(folder)
+    if not found:
+        raise UsageError("no noteLearning_*.pth in this folder: train one with `python train.py`, "
+                         "or name one: python draw.py CHECKPOINT")
+    return found[max(found)]
+
+
+def parse_args(argv):
+    parser = commands.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".")
+    parser.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
+                        help="a checkpoint written by train.py (default: the newest noteLearning_*.pth here)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
+    parser.add_argument("--port", type=commands.bounded_int(0, 65535), default=8000, help="port (0: any free one)")
+    commands.add_device_flag(parser)
+    args = parser.parse_args(argv)
+    args.checkpoint = commands.existing_file(args.checkpoint or newest_checkpoint(), "checkpoint")
+    return args
+
+
+if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
+    commands.flags_first(parse_args)
+
+from PIL import Image  # noqa: E402  (after the flags, on purpose)
+
+import checkpoints  # noqa: E402
+import handwriting  # noqa: E402
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "draw.html")
 MAX_BODY = 2 * 1024 * 1024  # a drawn digit is a few kilobytes; a photo of one, well under this
@@ -37,10 +57,10 @@ DATA_URL_PREFIX = b"data:image/png;base64,"
 class Reader:
     """The model, loaded once (weights only) and in eval mode, and what it reads in a picture."""
 
-    def __init__(self, path):
+    def __init__(self, path, device="cpu"):
         checkpoint = checkpoints.load_checkpoint(path)
-        self.model = checkpoints.model_from_checkpoint(path, checkpoint).eval()
-        self.classes = mnist_mlp.DATASETS[checkpoint["config"].get("dataset", "mnist")][1]
+        self.model = checkpoints.model_from_checkpoint(path, checkpoint, device).eval()
+        self.classes = checkpoints.dataset_classes(checkpoint)
 
     def read(self, body):
         """The answer for one picture's bytes (a PNG, or any image PIL reads); ValueError if there is none."""
@@ -142,15 +162,6 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-def newest_checkpoint(folder="."):
-    """The checkpoint of the latest epoch in `folder`; a one-line UsageError if there is none."""
-    found = run_folder.checkpoint_epochs(folder)
-    if not found:
-        raise UsageError("no noteLearning_*.pth in this folder: train one with `python train.py`, "
-                         "or name one: python draw.py CHECKPOINT")
-    return found[max(found)]
-
-
 def is_loopback(host):
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -160,19 +171,14 @@ def is_loopback(host):
 
 def main(argv=None):
     def body(argv):
-        parser = commands.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".")
-        parser.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
-                            help="a checkpoint written by train.py (default: the newest noteLearning_*.pth here)")
-        parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
-        parser.add_argument("--port", type=commands.bounded_int(0, 65535), default=8000, help="port (0: any free one)")
-        args = parser.parse_args(argv)
-        path = args.checkpoint or newest_checkpoint()
-        reader = Reader(path)
+        args = parse_args(argv)
+        path = args.checkpoint
+        reader = Reader(path, commands.resolve_device(args.device))
         try:
             server = Server((args.host, args.port), reader)
         except OSError as error:
             raise UsageError(f"cannot listen on {args.host}:{args.port} ({error.strerror or error})") from None
-        with server:
+        with server, commands.torch_threads(1):  # one drawing is tiny work: more threads only wait for each other
             if not is_loopback(args.host):
                 print(f"warning: --host {args.host}: the page is open to every machine on that network, "
                       "not only this one", file=sys.stderr)

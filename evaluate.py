@@ -1,21 +1,11 @@
 """Test accuracy of saved checkpoints: python evaluate.py noteLearning_20.pth [more.pth ...]"""
 
-import signal
-import sys
-
-if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
-
 import json
 import math
 import re
+import sys
 
-import checkpoints
 import commands
-import data_files
-import mnist_mlp
-from safe_files import atomic_write
-
 
 def parse_args(argv):
     parser = commands.ArgumentParser(description="Report test accuracy and loss of NoteModel checkpoints.")
@@ -35,7 +25,18 @@ def parse_args(argv):
         parser.error("--save-errors takes exactly one checkpoint")
     if args.save_errors:  # checked before the evaluation, so a bad path costs nothing computed
         commands.png_path(parser, "--save-errors", args.save_errors)
+    for path in args.checkpoints:
+        commands.existing_file(path, "checkpoint")
     return args
+
+
+if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
+    commands.flags_first(parse_args)
+
+import checkpoints  # noqa: E402  (after the flags, on purpose)
+import data_files  # noqa: E402
+import mnist_mlp  # noqa: E402
+from safe_files import atomic_write  # noqa: E402
 
 
 def evaluate_checkpoints(args):
@@ -44,18 +45,19 @@ def evaluate_checkpoints(args):
     splits = {}  # dataset -> (train, test), each read once
     results = []
     for path in sorted(args.checkpoints, key=natural_order):  # one checkpoint in memory at a time
-        checkpoint = checkpoints.load_checkpoint(path, map_location=device, trust_pickle=args.trust_pickle)
-        model = checkpoints.model_from_checkpoint(path, checkpoint, device)
+        checkpoint = checkpoints.load_checkpoint(path, trust_pickle=args.trust_pickle)
+        model = checkpoints.model_from_checkpoint(path, checkpoint, device)  # the NoteModel in mnist_mlp.py
         config = checkpoint["config"]
         dataset = config.get("dataset", "mnist")
         if dataset not in splits:
             train_split, test_split = data_files.load(args.data_dir, dataset)
             splits[dataset] = (train_split, test_split.to(device))
-        evaluation = mnist_mlp.evaluate(model, splits[dataset][1], args.batch_size)
+        classes = mnist_mlp.DATASETS[dataset][1]
+        evaluation = mnist_mlp.evaluate(model, splits[dataset][1], args.batch_size, len(classes))
         result = {
             "checkpoint": path, "epoch": checkpoint["epoch"], "dataset": dataset,
             **summary(evaluation),
-            "classes": mnist_mlp.DATASETS[dataset][1],
+            "classes": classes,
             "per_class": [round(value, 2) for value in evaluation.per_class],
             "confusion": evaluation.confusion.tolist(),
         }
@@ -65,7 +67,7 @@ def evaluate_checkpoints(args):
             except ValueError:
                 raise commands.UsageError(f"{path}: its config holds out {config['val_size']} validation images, "
                                           f"but the training set has {len(splits[dataset][0])}") from None
-            result["validation"] = summary(mnist_mlp.evaluate(model, val_split.to(device), args.batch_size))
+            result["validation"] = summary(mnist_mlp.evaluate(model, val_split.to(device), args.batch_size, len(classes)))
         results.append(result)
     if args.save_errors:
         try:

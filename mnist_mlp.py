@@ -36,8 +36,8 @@ from torch import nn
 class NoteModel(nn.Module):
     """784 -> 128 -> 64 -> 10 with ReLU between layers, as the tutorial writes it.
 
-    Edit it freely: train.py trains whatever forward() computes (an edited model steps aside from
-    the fast path to the textbook step, and says so).
+    Edit it freely (layers, widths, an __init__ without arguments): every command builds the NoteModel
+    written here; train.py trains whatever forward() computes on (N, 1, 28, 28) images.
     """
 
     def __init__(self, hidden1=128, hidden2=64):
@@ -47,7 +47,7 @@ class NoteModel(nn.Module):
         self.fc3 = nn.Linear(hidden2, 10)
 
     def forward(self, x):
-        x = x.view(-1, 784)  # (N, 1, 28, 28) images and (N, 784) rows both work
+        x = x.view(-1, 784)  # (N, 1, 28, 28) images to (N, 784) rows
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
@@ -85,13 +85,14 @@ class Split:
 
 
 def normalize(pixels):
-    """Bytes to the tutorial's inputs, bit for bit: Normalize((0.5,), (0.5,))(ToTensor()(image)).
+    """(N, 784) bytes to the tutorial's inputs, bit for bit: (N, 1, 28, 28) images, each one
+    Normalize((0.5,), (0.5,))(ToTensor()(image)), as its DataLoader gives them to the model.
 
     ToTensor gives p / 255 and Normalize (x - 0.5) / 0.5, which is p / 127.5 - 1. In float32 the one
     division rounds to the very bits of the three-step form for each of the 256 byte values (a test
     checks all of them), in one pass over the batch instead of four.
     """
-    return pixels.div(127.5).sub_(1)
+    return pixels.div(127.5).sub_(1).view(-1, 1, 28, 28)
 
 
 def read_idx(path, ndim):
@@ -312,3 +313,8 @@ class AdamByHand(torch.optim.Optimizer):
                 state["step"] += 1
                 adam_update(parameter, parameter.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
                             group["lr"], group["betas"], group["eps"], group["bias_correction"])
+
+
+if __name__ == "__main__":  # python mnist_mlp.py: the program in the docstring above, on one thread
+    torch.set_num_threads(1)
+    exec(__doc__.split("data/MNIST/raw/):\n")[1].replace("\n    ", "\n"))

@@ -6,21 +6,12 @@ it is, how sure it is, and the next two guesses. A file named after its true cla
 3.jpg) counts toward an accuracy line. --show draws each input beside what the model saw.
 """
 
-import signal
-import sys
-
-if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
-
 import json
 import os
 import re
+import sys
 
-
-import checkpoints
 import commands
-import handwriting
-import mnist_mlp
 from commands import UsageError
 from safe_files import atomic_write, is_regular_file
 
@@ -36,12 +27,20 @@ def parse_args(argv):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     parser.add_argument("--show", metavar="PATH.png",
                         help="save a picture of each input beside the 28x28 the model saw, with its guess")
-    commands.add_device_flag(parser, default="cpu")
+    commands.add_device_flag(parser)
     commands.add_trust_pickle_flag(parser)
     args = parser.parse_args(argv)
     if args.show:
         commands.png_path(parser, "--show", args.show)
+    commands.existing_file(args.checkpoint, "checkpoint")
     return args
+
+
+if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
+    commands.flags_first(parse_args)
+
+import checkpoints  # noqa: E402  (after the flags, on purpose)
+import handwriting  # noqa: E402
 
 
 def image_paths(arguments):
@@ -56,6 +55,16 @@ def image_paths(arguments):
     return paths
 
 
+def missing_path_text(path):
+    """'no such file or folder', where it was looked for, and the bundled one of that name if there is one
+    (predict.py data/digits, run from another folder)."""
+    if os.path.isabs(path):
+        return "no such file or folder"
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    hint = f"; there is one beside predict.py: {beside}" if os.path.exists(beside) else ""
+    return f"no such file or folder in {os.getcwd()} (the current folder){hint}"
+
+
 def true_label(path, classes):
     """The class a file name starts with (7_a.png, 3.jpg, 12_x.png for a 12-class set), or None."""
     match = re.match(r"(\d+)[_.]", os.path.basename(path))
@@ -65,7 +74,7 @@ def true_label(path, classes):
 def read_image(path):
     """The PIL image at `path`, decoded; a one-line ValueError for anything that is not a usable image."""
     if not os.path.lexists(path):
-        raise ValueError("no such file")
+        raise ValueError(missing_path_text(path))
     if not is_regular_file(path):
         raise ValueError("not a regular file")
     return handwriting.decode_image(path)
@@ -156,13 +165,14 @@ def main(argv=None):
     def body(argv):
         args = parse_args(argv)
         device = commands.resolve_device(args.device)
-        checkpoint = checkpoints.load_checkpoint(args.checkpoint, map_location=device, trust_pickle=args.trust_pickle)
+        checkpoint = checkpoints.load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
         model = checkpoints.model_from_checkpoint(args.checkpoint, checkpoint, device).eval()
-        classes = mnist_mlp.DATASETS[checkpoint["config"].get("dataset", "mnist")][1]
+        classes = checkpoints.dataset_classes(checkpoint)
         paths = image_paths(args.images)
         if not paths:
             raise UsageError(f"no images in {', '.join(args.images)} (looked for {', '.join(IMAGE_ENDINGS)})")
-        results = predict(model, classes, paths)
+        with commands.torch_threads(1):  # one picture is tiny work: more threads only wait for each other
+            results = predict(model, classes, paths)
         report(results, args.json)
         if args.show:
             try:

@@ -3,7 +3,6 @@
 
 import contextlib
 import csv
-import fcntl
 import glob
 import io
 import os
@@ -17,6 +16,11 @@ import safe_files
 from commands import UsageError, reason, silence_stdout
 from safe_files import is_regular_file
 
+try:  # POSIX: a lock the system frees when the process dies, however it dies
+    import fcntl
+except ImportError:  # Windows: the lock file itself, created exclusively (O_CREAT | O_EXCL), is the lock
+    fcntl = None
+
 CHECKPOINT_NAME = "noteLearning_{epoch}.pth"
 METRICS_NAME = "metrics.csv"
 METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
@@ -24,10 +28,13 @@ METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "test_loss"
 
 
 class FolderLock:
-    """Keep a second train.py out of the folder while this one writes there (an flock, freed at exit).
+    """Keep a second train.py out of the folder while this one writes there.
 
-    The lock file is opened without following a symlink and must be a regular file: a link planted
-    there must not make train.py empty and overwrite the file it points to.
+    Where the system has fcntl, an flock on .train.lock (freed at exit, even a killed one's); elsewhere
+    the file's exclusive creation is the lock (one a killed run left must be removed by hand, and the
+    message says so). The file is opened without following a symlink (where O_NOFOLLOW exists; else a
+    link is refused before opening) and must be a regular file: a link planted there must not make
+    train.py empty and overwrite the file it points to.
     """
 
     def __init__(self, folder):
@@ -36,8 +43,16 @@ class FolderLock:
 
     def __enter__(self):
         created = not os.path.lexists(self.path)
+        if os.path.islink(self.path) and not hasattr(os, "O_NOFOLLOW"):
+            raise UsageError(f"cannot lock {self.path} (a symlink); remove it, or choose another --checkpoint-dir")
+        flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if fcntl is None else 0)
+        for name in ("O_NOFOLLOW", "O_NONBLOCK", "O_CLOEXEC", "O_BINARY"):  # each where the system has it
+            flags |= getattr(os, name, 0)
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+            self.fd = os.open(self.path, flags, 0o666)
+        except FileExistsError:  # no fcntl: another run holds the lock, or a killed one left it
+            raise UsageError(f"another train.py ({self._holder()}) is writing to {os.path.dirname(self.path) or '.'}, or "
+                             f"one that was killed left {self.path}: if none is running, remove that file") from None
         except OSError as error:
             kind = "a symlink" if os.path.islink(self.path) else error.strerror
             raise UsageError(f"cannot lock {self.path} ({kind}); remove it, or choose another --checkpoint-dir") from None
@@ -45,14 +60,15 @@ class FolderLock:
             if not stat.S_ISREG(os.fstat(self.fd).st_mode):
                 raise UsageError(f"cannot lock {self.path}: it is not a regular file; remove it, "
                                  "or choose another --checkpoint-dir")
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                raise UsageError(f"another train.py (process {holder}) is writing to "
-                                 f"{os.path.dirname(self.path) or '.'}; wait for it or choose another --checkpoint-dir")
+            if fcntl is not None:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise UsageError(f"another train.py ({self._holder()}) is writing to "
+                                     f"{os.path.dirname(self.path) or '.'}; wait for it or choose another --checkpoint-dir")
             os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            os.write(self.fd, f"{os.getpid()}\n".encode())
         except OSError as error:  # a full disk, say: leave no lock file behind that this run made
             self._release(created)
             raise UsageError(f"cannot lock {self.path} ({error.strerror})") from None
@@ -61,11 +77,22 @@ class FolderLock:
             raise
         return self
 
+    def _holder(self):
+        """'process N', as the lock file says, read without following a link."""
+        with contextlib.suppress(OSError):
+            if not os.path.islink(self.path):
+                with open(self.path, "rb") as file:
+                    return f"process {file.read(64).decode(errors='replace').strip() or 'unknown'}"
+        return "process unknown"
+
     def _release(self, remove):
+        if fcntl is None:  # the file is the lock: closed first (Windows removes no open file), then removed
+            os.close(self.fd)
         if remove:
             with contextlib.suppress(OSError):
                 os.remove(self.path)
-        os.close(self.fd)
+        if fcntl is not None:  # removed while still locked: no other run can lock the file that goes away
+            os.close(self.fd)
 
     def __exit__(self, *exc):
         self._release(True)
@@ -90,47 +117,70 @@ def checkpoint_epochs(folder):
     return found
 
 
-def claim_folder(folder, start_epoch, resume_path, overwrite, run_id):
-    """Make sure this run mixes with no other in `folder`: refuse, or (overwrite) clear.
+def claim_folder(folder, start_epoch, progress, overwrite, run_id):
+    """Make sure this run mixes with no other in `folder`: refuse (saying how to go on), or (overwrite)
+    clear and say what was removed.
 
-    A new run needs a folder without checkpoints or metrics.csv. A resumed one needs a folder without
-    checkpoints after its epoch, and whose earlier checkpoints and metrics rows are its own: each run
-    has an identity, recorded in its checkpoints' config and in metrics.csv's `run` column.
-    Returns the metrics rows to keep (this run's, up to start_epoch).
+    Each run has an identity, recorded in its checkpoints' config and in metrics.csv's `run` column.
+    A new run needs a folder without checkpoints or metrics.csv; where the folder holds one earlier
+    run, the message gives the command that continues it. A resumed run needs a folder whose earlier
+    checkpoints and metrics rows are its own, and without later epochs (another run's, or its own
+    from before, which a resume from an earlier epoch would replace). Returns the metrics rows to
+    keep (this run's, up to start_epoch).
     """
     import checkpoints  # here, not above: plot.py reads metrics.csv without needing torch
 
     metrics_path = os.path.join(folder, METRICS_NAME)
-    resume_path = os.path.abspath(resume_path) if resume_path else None
-    others = {}
+    resume_path = os.path.abspath(progress.last_checkpoint) if progress.last_checkpoint else None
+    runs = {}  # epoch -> run identity (None: unreadable) of every checkpoint here but the one resumed from
     for epoch, path in checkpoint_epochs(folder).items():
-        if os.path.abspath(path) == resume_path:
-            continue
-        if epoch > start_epoch:
-            others[epoch] = path
-        else:  # an earlier epoch here must be this very run's
+        if os.path.abspath(path) != resume_path:
+            runs[epoch] = None
             with contextlib.suppress(UsageError):
-                if checkpoints.load_checkpoint(path)["config"].get("run") == run_id:
-                    continue
-            others[epoch] = path
+                runs[epoch] = checkpoints.load_checkpoint(path)["config"].get("run")
     rows = read_metrics(metrics_path) if start_epoch > 0 and os.path.lexists(metrics_path) else []
     foreign = [row for row in rows if row.get("run") not in (None, "", run_id)]  # legacy rows have no run
-    conflicts = [os.path.basename(others[epoch]) for epoch in sorted(others)]
+    others = sorted(epoch for epoch, run in runs.items() if epoch > start_epoch or run != run_id)
+    conflicts = [CHECKPOINT_NAME.format(epoch=epoch) for epoch in others]
     if (start_epoch == 0 and os.path.lexists(metrics_path)) or foreign:
         conflicts.append(METRICS_NAME)
     if conflicts and not overwrite:
-        shown = ", ".join(conflicts[:3]) + (f" and {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
-        how = ("resume it with --resume, " if start_epoch == 0 else "") + "choose another --checkpoint-dir"
-        raise UsageError(f"{folder} already holds another run ({shown}); {how}, or pass --overwrite to replace it")
+        raise UsageError(_conflict_message(folder, start_epoch, runs, run_id, progress) + f" ({_names(conflicts)})")
     try:
-        for path in others.values():
-            os.remove(path)
+        for epoch in others:
+            os.remove(os.path.join(folder, CHECKPOINT_NAME.format(epoch=epoch)))
         if (start_epoch == 0 or foreign) and os.path.lexists(metrics_path):
             os.remove(metrics_path)
             rows = []
     except OSError as error:
-        raise UsageError(f"cannot replace the earlier run in {folder} ({error.strerror})") from None
+        raise UsageError(f"cannot replace the earlier files in {folder} ({error.strerror})") from None
+    if conflicts:
+        say(f"--overwrite: removed {_names(conflicts, limit=len(conflicts))} from {folder}")
     return [row for row in rows if int(row["epoch"]) <= start_epoch]
+
+
+def _names(names, limit=3):
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _conflict_message(folder, start_epoch, runs, run_id, progress):
+    """What the folder holds, and the commands that go on from here."""
+    later_own = sorted(epoch for epoch, run in runs.items() if epoch > start_epoch and run == run_id)
+    if start_epoch > 0 and later_own and all(run == run_id for run in runs.values()):
+        return (f"resuming from epoch {start_epoch} would replace epochs {later_own[0]}-{later_own[-1]} of this same run "
+                f"in {folder}: pass --overwrite to replace them, or choose another --checkpoint-dir")
+    identities = set(runs.values())
+    if start_epoch == 0 and runs and len(identities) == 1 and None not in identities:  # one earlier run, whole
+        newest = max(runs)
+        path = os.path.join(folder, CHECKPOINT_NAME.format(epoch=newest))
+        if newest < progress.epochs:
+            go_on = f"continue it with: {progress.resume_command(path)}"
+        else:
+            go_on = f"evaluate it with: python evaluate.py {path}"
+        return (f"{folder} already holds a run that reached epoch {newest}; {go_on}; or pass --overwrite to start "
+                "over, or choose another --checkpoint-dir")
+    how = "resume it with --resume, " if start_epoch == 0 else ""
+    return f"{folder} already holds another run; {how}choose another --checkpoint-dir, or pass --overwrite to replace it"
 
 
 def read_csv(path, advice=""):
@@ -263,14 +313,18 @@ def say(*args, **kwargs):
 class Progress:
     """What a stop must report: the newest complete checkpoint and how to go on from it."""
 
-    def __init__(self, script, argv, last_checkpoint):
+    def __init__(self, script, argv, last_checkpoint, epochs):
         self.script = script
         self.argv = argv
         self.last_checkpoint = last_checkpoint
+        self.epochs = epochs  # the last epoch this run was asked for
         self.epoch = None
         self.reported = False
 
-    def resume_command(self):
+    def resume_command(self, checkpoint=None):
+        """The command that resumes from `checkpoint` (the newest complete one by default): this run's
+        flags, less any earlier --resume or --overwrite."""
+        checkpoint = checkpoint or self.last_checkpoint
         rest, args_iter = [], iter(self.argv)
         for arg in args_iter:  # the original flags, minus any earlier --resume or --overwrite
             if arg == "--resume":
@@ -280,7 +334,7 @@ class Progress:
         script = os.path.relpath(os.path.abspath(self.script))
         if script.startswith(".."):
             script = os.path.abspath(self.script)
-        return shlex.join(["python", script, *rest, "--resume", self.last_checkpoint])
+        return shlex.join(["python", script, *rest, "--resume", checkpoint])
 
     def report_stop(self, what, where=True):
         """On stderr, once: why the run stopped (with where=False, `what` alone, as an error line), then

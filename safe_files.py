@@ -26,7 +26,8 @@ def atomic_write(path, write):
     # refused because the hidden one beside it is longer.
     fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)[:40]}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600
+        if hasattr(os, "fchmod"):  # mkstemp makes it 0600; POSIX-only, and Windows has no such modes to set
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()

@@ -6,12 +6,6 @@ so a stopped study goes on where it stopped. Writes OUT/study.md (the tables REA
 matplotlib, the figures OUT/study_*.png. --quick: one epoch, one seed, a reduced grid (tests, a first look).
 """
 
-import signal
-import sys
-
-if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
-
 import contextlib
 import io
 import json
@@ -21,16 +15,31 @@ import re
 import time
 from dataclasses import dataclass, field
 
-import torch
-
-import checkpoints
 import commands
-import data_files
-import fast_step
-import mnist_mlp
-import run_folder
-import train
 from commands import UsageError
+
+
+def parse_args(argv):
+    parser = commands.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".")
+    parser.add_argument("--out", required=True, help="the study's folder (runs/, study.md, figures)")
+    parser.add_argument("--quick", action="store_true", help="one epoch, one seed, a reduced grid")
+    parser.add_argument("--val-size", type=commands.bounded_int(1, 59999), default=5000,
+                        help="images held out for choosing the learning rate")
+    commands.add_data_dir_flag(parser)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer before torch loads
+    commands.flags_first(parse_args)
+
+import torch  # noqa: E402  (after the flags, on purpose)
+
+import checkpoints  # noqa: E402
+import data_files  # noqa: E402
+import fast_step  # noqa: E402
+import mnist_mlp  # noqa: E402
+import run_folder  # noqa: E402
+import train  # noqa: E402
 
 BETAS = (0.9, 0.999)
 
@@ -52,7 +61,7 @@ def zero_one_inputs(active):
     """Train and evaluate on p/255 instead of the tutorial's p/127.5 - 1 (the dead-unit experiment)."""
     real = mnist_mlp.normalize
     if active:
-        mnist_mlp.normalize = lambda pixels: pixels.div(255.0)
+        mnist_mlp.normalize = lambda pixels: pixels.div(255.0).view(-1, 1, 28, 28)
     try:
         yield
     finally:
@@ -140,7 +149,7 @@ class Study:
                 path = os.path.join(self.folder(setting, seed), run_folder.CHECKPOINT_NAME.format(epoch=epoch))
                 model = checkpoints.model_from_checkpoint(path, checkpoints.load_checkpoint(path))
                 with torch.no_grad():
-                    active = (model.fc1(mnist_mlp.normalize(test.pixels)) > 0).any(0)
+                    active = (model.fc1(mnist_mlp.normalize(test.pixels).flatten(1)) > 0).any(0)
                 counts.append(int((~active).sum()))
         return counts
 
@@ -310,13 +319,7 @@ def safe_save(figure, path):
 
 def main(argv=None):
     def body(argv):
-        parser = commands.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".")
-        parser.add_argument("--out", required=True, help="the study's folder (runs/, study.md, figures)")
-        parser.add_argument("--quick", action="store_true", help="one epoch, one seed, a reduced grid")
-        parser.add_argument("--val-size", type=commands.bounded_int(1, 59999), default=5000,
-                            help="images held out for choosing the learning rate")
-        commands.add_data_dir_flag(parser)
-        args = parser.parse_args(argv)
+        args = parse_args(argv)
         try:  # the output folder checked before the first run, not by each run's train.py
             os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
         except OSError as error:

@@ -30,7 +30,7 @@ def test_evaluate_rejects_missing_and_non_checkpoint_files(tmp_path, capsys):
     assert_usage_error(*run_main(evaluate, [tmp_path / "nope.pth"], capsys)[::2], "no such file")
     assert_usage_error(*run_main(evaluate, [tmp_path], capsys)[::2], "is a folder")
     (tmp_path / "notes.pth").write_text("not a checkpoint at all\n")
-    assert_usage_error(*run_main(evaluate, [tmp_path / "notes.pth"], capsys)[::2], "not a readable checkpoint")
+    assert_usage_error(*run_main(evaluate, [tmp_path / "notes.pth"], capsys)[::2], "not a checkpoint written by train.py")
     torch.save({"weights": [1, 2, 3]}, tmp_path / "other.pth")
     assert_usage_error(*run_main(evaluate, [tmp_path / "other.pth"], capsys)[::2], "no model weights")
 
@@ -73,9 +73,9 @@ def test_broken_checkpoints_are_one_line_errors(make, trained, tmp_path, capsys)
     else:
         from PIL import Image
         Image.new("L", (28, 28)).save(path, format="PNG")
-    assert_usage_error(*run_main(evaluate, [path], capsys)[::2], "not a readable checkpoint")
+    assert_usage_error(*run_main(evaluate, [path], capsys)[::2], "not a checkpoint written by train.py")
     code, _, err = run_main(train, ["--resume", path, "--checkpoint-dir", tmp_path / "out"], capsys)
-    assert_usage_error(code, err, "not a readable checkpoint")
+    assert_usage_error(code, err, "not a checkpoint written by train.py")
     assert not (tmp_path / "out" / "noteLearning_1.pth").exists()
 
 

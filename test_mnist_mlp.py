@@ -34,15 +34,17 @@ def test_model_matches_the_tutorials_keys_and_shapes():
     assert [(name, layer.out_features) for name, layer in narrow.named_children()] == [("fc1", 32), ("fc2", 16),
                                                                                        ("fc3", 10)]
     assert checkpoints.checked_checkpoint("narrow", narrow.state_dict())["config"]["hidden"] == [32, 16]
-    with pytest.raises(commands.UsageError, match=r"3 hidden layers of widths \[50, 40, 30\]"):
-        checkpoints.checked_checkpoint("deeper", DeeperModel().state_dict())
+    deeper = checkpoints.checked_checkpoint("deeper", DeeperModel().state_dict())
+    with pytest.raises(commands.UsageError, match=r"the checkpoint has fc4.weight, fc4.bias that NoteModel lacks; "
+                                                  r"fc3.weight is \[30, 40\] there, \[10, 40\] in NoteModel"):
+        checkpoints.model_from_checkpoint("deeper", deeper)
 
 
 def test_normalization_equals_torchvision_transforms_bit_for_bit(mnist):
     train_split, _ = mnist
     dataset = datasets.MNIST(data_files.DEFAULT_DATA_DIR, train=True, transform=TUTORIAL_TRANSFORM)
     indices = list(range(0, 60000, 97))
-    expected = torch.stack([dataset[i][0] for i in indices]).view(-1, 784)
+    expected = torch.stack([dataset[i][0] for i in indices])  # (N, 1, 28, 28), as the DataLoader batches them
     ours = mnist_mlp.normalize(train_split.pixels[indices])
     assert ours.dtype == torch.float32
     assert torch.equal(ours, expected)
@@ -77,7 +79,7 @@ def test_our_batches_equal_the_tutorials_dataloader_batches(tmp_path):
         their_batches = list(loader)
         assert [len(y) for _, y in their_batches] == [64, 64, 64, 8]
         for batch, (x, y) in zip(order.split(64), their_batches):
-            assert torch.equal(mnist_mlp.normalize(train_split.pixels[batch]), x.view(-1, 784))
+            assert torch.equal(mnist_mlp.normalize(train_split.pixels[batch]), x)
             assert torch.equal(train_split.labels[batch], y)
 
 
@@ -202,11 +204,11 @@ def test_adam_by_hand_optimizer_equals_torch_adam_and_can_drop_the_correction():
 
 
 def test_normalize_equals_the_three_step_form_for_every_byte_value():
-    every_byte = torch.arange(256, dtype=torch.uint8)
+    every_byte = (torch.arange(784) % 256).to(torch.uint8).view(1, 784)  # one image holding every value
     textbook = every_byte.float().div(255).sub(0.5).div(0.5)  # ToTensor, then Normalize((0.5,), (0.5,))
-    assert torch.equal(mnist_mlp.normalize(every_byte), textbook)
-    shifted = torch.cat([every_byte.roll(k) for k in range(40)]).view(-1, 64)  # vector and tail code paths
-    assert torch.equal(mnist_mlp.normalize(shifted), shifted.float().div(255).sub(0.5).div(0.5))
+    assert torch.equal(mnist_mlp.normalize(every_byte), textbook.view(1, 1, 28, 28))
+    shifted = torch.cat([every_byte.roll(k) for k in range(40)])  # vector and tail code paths
+    assert torch.equal(mnist_mlp.normalize(shifted).flatten(1), shifted.float().div(255).sub(0.5).div(0.5))
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])

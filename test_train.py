@@ -15,6 +15,7 @@ import checkpoints
 import data_files
 import evaluate
 import mnist_mlp
+import models
 import train
 from conftest import HERE, assert_usage_error, make_tiny_mnist, run_main, tiny_run
 
@@ -44,7 +45,8 @@ def test_tiny_idx_dataset_trains_and_checkpoints(tmp_path, capsys):
     assert len(run_id) == 32 and run_id.isalnum()
     assert checkpoint["config"] == {"hidden": [128, 64], "optimizer": "adam", "lr": 0.001, "betas": [0.9, 0.999],
                                     "eps": 1e-08, "weight_decay": 0, "batch_size": 32, "seed": 1,
-                                    "dataset": "mnist", "val_size": 0, "fused": False, "threads": 1}
+                                    "dataset": "mnist", "val_size": 0, "fused": False, "threads": 1,
+                                    "model_source": models.source_fingerprint()}
     with open(tmp_path / "metrics.csv") as file:
         lines = file.read().splitlines()
     assert lines[0].startswith("epoch,train_loss,")
@@ -130,7 +132,7 @@ def test_resume_refuses_other_hidden_sizes_and_finished_runs(tmp_path, capsys):
     before = (folder / "noteLearning_1.pth").read_bytes()
     code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder, "--hidden", "32", "16",
                                             "--resume", folder / "noteLearning_1.pth"), capsys)
-    assert_usage_error(code, err, "hidden sizes [128, 64]", "--hidden 128 64")
+    assert_usage_error(code, err, "widths [128, 64]", "--hidden 128 64")
     code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder,
                                             "--resume", folder / "noteLearning_1.pth"), capsys)
     assert_usage_error(code, err, "already at epoch 1")
@@ -297,11 +299,12 @@ def test_a_second_run_in_the_same_folder_is_refused_unless_overwrite(tmp_path, c
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
     code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--lr", "0.002", "--checkpoint-dir", folder),
                             capsys)
-    assert_usage_error(code, err, "already holds another run", "--overwrite")
+    assert_usage_error(code, err, "already holds a run that reached epoch 3", "python evaluate.py", "--overwrite")
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
-    code, _, _ = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--lr", "0.002", "--checkpoint-dir", folder,
-                                          "--overwrite"), capsys)
+    code, out, _ = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--lr", "0.002", "--checkpoint-dir", folder,
+                                            "--overwrite"), capsys)
     assert code == 0
+    assert f"--overwrite: removed noteLearning_1.pth, noteLearning_2.pth, noteLearning_3.pth, metrics.csv from {folder}" in out
     assert sorted(os.listdir(folder)) == ["metrics.csv", "noteLearning_1.pth", "noteLearning_2.pth"]
     rows = (folder / "metrics.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
@@ -446,8 +449,8 @@ def test_output_into_a_closed_pipe_neither_crashes_nor_loses_checkpoints(tmp_pat
     (["--momentum", "2"], ["--momentum"]),
     (["--seed", "18446744073709551616"], ["--seed"]),
     (["--hidden", "100000000000000000000", "64"], ["--hidden"]),
-    (["--hidden", "128", "64", "32"], ["unrecognized arguments", "32"]),
-    (["--hidden", "65536", "65536"], ["--hidden 65536 65536", "GiB", "smaller widths"]),  # refused, not allocated
+    (["--hidden", "128", "64", "32"], ["--hidden got 3 widths (128 64 32)", "takes 2", "edit of NoteModel"]),
+    (["--hidden", "65536", "65536"], ["with 65536 65536", "GiB", "smaller widths"]),  # refused, not allocated
     (["--threads", "1000"], ["--threads"]),
     (["--lr", "abc"], ["--lr"]),
 ])
@@ -590,10 +593,14 @@ def test_small_messages_a_newcomer_meets(tmp_path, capsys):
 def test_a_disk_already_full_when_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch, capsys):
     import run_folder
 
-    def full_disk(fd, data, offset):
-        raise OSError(28, "No space left on device")
+    write = os.write
 
-    monkeypatch.setattr(run_folder.os, "pwrite", full_disk)
+    def full_disk(fd, data):  # the lock's own line (the process id) finds the disk full
+        if data == f"{os.getpid()}\n".encode():
+            raise OSError(28, "No space left on device")
+        return write(fd, data)
+
+    monkeypatch.setattr(run_folder.os, "write", full_disk)
     folder = tmp_path / "out"
     folder.mkdir()
     code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)

@@ -3,35 +3,20 @@
 Writes noteLearning_{epoch}.pth and a metrics.csv row after every epoch. The pieces are mnist_mlp's lesson;
 fast_step makes a step fast where it is proven equal; checkpoints and run_folder keep the files safe."""
 
-import signal
-import sys
-
-if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly, as later
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
-
 import os
+import signal
 import time
 import uuid
 
-import torch
-from torch import nn
-
-import checkpoints
 import commands
-import data_files
-import fast_step
-import mnist_mlp
-import run_folder
-import safe_files
 from commands import UsageError
-from run_folder import say
 
 OPTIMIZERS = {"adam": "Adam, as the tutorial (torch.optim.Adam)", "sgd": "SGD with --momentum (torch.optim.SGD)",
               "adam-no-bias-correction": "Adam without dividing m and v by (1-beta^t) (mnist_mlp.adam_update)"}
 
 
 def parse_args(argv):
-    parser = commands.ArgumentParser(description="Train the tutorial's 784-128-64-10 MLP on MNIST.")
+    parser = commands.ArgumentParser(description="Train the tutorial's MLP (or your edit of NoteModel) on MNIST.")
     whole = commands.bounded_int(1, 1_000_000)
     group = parser.add_argument_group("training (the tutorial's settings by default)")
     group.add_argument("--epochs", type=whole, default=20, help="total number of epochs")
@@ -40,17 +25,19 @@ def parse_args(argv):
     group.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam",
                        help="; ".join(f"{name}: {text}" for name, text in OPTIMIZERS.items()))
     group.add_argument("--momentum", type=commands.fraction, default=0.9, help="SGD momentum, 0 to below 1 (0: plain SGD)")
-    group.add_argument("--hidden", type=commands.bounded_int(1, checkpoints.MAX_HIDDEN), nargs=2, default=[128, 64],
-                       metavar=("H1", "H2"), help="the widths of the two hidden layers")
+    group.add_argument("--hidden", type=commands.bounded_int(1, commands.MAX_WIDTH), nargs="+", metavar="WIDTH",
+                       help="the widths NoteModel(...) takes (the tutorial's: 128 64; default: NoteModel's own, "
+                            "or the resumed checkpoint's)")
     group.add_argument("--seed", type=commands.bounded_int(0, 2**63 - 1), default=1, help="seed for weights and batch order")
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", choices=sorted(mnist_mlp.DATASETS), default="mnist", help="dataset")
+    commands.add_dataset_flag(group)
     commands.add_data_dir_flag(group)
     group.add_argument("--val-size", type=commands.bounded_int(0, 1_000_000), default=0, help="training images held out")
     group.add_argument("--test-batch-size", type=whole, default=1000, help="evaluation batch size")
     group = parser.add_argument_group("output and resuming")
     group.add_argument("--checkpoint-dir", default=".", help="where checkpoints and metrics.csv go")
-    group.add_argument("--overwrite", action="store_true", help="replace another run's files in --checkpoint-dir")
+    group.add_argument("--overwrite", action="store_true", help="replace the files in --checkpoint-dir that this run "
+                       "would mix with (another run's, or this run's later epochs); says what it removed")
     group.add_argument("--log-interval", type=whole, default=100, help="print the mean training loss every this many steps")
     group.add_argument("--resume", metavar="CHECKPOINT", help="continue training from this checkpoint")
     commands.add_trust_pickle_flag(group, "allow --resume from a pickled whole model")
@@ -63,12 +50,25 @@ def parse_args(argv):
                             "equal to; auto: fast where proven, autograd elsewhere")
     group.add_argument("--fused", action="store_true", help="torch's fused optimizer: faster, Adam's last bits differ "
                        "from the tutorial's; on CUDA the step then replays as a CUDA graph")
-    group.add_argument("--no-fused", dest="fused", action="store_false", help="the default: bit for bit torch's default")
     group.add_argument("--no-cuda-graph", action="store_true", help="with --fused on CUDA, no CUDA graph")
     args = parser.parse_args(argv)
-    if args.resume is not None and not args.resume.strip():
-        parser.error("--resume needs a checkpoint path (it was given an empty one)")
+    if args.resume is not None:
+        commands.existing_file(args.resume, "checkpoint", "--resume")
     return args
+
+
+if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer before torch loads (seconds)
+    commands.flags_first(parse_args)
+
+import torch  # noqa: E402  (after the flags, on purpose)
+
+import checkpoints  # noqa: E402
+import data_files  # noqa: E402
+import fast_step  # noqa: E402
+import mnist_mlp  # noqa: E402
+import models  # noqa: E402
+import run_folder  # noqa: E402
+import safe_files  # noqa: E402
 
 
 class Run:
@@ -77,23 +77,25 @@ class Run:
     def __init__(self, args, device, progress):
         self.args, self.device, self.progress = args, device, progress
         run_folder.writable_folder(args.checkpoint_dir)
+        resumed = None if not args.resume else checkpoints.load_checkpoint(args.resume, trust_pickle=args.trust_pickle)
+        model_args = models.fitting(models.constructor_args(args.hidden) if resumed is None
+                                    else checkpoints.resume_widths(args.resume, resumed["config"], args.hidden))
         torch.manual_seed(args.seed)  # as the tutorial with a seed: weights first, then the batch order
-        self.model = mnist_mlp.NoteModel(*checkpoints.fitting_widths(args.hidden))
-        self.order_generator = torch.Generator().manual_seed(args.seed)
-        resumed = None
-        if args.resume:
-            resumed = checkpoints.load_checkpoint(args.resume, trust_pickle=args.trust_pickle)
-            checkpoints.check_resume_config(args.resume, resumed["config"], {"hidden": list(args.hidden)})
-            self.model = checkpoints.model_from_checkpoint(args.resume, resumed)
+        self.model = models.build(model_args)  # the NoteModel in mnist_mlp.py, however it is written
+        if resumed is not None:
+            models.load_weights(args.resume, resumed, self.model)
         self.model.to(device)
-        self.criterion = nn.CrossEntropyLoss()
+        models.check_output(self.model, mnist_mlp.DATASETS[args.dataset][1])
+        self.order_generator = torch.Generator().manual_seed(args.seed)
+        self.criterion = torch.nn.CrossEntropyLoss()
         self.optimizer = fast_step.make_optimizer(args.optimizer, self.model.parameters(), args.lr, args.momentum,
                                                   fused=args.fused)
-        self.config = {"hidden": list(args.hidden), **fast_step.optimizer_config(self.optimizer),
+        self.config = {"hidden": model_args, **fast_step.optimizer_config(self.optimizer),
                        "batch_size": args.batch_size, "seed": args.seed, "dataset": args.dataset,
                        "val_size": args.val_size, "fused": args.fused,  # threads: the matmuls' rounding
                        **({"threads": torch.get_num_threads()} if device.type == "cpu" else {}),
-                       "run": (resumed or {}).get("config", {}).get("run") or uuid.uuid4().hex}  # the run's identity
+                       "run": (resumed or {}).get("config", {}).get("run") or uuid.uuid4().hex,  # the run's identity
+                       "model_source": models.source_fingerprint()}  # a checkpoint read by other code is told apart
         self.start_epoch = 0 if resumed is None else checkpoints.restore_training_state(
             args.resume, resumed, self.config, self.optimizer, self.order_generator)
         if self.start_epoch >= args.epochs:
@@ -105,7 +107,7 @@ class Run:
         args = self.args
         train_split, test_split = data_files.load(args.data_dir, args.dataset)
         train_split, val_split = data_files.split_validation(train_split, args.val_size, args.seed)
-        self.metrics_rows = run_folder.claim_folder(args.checkpoint_dir, self.start_epoch, args.resume, args.overwrite,
+        self.metrics_rows = run_folder.claim_folder(args.checkpoint_dir, self.start_epoch, self.progress, args.overwrite,
                                                     self.config["run"])
         self.train_split, self.test_split = train_split.to(self.device), test_split.to(self.device)
         self.val_split = val_split.to(self.device) if val_split is not None else None
@@ -116,7 +118,7 @@ class Run:
     def train_one_epoch(self, epoch, stop):
         """mnist_mlp.train_epoch over this epoch's shuffled batches; None if a stop was asked for."""
         def log(step_number, steps, loss):
-            say(f"epoch {epoch}/{self.args.epochs}  step {step_number}/{steps}  loss {loss:.4f}")
+            run_folder.say(f"epoch {epoch}/{self.args.epochs}  step {step_number}/{steps}  loss {loss:.4f}")
 
         order = mnist_mlp.epoch_order(len(self.train_split), self.order_generator).to(self.device)
         try:
@@ -161,9 +163,9 @@ class Run:
 def train_loop(run):
     """The tutorial's loop: for each epoch, train, evaluate, save. Returns the exit code."""
     args = run.args
-    say(f"training with the {run.step_description}")
+    run_folder.say(f"training with the {run.step_description}")
     threads = f" ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})" if run.device.type == "cpu" else ""
-    say(f"on {run.device}{threads}, {len(run.train_split)} {args.dataset} images, epochs {run.start_epoch + 1}..{args.epochs}")
+    run_folder.say(f"on {run.device}{threads}, {len(run.train_split)} {args.dataset} images, epochs {run.start_epoch + 1}..{args.epochs}")
     with run_folder.GracefulStop() as stop, fast_step.denormals_flushed():
         for epoch in range(run.start_epoch + 1, args.epochs + 1):
             run.progress.epoch = epoch
@@ -180,7 +182,7 @@ def train_loop(run):
             # save the checkpoint and its metrics row; a Ctrl-C now waits until both are written
             with stop.save():
                 path = run.save(epoch, metrics)
-            say(f"epoch {epoch}/{args.epochs}  {run_folder.metrics_text(metrics)}  saved {path}")
+            run_folder.say(f"epoch {epoch}/{args.epochs}  {run_folder.metrics_text(metrics)}  saved {path}")
         run.progress.epoch = None
     return 0
 
@@ -188,23 +190,20 @@ def train_loop(run):
 def train(args, progress):
     """Train as the flags say, leaving torch's threads and random generators as they were."""
     device = commands.resolve_device(args.device)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads if device.type == "cpu" else threads_before)
-    try:
-        with safe_files.folders_removed_if_left_empty(args.checkpoint_dir), \
-                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            run = Run(args, device, progress)
-            with run_folder.FolderLock(args.checkpoint_dir):
-                run.open()
-                return train_loop(run)
-    finally:
-        torch.set_num_threads(threads_before)
+    with commands.torch_threads(args.threads if device.type == "cpu" else torch.get_num_threads()), \
+            safe_files.folders_removed_if_left_empty(args.checkpoint_dir), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        run = Run(args, device, progress)
+        with run_folder.FolderLock(args.checkpoint_dir):
+            run.open()
+            return train_loop(run)
 
 
 def main(argv=None):
+    """train.py's program: main(["--epochs", "3"]) in a notebook; main() alone runs with the defaults."""
     def body(argv):
         args = parse_args(argv)
-        progress = run_folder.Progress(__file__, argv, args.resume)
+        progress = run_folder.Progress(__file__, argv, args.resume, args.epochs)
         try:
             return train(args, progress)
         except run_folder.WriteFailed as error:

@@ -2,13 +2,29 @@
 
 Its imports, transforms, DataLoader, NoteModel, loss, Adam, loop and prints, with only what makes a
 run repeatable and offline added (each marked "added"): a seed, a seeded DataLoader generator, one
-thread, --epochs, the bundled data folder, and a state_dict saved each epoch. With one thread,
+thread, --epochs, the bundled data folder, a folder of its own (tutorial_run/, so that train.py's
+files are never overwritten), and a state_dict saved each epoch. With one thread,
 `python train.py` gives bit-identical weights after every epoch (a test holds it).
 This is the project's one copy of the tutorial's code: bench.py times it and the tests compare with it.
 """
 
-import argparse
 import os
+
+import commands  # added: the flags answered before torch loads, and errors as one line
+
+
+def parse_args(argv):  # added: the flags
+    parser = commands.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=commands.bounded_int(1, 1_000_000), default=20)
+    parser.add_argument("--seed", type=commands.bounded_int(0, 2**63 - 1), default=1)
+    commands.add_data_dir_flag(parser)
+    parser.add_argument("--checkpoint-dir", default="tutorial_run",
+                        help="a folder of its own, so that train.py's noteLearning_*.pth are never overwritten")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # added: the flags first
+    commands.flags_first(parse_args)
 
 import torch
 import torch.nn as nn
@@ -80,20 +96,13 @@ def accuracy(model, test_loader):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])  # added: the flags
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--data-dir", default=data_files.DEFAULT_DATA_DIR)
-    parser.add_argument("--checkpoint-dir", default=".")
-    args = parser.parse_args(None if argv is None else [str(arg) for arg in argv])
-    data_files.load(args.data_dir, download=False)  # added: decompress the bundled files
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # added: one thread, as train.py (the matmuls round differently on more)
-    try:
-        with torch.random.fork_rng():  # added: torch's global generator given back as it was
+    def body(argv):  # added: one thread, the bundled data, its own folder
+        args = parse_args(argv)
+        data_files.load(args.data_dir, download=False)  # decompress the bundled files
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        with commands.torch_threads(1), torch.random.fork_rng():  # as train.py; the global generator given back
             return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return commands.run_main(body, argv)
 
 
 def run(args):
@@ -115,4 +124,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    commands.script(main)
