@@ -151,6 +151,15 @@ def save_odd(tmp_path, change):
     (lambda c: c["model"].update({"fc1.weight": torch.zeros(1, 1).expand(10**7, 784),
                                   "fc1.bias": torch.zeros(1).expand(10**7)}), ["stride"]),
     (lambda c: c["model"]["fc2.weight"].fill_(float("nan")), ["NaN"]),
+    # the rule, not a list of known bad cases: dtypes, devices and types that no rule allows
+    (lambda c: c["model"].update({"fc1.weight": c["model"]["fc1.weight"].to(torch.float8_e4m3fn)}),
+     ["fc1.weight", "float8_e4m3fn", "not a plain dense tensor"]),
+    (lambda c: c["model"].update({"fc1.bias": torch.empty(128, device="meta")}), ["fc1.bias", "on meta"]),
+    (lambda c: c["model"].update({"extra": torch.zeros(3, dtype=torch.complex64)}), ["extra", "complex64"]),
+    (lambda c: c["model"].update({"fc1.weight": c["model"]["fc1.weight"].double()}),
+     ["fc1.weight is torch.float64 there, torch.float32 in NoteModel"]),
+    (lambda c: c["config"].update(dataset=["mnist"]), ["dataset", "one of mnist, fashion-mnist"]),
+    (lambda c: c["config"].update(model_source=["x"]), ["model_source"]),
 ])
 def test_odd_checkpoint_fields_are_one_line_errors(change, words, tmp_path, capsys):
     path = save_odd(tmp_path, change)
