@@ -426,3 +426,15 @@ def test_tutorial_py_writes_into_a_folder_of_its_own():
     import tutorial
 
     assert tutorial.parse_args([]).checkpoint_dir == "tutorial_run"
+
+
+def test_draw_serves_on_one_thread_and_gives_the_threads_back(trained, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(draw.Server, "serve_forever", lambda server: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert run_main(draw, [trained[0] / "noteLearning_1.pth", "--port", "0"], capsys)[0] == 0
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
