@@ -49,7 +49,7 @@ def constructor_args(hidden):
         return list(defaults) if names is not None else []
     if names is not None and len(hidden) != len(names):
         if not names:
-            raise UsageError("NoteModel in mnist_mlp.py takes no widths (its __init__ has no parameters): "
+            raise UsageError("NoteModel in mnist_mlp.py takes no widths (its __init__ has no width parameters): "
                              "leave out --hidden, or change the widths in NoteModel itself")
         raise UsageError(f"--hidden got {len(hidden)} width{'s' * (len(hidden) != 1)} ({' '.join(map(str, hidden))}), "
                          f"but {signature_text()} in mnist_mlp.py takes {len(names)}; another depth is an edit "
