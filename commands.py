@@ -107,14 +107,18 @@ def add_dataset_flag(parser):
     parser.add_argument("--dataset", choices=DATASET_NAMES, default="mnist", help="dataset")
 
 
+def looked_in(path):
+    """Where a missing relative path was looked for (' in /the/cwd (the current folder)'); '' for an absolute one."""
+    return "" if os.path.isabs(path) else f" in {os.getcwd()} (the current folder)"
+
+
 def existing_file(path, what="file", flag=None):
     """`path` if it is a readable regular file; else a one-line UsageError saying what it is and, for a
     relative path, where it was looked for. Torch-free, so a mistyped name answers at once."""
     if not path.strip():
         raise UsageError(f"{flag or 'it'} needs a {what} path (it was given an empty one)")
     if not os.path.lexists(path):
-        where = "" if os.path.isabs(path) else f" in {os.getcwd()} (the current folder)"
-        raise UsageError(f"{path}: no such file{where}")
+        raise UsageError(f"{path}: no such file{looked_in(path)}")
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder, not a {what}")
     if not os.path.isfile(path):

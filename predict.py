@@ -58,11 +58,9 @@ def image_paths(arguments):
 def missing_path_text(path):
     """'no such file or folder', where it was looked for, and the bundled one of that name if there is one
     (predict.py data/digits, run from another folder)."""
-    if os.path.isabs(path):
-        return "no such file or folder"
     beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
-    hint = f"; there is one beside predict.py: {beside}" if os.path.exists(beside) else ""
-    return f"no such file or folder in {os.getcwd()} (the current folder){hint}"
+    hint = f"; there is one beside predict.py: {beside}" if not os.path.isabs(path) and os.path.exists(beside) else ""
+    return f"no such file or folder{commands.looked_in(path)}{hint}"
 
 
 def true_label(path, classes):

@@ -354,6 +354,10 @@ def test_a_mistyped_flag_gets_the_nearest_one_and_hidden_its_count(capsys):
     assert_usage_error(*run_main(evaluate, ["x.pth", "--bach-size", "3"], capsys)[::2], "did you mean --batch-size?")
 
 
+def test_the_dataset_names_the_flags_offer_are_the_lessons():
+    assert commands.DATASET_NAMES == tuple(mnist_mlp.DATASETS)
+
+
 def test_every_command_defaults_to_the_same_device():
     for module in (train, evaluate, predict, draw):
         argv = {"evaluate": [__file__], "predict": [__file__, "x.png"], "draw": [__file__]}.get(module.__name__, [])
