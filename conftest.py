@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms
 
+import commands
 import data_files
 import fast_step
 import mnist_mlp
@@ -54,7 +55,7 @@ def make_tiny_mnist(root, n_train=256, n_test=64, seed=0, compress=False):
 @pytest.fixture(scope="session")
 def mnist():
     """The bundled real MNIST, as (train Split, test Split)."""
-    return data_files.load(data_files.DEFAULT_DATA_DIR, download=False)
+    return data_files.load(commands.DEFAULT_DATA_DIR, download=False)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import struct
 import zlib
 
 import mnist_mlp
-from commands import DEFAULT_DATA_DIR, UsageError, reason  # noqa: F401  (DEFAULT_DATA_DIR: data_files' own default)
+from commands import UsageError, reason
 import safe_files
 from safe_files import is_regular_file
 

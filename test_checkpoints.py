@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import data_files
+import commands
 import evaluate
 import mnist_mlp
 import train
@@ -105,7 +105,7 @@ def test_the_tutorials_pickled_model_loads_only_with_trust_pickle(trained, tmp_p
     script.write_text(TUTORIAL_SCRIPT)
     old = tmp_path / "old.pth"
     result = subprocess.run([sys.executable, str(script), str(trained[0] / "noteLearning_1.pth"),
-                             data_files.DEFAULT_DATA_DIR, str(old)], capture_output=True, text=True, check=True)
+                             commands.DEFAULT_DATA_DIR, str(old)], capture_output=True, text=True, check=True)
     printed = result.stdout.split("Accuracy: ")[1].split("%")[0]
 
     assert_usage_error(*run_main(evaluate, [old], capsys)[::2], "pickled model", "__main__.NoteModel", "--trust-pickle")

@@ -6,6 +6,7 @@ import json
 
 import torch
 
+import commands
 import data_files
 import evaluate
 import mnist_mlp
@@ -46,7 +47,7 @@ def test_per_class_and_confusion_agree_with_accuracy(trained, capsys):
     assert confusion.shape == (10, 10) and int(confusion.sum()) == 10000
     assert int(confusion.trace()) == result["correct"]
     assert torch.equal(confusion.sum(1), torch.bincount(data_files.load(
-        data_files.DEFAULT_DATA_DIR, download=False)[1].labels, minlength=10))
+        commands.DEFAULT_DATA_DIR, download=False)[1].labels, minlength=10))
     per_class = (100 * confusion.diag() / confusion.sum(1)).tolist()
     assert result["per_class"] == [round(value, 2) for value in per_class]
     code, out, _ = run_main(evaluate, [path, "--per-class", "--confusion"], capsys)

@@ -42,7 +42,7 @@ def test_model_matches_the_tutorials_keys_and_shapes():
 
 def test_normalization_equals_torchvision_transforms_bit_for_bit(mnist):
     train_split, _ = mnist
-    dataset = datasets.MNIST(data_files.DEFAULT_DATA_DIR, train=True, transform=TUTORIAL_TRANSFORM)
+    dataset = datasets.MNIST(commands.DEFAULT_DATA_DIR, train=True, transform=TUTORIAL_TRANSFORM)
     indices = list(range(0, 60000, 97))
     expected = torch.stack([dataset[i][0] for i in indices])  # (N, 1, 28, 28), as the DataLoader batches them
     ours = mnist_mlp.normalize(train_split.pixels[indices])
@@ -124,7 +124,7 @@ def test_our_loop_equals_the_tutorials_pipeline_bit_for_bit(mnist, optimizer, fu
     options = {"fused": True} if fused else {}
     tutorial_optimizer = (torch.optim.Adam(theirs.parameters(), lr=0.01, **options) if optimizer == "adam" else
                           torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9, **options))
-    dataset = datasets.MNIST(data_files.DEFAULT_DATA_DIR, train=True, transform=TUTORIAL_TRANSFORM)
+    dataset = datasets.MNIST(commands.DEFAULT_DATA_DIR, train=True, transform=TUTORIAL_TRANSFORM)
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
     criterion = nn.CrossEntropyLoss()
