@@ -8,6 +8,7 @@ chooses, and says which step trains and why.
 
 import contextlib
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +65,11 @@ class FastStep:
 
     def __call__(self, x, labels):
         """One step; returns the batch's mean loss as a 0-d tensor, left on the device."""
+        flat = isinstance(self.optimizer, FlatOptimizer) and self.optimizer.flat
+        if flat:
+            self.optimizer.grads_into_buffer()  # an autograd step in between may have put new .grad tensors
         loss, _ = self.forward_backward(x, labels, [(layer.weight.grad, layer.bias.grad) for layer in self.layers])
-        if isinstance(self.optimizer, FlatAdam) and self.optimizer.flat:
+        if flat:
             self.optimizer.step_unhooked()  # the gradients were written straight into its flat buffer
         else:
             self.optimizer.step()
@@ -143,7 +147,7 @@ def _has_hooks(model, parameters):
     return any(bool(hooks) for hooks in global_hooks + module_hooks + tensor_hooks)
 
 
-# ----------------------------------------------------------------------------- Adam over flat buffers
+# ----------------------------------------------------------------------------- optimizers over flat buffers
 
 def adam_elementwise(params, grads, exp_avgs, exp_avg_sqs, step, group):
     """The tensor operations of torch.optim.Adam's default for-loop step (torch/optim/adam.py,
@@ -157,9 +161,23 @@ def adam_elementwise(params, grads, exp_avgs, exp_avg_sqs, step, group):
     params.addcdiv_(exp_avgs, denom, value=-(group["lr"] / bias_correction1))
 
 
+def sgd_elementwise(params, grads, momentum_buffers, step, group):
+    """The tensor operations of torch.optim.SGD's default for-loop step (torch/optim/sgd.py,
+    _single_tensor_sgd, without weight decay or nesterov), in its order: at step 1 the momentum
+    buffer starts as a copy of the gradient, as torch's clone does."""
+    if group["momentum"] != 0:
+        if step == 1:
+            momentum_buffers.copy_(grads)
+        else:
+            momentum_buffers.mul_(group["momentum"]).add_(grads, alpha=1 - group["dampening"])
+        grads = momentum_buffers
+    params.add_(grads, alpha=-group["lr"])
+
+
 @functools.lru_cache(maxsize=None)
-def elementwise_is_position_independent(device):
-    """True if each of adam_elementwise's kernels gives an element the same bits wherever it sits.
+def elementwise_is_position_independent(update, device):
+    """True if each of update's kernels (adam_elementwise or sgd_elementwise) gives an element the
+    same bits wherever it sits.
 
     Run over one flat buffer, an element of a small tensor lands in the kernel's vectorised body
     where on its own it fell into the scalar tail (or in another thread's share). The two paths may
@@ -170,125 +188,225 @@ def elementwise_is_position_independent(device):
     n = 4 * 64 + 13  # bodies of every vector width up to 512 bits, and a tail
     tensors = [torch.randn(n, generator=generator) * scale for scale in (5e-2, 1e-3, 1e-4)]
     tensors.append(torch.rand(n, generator=generator) * 1e-6)
-    params, grads, exp_avgs, exp_avg_sqs = [tensor.to(device) for tensor in tensors]
-    group = {"betas": (0.9, 0.999), "eps": 1e-8, "lr": 1e-3}
-    whole = [tensor.clone() for tensor in (params, exp_avgs, exp_avg_sqs)]
-    adam_elementwise(whole[0], grads, whole[1], whole[2], 7, group)
-    alone = [tensor.clone() for tensor in (params, exp_avgs, exp_avg_sqs)]
+    params, grads, first, second = [tensor.to(device) for tensor in tensors]
+    group = {"betas": (0.9, 0.999), "eps": 1e-8, "lr": 1e-3, "momentum": 0.9, "dampening": 0}
+    states = [first, second] if update is adam_elementwise else [first]
+    whole = [tensor.clone() for tensor in (params, *states)]
+    update(whole[0], grads, *whole[1:], 7, group)
+    alone = [tensor.clone() for tensor in (params, *states)]
     for i in range(n):
-        adam_elementwise(alone[0][i:i + 1], grads[i:i + 1], alone[1][i:i + 1], alone[2][i:i + 1], 7, group)
+        update(alone[0][i:i + 1], grads[i:i + 1], *[tensor[i:i + 1] for tensor in alone[1:]], 7, group)
     return all(torch.equal(a, b) for a, b in zip(whole, alone))
 
 
-class FlatAdam(torch.optim.Adam):
-    """torch.optim.Adam whose parameters, gradients, m and v each live in one contiguous buffer,
-    updated by a few calls over the whole buffer instead of a Python loop over the tensors.
+def torch_defaults(optimizer_class):
+    """The hyper-parameters torch.optim's class puts in a param group, with its default values."""
+    return {name: parameter.default for name, parameter in inspect.signature(optimizer_class.__init__).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
 
-    By default each call is one that torch's default (for-loop) Adam makes per tensor, in its
-    order (adam_elementwise), so the weights are bit-identical to the tutorial's Adam wherever the
-    kernels are position-independent (checked on the machine at hand; where they are not, it
-    steps with torch's own per-tensor loop). fused=True takes torch's one-kernel fused Adam
-    instead: the same update, faster, rounded differently in the last bits. state_dict() and
-    load_state_dict() are Adam's own, so checkpoints load into torch.optim.Adam and back.
+
+class FlatOptimizer:
+    """A torch.optim optimizer's arithmetic and state_dict layout over flat buffers: the parameters,
+    gradients and each state tensor live in one contiguous buffer, updated by a few calls over the
+    whole buffer instead of a Python loop over the tensors.
+
+    Not a torch.optim.Optimizer: its methods import torch._dynamo on their first call, which costs
+    more start-up (about 2 s) than a whole epoch. What train.py uses of one is here: param_groups,
+    state, step, zero_grad, state_dict and load_state_dict, so checkpoints load into the torch class
+    and back. A subclass names its torch class, its state tensors and its elementwise update.
     """
 
-    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=False):
+    torch_class = None      # the torch.optim class whose arithmetic and state_dict this keeps
+    state_names = ()        # the state tensors per parameter, as the torch class names them
+    counts_steps = False    # whether the torch class keeps a "step" count per parameter
+    update = None           # the elementwise update, as the torch class's for-loop makes it
+
+    def __init__(self, parameters, **options):
         parameters = list(parameters)
-        super().__init__(parameters, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {"foreach": False}))
+        defaults = {**torch_defaults(self.torch_class), **options}
+        unknown = set(options) - set(torch_defaults(self.torch_class))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} takes no {sorted(unknown)}")
+        self.defaults = defaults
+        self.param_groups = [{"params": parameters, **defaults}]
+        self.state = {}
         self.flat_params = torch.cat([parameter.detach().reshape(-1) for parameter in parameters])
         self.flat_grads = torch.zeros_like(self.flat_params)
-        sizes = [parameter.numel() for parameter in parameters]
+        self._sizes = [parameter.numel() for parameter in parameters]
         with torch.no_grad():
-            for parameter, param_view, grad_view in zip(parameters, self.flat_params.split(sizes),
-                                                        self.flat_grads.split(sizes)):
+            for parameter, param_view, grad_view in zip(parameters, self.flat_params.split(self._sizes),
+                                                        self.flat_grads.split(self._sizes)):
                 parameter.data = param_view.view_as(parameter)
                 parameter.grad = grad_view.view_as(parameter)
         self._grad_views = [parameter.grad for parameter in parameters]
-        self._elementwise_exact = fused or elementwise_is_position_independent(str(self.flat_params.device))
-        self._bind_state()
-
-    def _bind_state(self):
-        """Put m, v and the step count of every parameter into the flat buffers (views)."""
-        parameters = self.param_groups[0]["params"]
-        sizes = [parameter.numel() for parameter in parameters]
-        self.flat_exp_avg = torch.zeros_like(self.flat_params)
-        self.flat_exp_avg_sq = torch.zeros_like(self.flat_params)
-        steps = {float(self.state[parameter]["step"]) for parameter in parameters if "step" in self.state[parameter]}
+        self._elementwise_exact = bool(defaults.get("fused")) or elementwise_is_position_independent(
+            type(self).update, str(self.flat_params.device))
         # torch keeps the step counts on the CPU unless fused or capturable
-        step_device = self.flat_params.device if self.param_groups[0]["fused"] else "cpu"
-        self.flat_steps = torch.zeros(len(parameters), device=step_device)
-        for parameter, step, m_view, v_view in zip(parameters, self.flat_steps, self.flat_exp_avg.split(sizes),
-                                                   self.flat_exp_avg_sq.split(sizes)):
-            state = self.state[parameter]
-            if state:
-                step.copy_(state["step"])
-                m_view.copy_(state["exp_avg"].reshape(-1))
-                v_view.copy_(state["exp_avg_sq"].reshape(-1))
-            state.update(step=step, exp_avg=m_view.view_as(parameter), exp_avg_sq=v_view.view_as(parameter))
-        self._step_views = list(self.flat_steps.unbind())
+        step_device = self.flat_params.device if defaults.get("fused") else "cpu"
+        self.flat_steps = torch.zeros(len(parameters), device=step_device)  # each parameter's step count
         self._one = torch.ones((), device=step_device)
-        # One call serves all parameters only while they share one step count.
-        group = self.param_groups[0]
-        self.flat = (len(self.param_groups) == 1 and len(steps) <= 1 and not group["amsgrad"]
-                     and group["weight_decay"] == 0 and not group["maximize"] and self._elementwise_exact)
+        self.flat_states = [torch.zeros_like(self.flat_params) for _ in self.state_names]
+        # one call serves all parameters while they share one step count and the kernels allow it
+        self.flat = self._elementwise_exact
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self._bind_state()
+    def _bind_state(self, index):
+        """The state of parameter `index`, as views of the flat buffers (made at its first step)."""
+        parameter = self.param_groups[0]["params"][index]
+        if parameter not in self.state:
+            views = [flat.split(self._sizes)[index].view_as(parameter) for flat in self.flat_states]
+            self.state[parameter] = ({"step": self.flat_steps[index]} if self.counts_steps else {}) | dict(
+                zip(self.state_names, views))
+        return self.state[parameter]
+
+    def grads_into_buffer(self):
+        """Make each parameter's .grad its view of the flat gradient buffer again."""
+        for parameter, view in zip(self.param_groups[0]["params"], self._grad_views):
+            if parameter.grad is not view:
+                parameter.grad = view
 
     def zero_grad(self, set_to_none=True):
-        """As torch's (set_to_none: .grad becomes None), minus its per-call profiler label."""
-        if not set_to_none:
-            return super().zero_grad(set_to_none)
+        """As torch's: .grad becomes None (or zero)."""
         for parameter in self.param_groups[0]["params"]:
-            parameter.grad = None
-        return None
+            if set_to_none:
+                parameter.grad = None
+            elif parameter.grad is not None:
+                parameter.grad.zero_()
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update from the parameters' .grad, as the torch class's step()."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         parameters = self.param_groups[0]["params"]
         grads = [parameter.grad for parameter in parameters]
-        if closure is not None or not self.flat or any(grad is None for grad in grads):
-            self.flat = False  # a parameter without a gradient is skipped by Adam: the step counts part ways
-            return super().step(closure)
+        if not self.flat or any(grad is None for grad in grads):
+            self.flat = False  # a parameter without a gradient is skipped, as torch does: the step counts part ways
+            self._step_each(parameters, grads)
+            return loss
         for grad, view in zip(grads, self._grad_views):
             if grad is not view:  # autograd made new .grad tensors: copy them in (exact) for the flat update
                 view.copy_(grad)
         self.step_unhooked()
-        return None
+        return loss
 
     def step_unhooked(self):
-        """step() for gradients already in the flat buffer, without torch.optim's per-call hooks and
-        profiler label (about 30 microseconds): FastStep writes its gradients there itself."""
+        """step() for gradients already in the flat buffer: FastStep writes its gradients there itself."""
         self.flat_steps.add_(self._one)
+        if not self.state:
+            for index in range(len(self._sizes)):
+                self._bind_state(index)
+        self._update(self.flat_params, self.flat_grads, self.flat_states, self.flat_steps[0])
+
+    def _step_each(self, parameters, grads):
+        """torch's per-tensor loop: where the kernels round by position, or the step counts differ."""
+        for index, (parameter, grad) in enumerate(zip(parameters, grads)):
+            if grad is None:
+                continue
+            state = self._bind_state(index)
+            self.flat_steps[index].add_(self._one)
+            self._update(parameter, grad, [state[name] for name in self.state_names], self.flat_steps[index])
+
+    def _update(self, params, grads, states, step):
+        type(self).update(params, grads, *states, step.item(), self.param_groups[0])
+
+    def state_dict(self):
+        """torch.optim's layout: {"state": {index: {...}}, "param_groups": [{..., "params": [0, 1, ...]}]}."""
+        parameters = self.param_groups[0]["params"]
+        group = {key: value for key, value in self.param_groups[0].items() if key != "params"}
+        return {"state": {index: dict(self.state[parameter]) for index, parameter in enumerate(parameters)
+                          if self.state.get(parameter)},  # SGD without momentum keeps none
+                "param_groups": [{**group, "params": list(range(len(parameters)))}]}
+
+    def load_state_dict(self, state_dict):
+        """Load what this class or the torch class saved; a hyper-parameter this class does not
+        implement (amsgrad, weight decay, ...) other than at its default is refused."""
+        parameters = self.param_groups[0]["params"]
+        (saved_group,) = state_dict["param_groups"]
+        if saved_group["params"] != list(range(len(parameters))):
+            raise ValueError("the saved state names other parameters")
+        for key, value in saved_group.items():
+            if key not in ("params", "lr", "betas", "eps", "momentum", "foreach", "fused") and value != self.defaults.get(key):
+                raise ValueError(f"the saved state has {key}={value!r}, which {type(self).__name__} does not do")
+        self.param_groups[0].update({key: saved_group[key] for key in ("lr", "betas", "eps", "momentum")
+                                     if key in saved_group})
+        with torch.no_grad():
+            for index, saved in state_dict["state"].items():
+                if any(saved.get(name) is None for name in self.state_names):
+                    continue  # torch's SGD may keep a None buffer: the parameter has not stepped yet
+                state = self._bind_state(index)
+                for name in self.state_names:
+                    state[name].copy_(saved[name])
+                # a state without a step count (SGD's) has stepped at least once
+                self.flat_steps[index].fill_(float(saved["step"]) if self.counts_steps else 1.0)
+        stepped = [index for index, parameter in enumerate(parameters) if parameter in self.state]
+        self.flat = (self._elementwise_exact and len(stepped) in (0, len(parameters))
+                     and len(set(self.flat_steps[stepped].tolist())) <= 1)
+
+
+class FlatAdam(FlatOptimizer):
+    """torch.optim.Adam's default step over flat buffers (each call one that torch's for-loop Adam
+    makes per tensor, in its order: adam_elementwise), so the weights are bit-identical to the
+    tutorial's Adam wherever the kernels are position-independent (checked on the machine at hand;
+    where they are not, it steps tensor by tensor). fused=True takes torch's one-kernel fused Adam
+    instead: the same update, faster, rounded differently in the last bits.
+    """
+
+    torch_class = torch.optim.Adam
+    state_names = ("exp_avg", "exp_avg_sq")
+    counts_steps = True
+    update = staticmethod(adam_elementwise)
+
+    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=False):
+        super().__init__(parameters, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {}))
+
+    def _update(self, params, grads, states, step):
         group = self.param_groups[0]
         if not group["fused"]:  # the step count as torch reads it: .item() of its CPU tensor
-            adam_elementwise(self.flat_params, self.flat_grads, self.flat_exp_avg, self.flat_exp_avg_sq,
-                             self._step_views[0].item(), group)
-            return
-        torch._fused_adam_([self.flat_params], [self.flat_grads], [self.flat_exp_avg], [self.flat_exp_avg_sq], [],
-                           [self._step_views[0]], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                           weight_decay=0, eps=group["eps"], amsgrad=False, maximize=False)
+            return adam_elementwise(params, grads, *states, step.item(), group)
+        torch._fused_adam_([params], [grads], states[:1], states[1:], [], [step], lr=group["lr"],
+                           beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=0, eps=group["eps"],
+                           amsgrad=False, maximize=False)
+
+
+class FlatSGD(FlatOptimizer):
+    """torch.optim.SGD's default step (with momentum, no weight decay or nesterov) over flat buffers,
+    bit-identical to it where the kernels are position-independent, as FlatAdam."""
+
+    torch_class = torch.optim.SGD
+    state_names = ("momentum_buffer",)
+    update = staticmethod(sgd_elementwise)
+
+    def __init__(self, parameters, lr=1e-3, momentum=0.0):
+        super().__init__(parameters, lr=lr, momentum=momentum)
+        if momentum == 0:
+            self.state_names = ()  # torch's SGD keeps no state without momentum
 
 
 def make_optimizer(name, parameters, lr, momentum=0.9, fused=False):
     """Adam (the tutorial's), SGD, or adam-no-bias-correction (AdamByHand, for the study).
 
-    By default each computes what torch's default optimizer computes, bit for bit: Adam as
-    FlatAdam's for-loop update, SGD as torch.optim.SGD itself. fused=True takes torch's fused
-    kernels where they work here (found by one step on a scratch tensor: some torch versions accept
-    fused=True and fail only at the first step): fused Adam rounds differently in the last bits.
+    By default each computes what torch's default optimizer computes, bit for bit: on the CPU as
+    FlatAdam's or FlatSGD's for-loop update over float32 parameters, elsewhere as the torch.optim
+    class itself. fused=True takes torch's fused kernels where they work here (found by one step on
+    a scratch tensor: some torch versions accept fused=True and fail only at the first step): fused
+    Adam rounds differently in the last bits.
     """
     parameters = list(parameters)
     if name == "adam-no-bias-correction":
         return mnist_mlp.AdamByHand(parameters, lr=lr, bias_correction=False)
     device = parameters[0].device if parameters else torch.device("cpu")
+    flat = bool(parameters) and all(parameter.dtype == torch.float32 and parameter.layout == torch.strided
+                                    and parameter.device == device for parameter in parameters)
     if name == "adam":
-        if fused and _optimizer_works(FlatAdam, device, lr=lr, fused=True):
+        if fused and flat and _optimizer_works(FlatAdam, device, lr=lr, fused=True):
             return FlatAdam(parameters, lr=lr, fused=True)
-        return FlatAdam(parameters, lr=lr) if parameters and device.type == "cpu" else torch.optim.Adam(parameters, lr=lr)
+        return FlatAdam(parameters, lr=lr) if flat and device.type == "cpu" else torch.optim.Adam(parameters, lr=lr)
     if fused and _optimizer_works(torch.optim.SGD, device, lr=lr, momentum=momentum, fused=True):
         return torch.optim.SGD(parameters, lr=lr, momentum=momentum, fused=True)
+    if flat and device.type == "cpu":
+        return FlatSGD(parameters, lr=lr, momentum=momentum)
     return torch.optim.SGD(parameters, lr=lr, momentum=momentum)
 
 
@@ -306,7 +424,7 @@ def _optimizer_works(optimizer_class, device, **options):
 def optimizer_config(optimizer):
     """The hyper-parameters that rebuild `optimizer`: plain values for the checkpoint."""
     group = optimizer.param_groups[0]
-    if isinstance(optimizer, torch.optim.SGD):
+    if isinstance(optimizer, (torch.optim.SGD, FlatSGD)):
         name = "sgd"
     else:
         name = "adam-no-bias-correction" if group.get("bias_correction") is False else "adam"

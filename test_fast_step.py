@@ -2,6 +2,9 @@
 Adam, and flushing denormals."""
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ import commands
 import fast_step
 import mnist_mlp
 import train
-from conftest import DeeperModel, DropoutModel, SigmoidModel, assert_usage_error, make_step, run_main, tiny_run
+from conftest import HERE, DeeperModel, DropoutModel, SigmoidModel, assert_usage_error, make_step, make_tiny_mnist, run_main, tiny_run
 
 
 def test_the_plain_model_takes_the_fast_step_and_edited_models_the_autograd_step():
@@ -92,11 +95,58 @@ def test_flat_adam_equals_torchs_adam_and_shares_its_state_dict(fused, threads, 
     assert all(torch.equal(a, b) for a, b in zip(copy.parameters(), theirs.parameters()))
 
 
+@pytest.mark.parametrize("momentum, threads", [(0.9, 1), (0.9, 2), (0.0, 1)])
+def test_flat_sgd_equals_torchs_sgd_and_shares_its_state_dict(momentum, threads):
+    torch.manual_seed(0)
+    ours, theirs = mnist_mlp.NoteModel(65, 17), mnist_mlp.NoteModel(65, 17)
+    theirs.load_state_dict(ours.state_dict())
+    flat = fast_step.make_optimizer("sgd", ours.parameters(), 0.05, momentum)
+    reference = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=momentum)
+    assert isinstance(flat, fast_step.FlatSGD) and flat.flat
+    assert flat.state_dict() == reference.state_dict()  # nothing yet, the same group, key for key
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    x, labels = torch.randn(50, 784), torch.randint(0, 10, (50,))
+    try:
+        for _ in range(6):
+            mnist_mlp.textbook_step(theirs, nn.CrossEntropyLoss(), reference, x, labels)
+        for _ in range(3):  # both steps of ours: autograd's .grad copied in, and FastStep's written in place
+            mnist_mlp.textbook_step(ours, nn.CrossEntropyLoss(), flat, x, labels)
+            fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat)[0](x, labels)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    saved, expected = flat.state_dict(), reference.state_dict()
+    assert saved["param_groups"] == expected["param_groups"] and saved["state"].keys() == expected["state"].keys()
+    for index, state in expected["state"].items():
+        assert all(torch.equal(saved["state"][index][key], value) for key, value in state.items())
+    # and back: ours takes torch's state and goes on as torch does
+    copy = mnist_mlp.NoteModel(65, 17)
+    copy.load_state_dict(ours.state_dict())
+    reloaded = fast_step.FlatSGD(copy.parameters(), lr=0.05, momentum=momentum)
+    reloaded.load_state_dict(checkpoints.plain_copy(expected))
+    for model, optimizer in ((copy, reloaded), (theirs, reference)):
+        mnist_mlp.textbook_step(model, nn.CrossEntropyLoss(), optimizer, x, labels)
+    assert all(torch.equal(a, b) for a, b in zip(copy.parameters(), theirs.parameters()))
+
+
+def test_a_flat_optimizer_refuses_a_state_it_does_not_compute():
+    model = mnist_mlp.NoteModel(8, 8)
+    for saved_by, words in ((torch.optim.Adam(model.parameters(), amsgrad=True), "amsgrad=True"),
+                            (torch.optim.Adam(model.parameters(), weight_decay=0.1), "weight_decay=0.1")):
+        with pytest.raises(ValueError, match=words):
+            fast_step.FlatAdam(mnist_mlp.NoteModel(8, 8).parameters()).load_state_dict(saved_by.state_dict())
+    with pytest.raises(ValueError, match="nesterov=True"):
+        fast_step.FlatSGD(mnist_mlp.NoteModel(8, 8).parameters(), momentum=0.9).load_state_dict(
+            torch.optim.SGD(model.parameters(), momentum=0.9, nesterov=True).state_dict())
+
+
 def test_flat_adam_steps_aside_where_the_kernels_are_not_position_independent(monkeypatch):
     """Where a kernel rounds an element differently in its vector body than in its scalar tail, one
     call over the flat buffer would not be torch's per-tensor loop: FlatAdam then runs torch's own."""
-    assert fast_step.elementwise_is_position_independent("cpu")  # the kernels of this machine, asked
-    monkeypatch.setattr(fast_step, "elementwise_is_position_independent", lambda device: False)
+    for update in (fast_step.adam_elementwise, fast_step.sgd_elementwise):  # the kernels of this machine, asked
+        assert fast_step.elementwise_is_position_independent(update, "cpu")
+    monkeypatch.setattr(fast_step, "elementwise_is_position_independent", lambda update, device: False)
     torch.manual_seed(0)
     ours, theirs = mnist_mlp.NoteModel(65, 17), mnist_mlp.NoteModel(65, 17)
     theirs.load_state_dict(ours.state_dict())
@@ -179,3 +229,34 @@ def test_the_probe_batch_is_bounded_whatever_the_batch_size(monkeypatch):
     assert fast_step.fast_step_problem(model, nn.CrossEntropyLoss(), 1_000_000) is None
     assert fast_step.fast_step_problem(model, nn.CrossEntropyLoss(), 7) is None
     assert shapes == [(256, 784), (7, 784)]
+
+
+NO_DYNAMO = """
+import sys
+sys.path.insert(0, {here!r})
+import draw, evaluate, predict, train
+folder, data = {folder!r}, {data!r}
+tiny = ["--data-dir", data, "--device", "cpu", "--log-interval", "1000"]
+assert train.main([*tiny, "--epochs", "1", "--checkpoint-dir", folder]) == 0
+assert train.main([*tiny, "--epochs", "2", "--checkpoint-dir", folder, "--resume", folder + "/noteLearning_1.pth"]) == 0
+assert train.main([*tiny, "--epochs", "1", "--checkpoint-dir", folder + "/sgd", "--optimizer", "sgd"]) == 0
+assert evaluate.main([folder + "/noteLearning_2.pth", "--data-dir", data]) == 0
+assert predict.main([folder + "/noteLearning_2.pth", {image!r}]) == 0
+draw.Reader(folder + "/noteLearning_2.pth", draw.commands.resolve_device("cpu"))
+print("torch._dynamo imported:", "torch._dynamo" in sys.modules)
+"""
+
+
+def test_the_default_paths_never_import_torch_dynamo(tmp_path):
+    """torch.optim.Optimizer's methods import torch._dynamo (about 2 s of start-up) on first use:
+    the default optimizers, resume, saving, evaluate, predict and draw do without them."""
+    data = make_tiny_mnist(tmp_path / "data")
+    script = NO_DYNAMO.format(here=HERE, folder=str(tmp_path / "run"), data=str(data),
+                              image=os.path.join(HERE, "draw_example.png"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    bare = subprocess.run([sys.executable, "-c", "import sys, torch; print('torch._dynamo' in sys.modules)"],
+                          capture_output=True, text=True, timeout=60)
+    if bare.stdout.strip() == "True":
+        pytest.skip("this torch version imports torch._dynamo with torch itself")
+    assert result.stdout.strip().endswith("torch._dynamo imported: False"), result.stdout[-500:]
