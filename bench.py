@@ -13,18 +13,26 @@ All run the same number of steps of batch 64 on the same device, in one process:
 Each first runs --warmup-epochs untimed epochs, so the figures are the steady state that a
 20-epoch run lives in (Adam's state turns denormal after about two epochs, which slows x86);
 the first of those epochs is also timed and reported on its own.
+--whole times the whole programs instead, as a user runs them: `python train.py` and
+`python tutorial.py` in fresh processes, interleaved, each for a few epochs, with start-up (process
+start to the first step), the steady epoch (train, test, save) and the 20-epoch run extrapolated.
 A benchmark, not a test: nothing here asserts anything.
 """
 
 import json
 import os
 import platform
+import re
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import commands
 
 STEPS_PER_EPOCH = 938  # 60000 images in batches of 64: 937 full ones and one of 32
+HERE = os.path.dirname(os.path.abspath(__file__))
 PIPELINES = ["classic", "ours", "fused", "autograd", "floor", "graph"]  # graph: fused replayed as a CUDA graph (CUDA only)
 
 
@@ -41,9 +49,14 @@ def parse_args(argv):
                         help="which to time (default: all; graph only on CUDA)")
     commands.add_data_dir_flag(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--tutorial-epochs", type=commands.bounded_int(1, 1000), metavar="N",
-                        help="instead, run tutorial.py's whole program for N epochs "
-                             "(time it with /usr/bin/time to compare with train.py)")
+    whole = parser.add_argument_group("the whole program (--whole): python train.py against python tutorial.py")
+    whole.add_argument("--whole", action="store_true",
+                       help="instead of the steps, time both whole programs as a user runs them, interleaved, and "
+                            "extrapolate to 20 epochs: start-up, steady epoch and whole run of each")
+    whole.add_argument("--whole-epochs", type=commands.bounded_int(2, 1000), default=3, metavar="N",
+                       help="epochs each program runs (the first holds the start-up; the others give the steady epoch)")
+    whole.add_argument("--repeats", type=commands.bounded_int(1, 100), default=3,
+                       help="runs of each program; the medians are reported")
     return parser.parse_args(argv)
 
 
@@ -171,12 +184,9 @@ def run(argv):
         args.pipelines = [name for name in PIPELINES if name != "graph" or device.type == "cuda"]
     if "graph" in args.pipelines and device.type != "cuda":
         raise commands.UsageError("the graph pipeline needs --device cuda")
-    if args.tutorial_epochs:
-        with tempfile.TemporaryDirectory() as checkpoint_dir:
-            started = time.perf_counter()
-            tutorial.main(["--epochs", args.tutorial_epochs, "--data-dir", args.data_dir,
-                           "--checkpoint-dir", checkpoint_dir])
-        print(f"tutorial program: {args.tutorial_epochs} epochs in {time.perf_counter() - started:.1f} s")
+    if args.whole:
+        report = whole_programs(args)
+        print(json.dumps(report, indent=2, allow_nan=False) if args.json else whole_text(report))
         return 0
 
     threads_before = torch.get_num_threads()
@@ -237,13 +247,94 @@ def print_report(args, report, timings):
     for name in timings:
         first = report.get(f"{name}_first_epoch_samples_per_s")
         print(f"{name:<10} {report[f'{name}_samples_per_s']:>12,.0f} {report[f'{name}_ms_per_step']:>9.3f} "
-              f"{first if first is None else format(first, ',.0f'):>22}")
+              f"{'-' if first is None else format(first, ',.0f'):>22}")
     if "speedup" in report:
         print(f"ours is {report['speedup']:.1f}x the classic pipeline")
     if "floor_multiple" in report:
         print(f"ours takes {report['floor_multiple']:.2f}x the floor's time per step")
     if "autograd_multiple" in report:
         print(f"the autograd step takes {report['autograd_multiple']:.2f}x ours")
+
+
+# ----------------------------------------------------------------------------- the whole program
+
+# The lines each program prints: the loss every 100 steps of epoch 1 (the step number in the group),
+# and one line once an epoch is trained, tested and saved.
+STEP_LINE = {"train.py": re.compile(r"^epoch 1/\d+  step (\d+)/"), "tutorial.py": re.compile(r"^Epoch \[1/\d+\], Step \[(\d+)/")}
+EPOCH_DONE = {"train.py": re.compile(r"^epoch \d+/\d+  train loss"), "tutorial.py": re.compile(r"Test Accuracy")}
+START_UP = ("import time; started = time.perf_counter(); import torch; imported = time.perf_counter(); "
+            "torch.optim.Adam([torch.zeros(1, requires_grad=True)]); "
+            "print(imported - started, time.perf_counter() - imported)")
+
+
+def time_program(script, epochs, data_dir):
+    """Run `python script --epochs N` as a user does, in a fresh process and a scratch folder: its
+    start-up, its steady epoch and its exit, in seconds from the process's start.
+
+    Start-up (process start to the first step) is read off epoch 1's loss lines: the time of the
+    step-100 line less 100 steps at the pace between it and the last one. A steady epoch is the mean
+    of epochs 2..N, each trained, tested and saved.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-u", os.path.join(HERE, script), "--epochs", str(epochs),
+                   "--data-dir", data_dir, "--checkpoint-dir", folder]
+        started = time.perf_counter()
+        steps, epoch_ends = [], []  # (step number, seconds) of epoch 1's loss lines; seconds of each epoch's end
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              encoding="utf-8", errors="replace") as process:
+            for line in process.stdout:
+                now = time.perf_counter() - started
+                match = STEP_LINE[script].search(line)
+                if match:
+                    steps.append((int(match.group(1)), now))
+                elif EPOCH_DONE[script].search(line):
+                    epoch_ends.append(now)
+            errors = process.stderr.read()
+        finished = time.perf_counter() - started
+    if process.returncode != 0 or len(epoch_ends) != epochs or len(steps) < 2:
+        raise RuntimeError(f"{script} exited with {process.returncode} after {len(epoch_ends)} of {epochs} epochs: "
+                           f"{errors.strip().splitlines()[-1:] or ''}")
+    (first_step, first_time), (last_step, last_time) = steps[0], steps[-1]
+    step_seconds = (last_time - first_time) / (last_step - first_step)
+    return {"start_up_s": first_time - first_step * step_seconds,
+            "steady_epoch_s": (epoch_ends[-1] - epoch_ends[0]) / (epochs - 1), "finished_s": finished}
+
+
+def whole_programs(args):
+    """Both programs, interleaved, --repeats times; the medians of their start-up, steady epoch and
+    whole run extrapolated to 20 epochs: the N-epoch run's time plus (20 - N) steady epochs."""
+    runs = {"train.py": [], "tutorial.py": []}
+    for _ in range(args.repeats):
+        for script in runs:
+            timing = time_program(script, args.whole_epochs, args.data_dir)
+            runs[script].append({"start_up_s": timing["start_up_s"], "steady_epoch_s": timing["steady_epoch_s"],
+                                 "whole_20_epochs_s": timing["finished_s"] + (20 - args.whole_epochs)
+                                 * timing["steady_epoch_s"]})
+    imports = [subprocess.run([sys.executable, "-c", START_UP], capture_output=True, text=True, check=True).stdout.split()
+               for _ in range(args.repeats)]
+    report = {"device": f"cpu: {cpu_name()}", "cpu_count": os.cpu_count(), "torch": str(torch.__version__),
+              "epochs_run": args.whole_epochs, "repeats": args.repeats,
+              "import_torch_s": round(statistics.median(float(pair[0]) for pair in imports), 3),
+              "first_torch_optimizer_s": round(statistics.median(float(pair[1]) for pair in imports), 3)}
+    for script, measured in runs.items():
+        name = script.removesuffix(".py")
+        for key in measured[0]:
+            report[f"{name}_{key}"] = round(statistics.median(run[key] for run in measured), 3)
+    report["whole_run_ratio"] = round(report["tutorial_whole_20_epochs_s"] / report["train_whole_20_epochs_s"], 2)
+    return report
+
+
+def whole_text(report):
+    lines = [f"{report['device']}, torch {report['torch']}: each program run for {report['epochs_run']} epochs, "
+             f"{report['repeats']} times interleaved; medians, extrapolated to 20 epochs",
+             f"{'program':<14} {'start-up s':>10} {'steady epoch s':>15} {'20 epochs s':>12}"]
+    for name in ("tutorial", "train"):
+        lines.append(f"{name + '.py':<14} {report[f'{name}_start_up_s']:>10.2f} {report[f'{name}_steady_epoch_s']:>15.3f} "
+                     f"{report[f'{name}_whole_20_epochs_s']:>12.1f}")
+    lines.append(f"python train.py takes 1/{report['whole_run_ratio']:.1f} of python tutorial.py's time")
+    lines.append(f"start-up, apart: import torch {report['import_torch_s']:.2f} s; the first torch.optim optimizer "
+                 f"{report['first_torch_optimizer_s']:.2f} s more (it imports torch._dynamo; train.py's own do not)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

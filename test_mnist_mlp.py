@@ -18,6 +18,7 @@ import data_files
 import fast_step
 import mnist_mlp
 import train
+import bench
 import tutorial
 from conftest import HERE, TUTORIAL_TRANSFORM, DeeperModel, make_step, make_tiny_mnist, run_main
 
@@ -234,8 +235,12 @@ def test_train_py_gives_the_weights_of_tutorial_py_bit_for_bit_after_a_real_epoc
     assert tutorial.main(["--epochs", "1", "--checkpoint-dir", tmp_path]) == 0
     out = capsys.readouterr().out
     assert "Step [900/938]" in out and "Test Accuracy: " in out
-    code, out, _ = run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path / "ours", "--device", "cpu"], capsys)
-    assert code == 0 and out.startswith("training with the fast step")
+    code, ours_out, _ = run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path / "ours", "--device", "cpu"], capsys)
+    assert code == 0 and ours_out.startswith("training with the fast step")
+    for script, printed in (("tutorial.py", out), ("train.py", ours_out)):  # the lines bench.py --whole times
+        lines = printed.splitlines()
+        steps = [int(match.group(1)) for match in map(bench.STEP_LINE[script].search, lines) if match]
+        assert steps == list(range(100, 901, 100)) and sum(map(bool, map(bench.EPOCH_DONE[script].search, lines))) == 1
     theirs = torch.load(tmp_path / "noteLearning_1.pth", weights_only=True)
     ours = torch.load(tmp_path / "ours" / "noteLearning_1.pth", weights_only=True)["model"]
     assert list(ours) == list(theirs)
