@@ -132,6 +132,14 @@ def add_trust_pickle_flag(parser, what="allow pickled whole models (the tutorial
     parser.add_argument("--trust-pickle", action="store_true", help=f"{what}: runs code from the file")
 
 
+def require_matplotlib(what):
+    """UsageError naming the install command where matplotlib, an optional dependency, is missing."""
+    try:
+        import matplotlib  # noqa: F401  (only to say clearly that it is missing)
+    except ImportError:
+        raise UsageError(f"{what} needs matplotlib, an optional dependency: pip install matplotlib") from None
+
+
 def png_path(parser, flag, path):
     """Refuse an output picture path before any work is done: not .png, a folder, or no writable folder."""
     folder = os.path.dirname(os.path.abspath(path))

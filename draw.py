@@ -61,6 +61,7 @@ class Reader:
         checkpoint = checkpoints.load_checkpoint(path)
         self.model = checkpoints.model_from_checkpoint(path, checkpoint, device).eval()
         self.classes = checkpoints.dataset_classes(checkpoint)
+        self.checkpoint_text = f"reading with {os.path.basename(path)} (epoch {checkpoint['epoch']})"
 
     def read(self, body):
         """The answer for one picture's bytes (a PNG, or any image PIL reads); ValueError if there is none."""
@@ -74,10 +75,17 @@ class Reader:
         probabilities = handwriting.class_probabilities(self.model, pixels)
         seen = io.BytesIO()
         Image.frombytes("L", (28, 28), bytes(pixels.flatten().tolist())).save(seen, format="PNG")
+        top = probabilities.argsort(descending=True, stable=True)[:3]  # ties: the lower class first
         return {"prediction": self.classes[int(probabilities.argmax())],
                 "probabilities": [float(value) for value in probabilities],
+                "top3": [{"class": self.classes[int(index)], "probability": float(probabilities[index])} for index in top],
                 "classes": self.classes,
                 "image": "data:image/png;base64," + base64.b64encode(seen.getvalue()).decode()}
+
+
+def in_script(value):
+    """JSON for a <script> element: a "</script>" in a file name must not end it."""
+    return json.dumps(value).replace("<", "\\u003c")
 
 
 class Server(ThreadingHTTPServer):
@@ -89,7 +97,8 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, reader):
         self.reader = reader
         with open(PAGE, encoding="utf-8") as file:
-            self.page = file.read().replace("__CLASSES__", json.dumps(reader.classes)).encode()
+            page = file.read().replace("__CLASSES__", in_script(reader.classes))
+        self.page = page.replace("__CHECKPOINT__", in_script(reader.checkpoint_text)).encode()
         super().__init__(address, Handler)
 
     def handle_error(self, request, client_address):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import sys
 
@@ -17,17 +18,30 @@ def parse_args(argv):
     parser.add_argument("--json", action="store_true", help="print JSON: an object for one file, a list for several")
     parser.add_argument("--per-class", action="store_true", help="also print the accuracy of each class")
     parser.add_argument("--confusion", action="store_true", help="also print the confusion matrix (rows = true class)")
-    parser.add_argument("--save-errors", metavar="PATH.png",
-                        help="save a grid of up to 64 misclassified test images, captioned true->predicted")
+    group = parser.add_argument_group("pictures (one checkpoint; --save-weights and --save-confusion need matplotlib)")
+    group.add_argument("--save-errors", metavar="PATH.png",
+                       help="the first 64 misclassified test images, captioned 'true → predicted (confidence)'")
+    group.add_argument("--save-weights", metavar="PATH.png",
+                       help="fc1's weights, one 28x28 tile per hidden unit, dead units boxed")
+    group.add_argument("--save-confusion", metavar="PATH.png",
+                       help="the confusion matrix as a heatmap, the counts in its cells")
     commands.add_trust_pickle_flag(parser)
     args = parser.parse_args(argv)
-    if args.save_errors and len(args.checkpoints) != 1:
-        parser.error("--save-errors takes exactly one checkpoint")
-    if args.save_errors:  # checked before the evaluation, so a bad path costs nothing computed
-        commands.png_path(parser, "--save-errors", args.save_errors)
+    for flag, path in picture_flags(args):
+        if len(args.checkpoints) != 1:
+            parser.error(f"{flag} takes exactly one checkpoint")
+        commands.png_path(parser, flag, path)  # checked before the evaluation, so a bad path costs nothing computed
+    if [path for _, path in picture_flags(args)] != list(dict.fromkeys(path for _, path in picture_flags(args))):
+        parser.error("each picture needs a file of its own")
     for path in args.checkpoints:
         commands.existing_file(path, "checkpoint")
     return args
+
+
+def picture_flags(args):
+    """[(flag, path)] of the pictures asked for."""
+    return [(flag, path) for flag, path in (("--save-errors", args.save_errors), ("--save-weights", args.save_weights),
+                                            ("--save-confusion", args.save_confusion)) if path]
 
 
 if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
@@ -36,17 +50,22 @@ if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file a
 import checkpoints  # noqa: E402  (after the flags, on purpose)
 import data_files  # noqa: E402
 import mnist_mlp  # noqa: E402
-from safe_files import atomic_write  # noqa: E402
+import pictures  # noqa: E402
 
 
 def evaluate_checkpoints(args):
-    """(one result dict per checkpoint, why --save-errors failed or None); data is read once per dataset."""
+    """(one result dict per checkpoint, [(flag, path, why)] of pictures not written); data is read once per dataset."""
     device = commands.resolve_device(args.device)
     splits = {}  # dataset -> (train, test), each read once
     results = []
     for path in sorted(args.checkpoints, key=natural_order):  # one checkpoint in memory at a time
         checkpoint = checkpoints.load_checkpoint(path, trust_pickle=args.trust_pickle)
         model = checkpoints.model_from_checkpoint(path, checkpoint, device)  # the NoteModel in mnist_mlp.py
+        if args.save_weights:  # before any work: the picture needs a first nn.Linear(784, units)
+            try:
+                pictures.first_linear(model)
+            except ValueError as error:
+                raise commands.UsageError(f"--save-weights: {error}") from None
         config = checkpoint["config"]
         dataset = config.get("dataset", "mnist")
         if dataset not in splits:
@@ -69,12 +88,22 @@ def evaluate_checkpoints(args):
                                           f"but the training set has {len(splits[dataset][0])}") from None
             result["validation"] = summary(mnist_mlp.evaluate(model, val_split.to(device), args.batch_size, len(classes)))
         results.append(result)
-    if args.save_errors:
+    return results, save_pictures(args, model, splits[results[0]["dataset"]][1], results[0])
+
+
+def save_pictures(args, model, test_split, result):
+    """Write the pictures asked for; [(flag, path, why it failed)] for those that could not be written."""
+    title = os.path.basename(result["checkpoint"])
+    made = {"--save-errors": lambda: pictures.error_grid(model, test_split, result["classes"], title)[0],
+            "--save-weights": lambda: pictures.weight_tiles(model, test_split, title),
+            "--save-confusion": lambda: pictures.confusion_heatmap(result["confusion"], result["classes"], title)}
+    failures = []
+    for flag, path in picture_flags(args):
         try:
-            save_error_grid(args.save_errors, model, splits[results[0]["dataset"]][1], results[0]["classes"])
+            pictures.save(made[flag](), path)
         except OSError as error:  # the figures above are still printed
-            return results, f"cannot write {args.save_errors} ({error.strerror or error})"
-    return results, None
+            failures.append((flag, path, f"cannot write {path} ({error.strerror or error})"))
+    return failures
 
 
 def natural_order(path):
@@ -100,39 +129,16 @@ def best_index(results):
         "test accuracy"
 
 
-def save_error_grid(path, model, split, class_names, columns=8, scale=2):
-    """A PNG of up to 64 misclassified images, each captioned 'true→predicted'."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    indices, predictions = mnist_mlp.misclassified(model, split)
-    try:  # a font with an arrow where the system has one; PIL's built-in font has no "→"
-        font, arrow = ImageFont.truetype("DejaVuSans.ttf", 11), "→"
-    except OSError:
-        font, arrow = ImageFont.load_default(), "->"
-    captions = [f"{class_names[int(split.labels[i])]}{arrow}{class_names[int(p)]}"
-                for i, p in zip(indices, predictions)]
-    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    text_width = max([measure.textlength(caption, font=font) for caption in captions] + [0])
-    cell_width = max(28 * scale, int(text_width) + 4)
-    cell_height = 28 * scale + 14
-    rows = max(1, (len(captions) + columns - 1) // columns)
-    grid = Image.new("L", (columns * cell_width, rows * cell_height), color=255)
-    draw = ImageDraw.Draw(grid)
-    for number, (index, caption) in enumerate(zip(indices, captions)):
-        left, top = (number % columns) * cell_width, (number // columns) * cell_height
-        digit = Image.fromarray(split.pixels[index].view(28, 28).cpu().numpy(), mode="L")
-        grid.paste(digit.resize((28 * scale, 28 * scale)), (left + (cell_width - 28 * scale) // 2, top))
-        draw.text((left + 2, top + 28 * scale + 1), caption, fill=0, font=font)
-    atomic_write(path, lambda file: grid.save(file, format="PNG"))
-    return len(captions)
-
-
 def loss_text(loss):
     """A mean loss for the table: 4 decimals, or "not finite" where the logits overflowed (JSON: null)."""
     return "not finite" if loss is None else f"{loss:.4f}"
 
 
-def print_results(results, args, saved_errors):
+PICTURE_NAMES = {"--save-errors": "misclassified examples", "--save-weights": "fc1's weights",
+                 "--save-confusion": "the confusion heatmap"}
+
+
+def print_results(results, args, saved):
     if len(results) == 1:
         result = results[0]
         print(f"{result['checkpoint']} (epoch {result['epoch']}, {result['dataset']} test set): "
@@ -165,22 +171,25 @@ def print_results(results, args, saved_errors):
             print("       " + "".join(f"{name:>6}" for name in short))
             for name, row in zip(short, result["confusion"]):
                 print(f"{name:>6} " + "".join(f"{count:>6}" for count in row))
-    if saved_errors:
-        print(f"saved misclassified examples to {args.save_errors}")
+    for flag, path in saved:
+        print(f"saved {PICTURE_NAMES[flag]} to {path}")
 
 
 def main(argv=None):
     def body(argv):
         args = parse_args(argv)
-        results, save_failure = evaluate_checkpoints(args)
+        if picture_flags(args) != [("--save-errors", args.save_errors)] * bool(args.save_errors):
+            commands.require_matplotlib("evaluate.py " + " and ".join(flag for flag, _ in picture_flags(args)
+                                                                     if flag != "--save-errors"))
+        results, failures = evaluate_checkpoints(args)
+        failed = {flag for flag, _, _ in failures}
         if args.json:
             print(json.dumps(results[0] if len(results) == 1 else results, indent=2, allow_nan=False, ensure_ascii=False))
         else:
-            print_results(results, args, saved_errors=args.save_errors and save_failure is None)
-        if save_failure is not None:
-            print(f"error: {save_failure}", file=sys.stderr)
-            return 1
-        return 0
+            print_results(results, args, [(flag, path) for flag, path in picture_flags(args) if flag not in failed])
+        for _, _, why in failures:
+            print(f"error: {why}", file=sys.stderr)
+        return 1 if failures else 0
     return commands.run_main(body, argv)
 
 

@@ -1,8 +1,9 @@
 """Training curves from train.py runs: python plot.py runs/adam-1 runs/sgd-1 [...] -o curves.png
 
-Draws test accuracy and training loss per epoch, one line per run, labelled by its folder name.
-Runs of one setting over several seeds (folders that differ only in a trailing -N, such as
-adam-1, adam-2, adam-3) are drawn as their mean with a band from their min to their max.
+Draws accuracy and loss per epoch, one colour per run, labelled by its folder's name: test accuracy,
+and the training and test loss; the validation accuracy and loss too where a run held images out
+(--val-size). Runs of one setting over several seeds (folders that differ only in a trailing -N, such
+as adam-1, adam-2, adam-3) are drawn as their mean with a band from their min to their max.
 Needs matplotlib (pip install matplotlib), an optional dependency of this project.
 """
 
@@ -20,7 +21,13 @@ import run_folder
 from commands import UsageError
 import safe_files
 
-PANELS = [("test_accuracy", "test accuracy (%)"), ("train_loss", "training loss (mean over the epoch)")]
+# The panels and their curves: (metrics.csv column, which images, line style); a run draws the
+# columns it has values in (validation only where it held images out).
+PANELS = [("accuracy (%)", [("test_accuracy", "test", "--"), ("val_accuracy", "validation", ":")]),
+          ("loss (log scale)", [("train_loss", "training, mean over the epoch", "-"), ("test_loss", "test", "--"),
+                                ("val_loss", "validation", ":")])]
+REQUIRED = ["epoch", "test_accuracy", "train_loss"]
+COLUMNS = [column for _, curves in PANELS for column, _, _ in curves]
 
 
 def parse_args(argv):
@@ -28,7 +35,7 @@ def parse_args(argv):
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_METRICS_CSV",
                         help="train.py checkpoint folders (their metrics.csv is read) or metrics.csv files")
     parser.add_argument("-o", "--output", default="curves.png", metavar="PATH.png", help="the picture to write")
-    parser.add_argument("--title", default=None, help="a title above the two panels")
+    parser.add_argument("--title", default=None, help="the title above the two panels (default: the runs' names)")
     parser.add_argument("--accuracy-from", type=float, default=None, metavar="PERCENT",
                         help="start the accuracy axis here, to see close curves apart (default: fit the data)")
     args = parser.parse_args(argv)
@@ -40,25 +47,26 @@ def parse_args(argv):
 
 
 def read_run(path):
-    """(label, {column: [(epoch, value), ...]}) of one run: a folder with metrics.csv, or the CSV itself."""
+    """(label, {column: [(epoch, value), ...]}) of one run: a folder with metrics.csv, or the CSV itself.
+    The label is the folder's name (that of the current folder for "."); an empty cell is no value."""
     csv_path = os.path.join(path, run_folder.METRICS_NAME) if os.path.isdir(path) else path
-    label = os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))))
+    label = os.path.basename(os.path.abspath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))))
     _, rows = run_folder.read_csv(csv_path)
-    needed = ["epoch"] + [column for column, _ in PANELS]
     if not rows:
         raise UsageError(f"{csv_path} has no epochs: an empty run")
-    missing = [column for column in needed if column not in rows[0]]
+    missing = [column for column in REQUIRED if column not in rows[0]]
     if missing:
         raise UsageError(f"{csv_path} has no column {', '.join(missing)}: not a metrics.csv that train.py wrote")
-    series = {column: [] for column, _ in PANELS}
+    series = {column: [] for column in COLUMNS}
     for number, row in enumerate(rows, start=2):
         try:
             epoch = int(row["epoch"])
             for column in series:
-                series[column].append((epoch, float(row[column])))
+                if row.get(column) not in (None, ""):
+                    series[column].append((epoch, float(row[column])))
         except (TypeError, ValueError):
             raise UsageError(f"{csv_path}, line {number}: not a number where one is expected") from None
-    return label, series
+    return label, {column: values for column, values in series.items() if values}
 
 
 def group_by_setting(runs):
@@ -71,13 +79,20 @@ def group_by_setting(runs):
 
 def spread(group, column):
     """(epochs, mean, min, max) of one column over the runs of a group, at the epochs all of them have."""
-    per_run = [dict(series[column]) for _, series in group]
+    per_run = [dict(series.get(column, [])) for _, series in group]
     epochs = sorted(set.intersection(*(set(values) for values in per_run)))
-    if not epochs:
+    if not epochs and column in REQUIRED:
         raise UsageError(f"the runs {', '.join(label for label, _ in group)} differ only in their seed but share no "
                          "epoch: rename one to plot them apart")
     values = [[values[epoch] for values in per_run] for epoch in epochs]
     return epochs, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def default_title(groups):
+    """'Training curves of a, b and c' (or 'of N runs' where their names would not fit a line)."""
+    names = list(groups)
+    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"Training curves of {text}" if len(text) <= 80 else f"Training curves of {len(names)} settings"
 
 
 def shown(text):
@@ -88,24 +103,30 @@ def shown(text):
 
 
 def draw(groups, path, title=None, accuracy_from=None):
-    """Write the two-panel PNG: one line per run, or a mean line and min-max band per setting."""
+    """Write the two-panel PNG: one colour per run (or a mean line and min-max band per setting),
+    one line style per set of images."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global figure state
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
-    figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+    figure = Figure(figsize=(11, 4.6), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(PANELS))
-    for axis, (column, name) in zip(axes, PANELS):
+    drawn = set()  # the columns some run has: their line styles get a legend
+    for axis, (name, curves) in zip(axes, PANELS):
         for color, (setting, group) in enumerate(groups.items()):
             color = f"C{color % 10}"
-            if len(group) == 1:
-                label, series = group[0]
-                epochs, values = zip(*series[column])
-                axis.plot(epochs, values, marker=".", color=color, label=shown(label))
-            else:
+            for column, _, style in curves:
                 epochs, mean, low, high = spread(group, column)
-                axis.plot(epochs, mean, marker=".", color=color, label=shown(f"{setting} (mean of {len(group)}, min-max)"))
-                axis.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
+                if not epochs:
+                    continue
+                drawn.add(column)
+                label = None
+                if column == curves[0][0]:  # one legend entry per run or setting, on its first curve
+                    label = shown(group[0][0] if len(group) == 1 else f"{setting} (mean of {len(group)}, min-max)")
+                axis.plot(epochs, mean, style, marker=".", color=color, label=label)
+                if len(group) > 1:
+                    axis.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
         axis.set_xlabel("epoch")
         axis.set_ylabel(name)
         axis.grid(True, alpha=0.3, which="both")
@@ -114,25 +135,25 @@ def draw(groups, path, title=None, accuracy_from=None):
     if accuracy_from is not None:
         axes[0].set_ylim(bottom=accuracy_from)
     axes[0].legend(fontsize=8, loc="lower right")
-    if title:
-        figure.suptitle(shown(title))
+    styles = [Line2D([], [], linestyle=style, color="black", label=text)
+              for _, curves in PANELS[1:] for column, text, style in curves if column in drawn]
+    axes[1].legend(handles=styles, fontsize=8, loc="upper right")
+    figure.suptitle(shown(title if title is not None else default_title(groups)))
     safe_files.atomic_write(path, lambda file: figure.savefig(file, format="png"))
+    return figure
 
 
 def main(argv=None):
     def body(argv):
         args = parse_args(argv)
-        try:
-            import matplotlib  # noqa: F401  (only to say clearly that it is missing)
-        except ImportError:
-            raise UsageError("plot.py needs matplotlib, an optional dependency: pip install matplotlib") from None
+        commands.require_matplotlib("plot.py")
         groups = group_by_setting([read_run(path) for path in args.runs])
         folder = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(folder):
             raise UsageError(f"--output: no folder {folder}")
         for setting, group in groups.items():  # runs of one setting that cannot be averaged: refused before drawing
             if len(group) > 1:
-                spread(group, PANELS[0][0])
+                spread(group, REQUIRED[1])
         try:
             draw(groups, args.output, args.title, args.accuracy_from)
         except OSError as error:  # exit code 1, as for the other scripts' failed writes

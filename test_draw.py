@@ -73,6 +73,7 @@ def test_the_page_is_served_self_contained(server):
     assert status == 200 and "<canvas" in page and page.count("<canvas") == 1
     assert 'id="prediction"' in page and 'id="clear"' in page and "touch-action: none" in page
     assert '"0", "1", "2"' in page  # the checkpoint's class names, filled in
+    assert '"reading with noteLearning_1.pth (epoch 1)"' in page  # and which checkpoint reads
     for outside in ("http://", "https://", "src=\"//", "@import"):  # nothing is fetched from elsewhere
         assert outside not in page
 
@@ -87,6 +88,8 @@ def test_drawn_digits_are_read_and_answered_in_full(server, mnist):
         assert answer["classes"] == [str(digit) for digit in range(10)] and len(answer["probabilities"]) == 10
         assert abs(sum(answer["probabilities"]) - 1) < 1e-5
         assert answer["prediction"] == str(max(range(10), key=lambda i: answer["probabilities"][i]))
+        ranked = sorted(range(10), key=lambda i: -answer["probabilities"][i])[:3]
+        assert answer["top3"] == [{"class": str(i), "probability": answer["probabilities"][i]} for i in ranked]
         seen = Image.open(io.BytesIO(base64.b64decode(answer["image"].split(",", 1)[1])))
         assert seen.size == (28, 28) and seen.mode == "L"
         right += answer["prediction"] == str(int(test_split.labels[index]))
@@ -271,6 +274,9 @@ def test_digits_drawn_with_a_mouse_are_read_right(page, tmp_path):
         bars = page.execute_script("return [...document.querySelectorAll('#bars .fill')].map(e => parseFloat(e.style.width))")
         assert len(bars) == 10 and abs(sum(bars) - 100) < 1 and max(bars) == bars[int(digit)]
         assert page.execute_script("return document.getElementById('seen').naturalWidth") == 28
+        guesses = page.find_element("id", "guesses").text  # "top three: 7 (92.1%) · 1 (5.3%) · 9 (1.2%)"
+        assert guesses.startswith(f"top three: {digit} (") and guesses.count("%)") == 3, guesses
+    assert page.find_element("id", "checkpoint").text == "reading with noteLearning_1.pth (epoch 1)"
     page.save_screenshot(str(tmp_path / "draw.png"))
     with Image.open(tmp_path / "draw.png") as screenshot:
         assert screenshot.format == "PNG" and screenshot.size[0] >= 600
@@ -299,3 +305,14 @@ def test_a_finger_draws_on_a_phone_without_scrolling_the_page(page):
     assert wait_for_answer(page) == "1"
     assert page.execute_script("return window.scrollY") == 0
     assert console_errors(page) == []
+
+
+def test_a_checkpoint_name_cannot_break_the_pages_script(trained, tmp_path):
+    odd = tmp_path / "a<!--<script>b.pth"  # a "<!--<script>" inside a script changes how HTML parses it
+    odd.write_bytes((trained[0] / "noteLearning_1.pth").read_bytes())
+    server = draw.Server(("127.0.0.1", 0), draw.Reader(str(odd)))
+    try:
+        page = server.page.decode()
+    finally:
+        server.server_close()
+    assert "<!--<script>" not in page and "a\\u003c!--\\u003cscript>b.pth (epoch 1)" in page

@@ -3,13 +3,17 @@ confusion matrix, the picture of errors, JSON without NaN, and eval mode."""
 
 import dataclasses
 import json
+import sys
 
+import pytest
 import torch
 
+import checkpoints
 import commands
 import data_files
 import evaluate
 import mnist_mlp
+import pictures
 import train
 from conftest import DropoutModel, assert_usage_error, run_main, tiny_run
 
@@ -57,16 +61,65 @@ def test_per_class_and_confusion_agree_with_accuracy(trained, capsys):
     assert [int(value) for value in matrix_rows[3].split()[1:]] == result["confusion"][3]
 
 
-def test_save_errors_writes_a_png_grid_of_misclassified_images(trained, tmp_path, capsys):
+def test_save_errors_writes_a_titled_png_grid_of_misclassified_images(trained, tmp_path, capsys):
     from PIL import Image
     path = tmp_path / "errors.png"
-    code, out, _ = run_main(evaluate, [trained[0] / "noteLearning_1.pth", "--save-errors", path], capsys)
-    assert code == 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.size[1] == 8 * (28 * 2 + 14)  # 64 errors: 8 rows
-        assert image.size[0] >= 8 * 28 * 2
-    assert_usage_error(*run_main(evaluate, [trained[0] / "noteLearning_1.pth", "--save-errors",
-                                            tmp_path / "errors.jpg"], capsys)[::2], ".png")
+    checkpoint = trained[0] / "noteLearning_1.pth"
+    code, out, _ = run_main(evaluate, [checkpoint, "--save-errors", path], capsys)
+    assert code == 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"saved misclassified examples to {path}" in out
+    with Image.open(path) as image:  # a two-line title, then 8 rows of 84-pixel digits with their captions
+        assert image.format == "PNG" and image.size[1] == 52 + 8 * (28 * 3 + 22) and image.size[0] >= 8 * 28 * 3
+    result = json.loads(run_main(evaluate, [checkpoint, "--json"], capsys)[1])
+    model = checkpoints.model_from_checkpoint(str(checkpoint), checkpoints.load_checkpoint(str(checkpoint)), "cpu")
+    _, test_split = data_files.load(commands.DEFAULT_DATA_DIR, download=False)
+    grid, wrong = pictures.error_grid(model, test_split, result["classes"], "title")
+    assert wrong == result["total"] - result["correct"] > 64  # "the first 64 of <wrong>"
+    assert_usage_error(*run_main(evaluate, [checkpoint, "--save-errors", tmp_path / "errors.jpg"], capsys)[::2], ".png")
+
+
+def test_the_confusion_heatmap_writes_the_jsons_counts_and_the_weights_box_the_silent_units(trained, tmp_path, capsys,
+                                                                                           monkeypatch):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+    checkpoint = trained[0] / "noteLearning_1.pth"
+    drawn = {}
+    real_save = pictures.save
+    monkeypatch.setattr(pictures, "save", lambda picture, path: drawn.setdefault(str(path), picture) and real_save(picture, path))
+    heatmap, tiles = tmp_path / "confusion.png", tmp_path / "weights.png"
+    code, out, _ = run_main(evaluate, [checkpoint, "--json", "--save-confusion", heatmap, "--save-weights", tiles], capsys)
+    assert code == 0
+    confusion = json.loads(out)["confusion"]
+    for path, smallest, largest in ((heatmap, (500, 450), (2000, 2000)), (tiles, (800, 400), (3000, 2000))):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and all(a <= b <= c for a, b, c in zip(smallest, image.size, largest)), image.size
+    cells = {tuple(map(round, text.get_position())): int(text.get_text()) for text in drawn[str(heatmap)].axes[0].texts}
+    assert cells == {(column, row): confusion[row][column] for row in range(10) for column in range(10)}
+    # the boxed tiles are the units whose fc1 output is <= 0 on every test image, computed here apart
+    model = checkpoints.model_from_checkpoint(str(checkpoint), checkpoints.load_checkpoint(str(checkpoint)), "cpu")
+    _, test_split = data_files.load(commands.DEFAULT_DATA_DIR, download=False)
+    with torch.no_grad():
+        active = (model.fc1(mnist_mlp.normalize(test_split.pixels).view(-1, 784)) > 0).any(0)
+    boxes = drawn[str(tiles)].axes[0].patches
+    assert 0 < len(boxes) == int((~active).sum()) < 128
+    assert {(round(box.get_x()) // 29) + 16 * (round(box.get_y()) // 29) for box in boxes} == set(
+        (~active).nonzero().flatten().tolist())
+
+
+def test_pictures_say_in_one_line_what_they_need(trained, tmp_path, capsys, monkeypatch):
+    checkpoint = trained[0] / "noteLearning_1.pth"
+    assert_usage_error(*run_main(evaluate, [checkpoint, checkpoint, "--save-weights", tmp_path / "w.png"], capsys)[::2],
+                       "--save-weights takes exactly one checkpoint")
+    assert_usage_error(*run_main(evaluate, [checkpoint, "--save-weights", tmp_path / "a.png", "--save-confusion",
+                                            tmp_path / "a.png"], capsys)[::2], "a file of its own")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    for flag in ("--save-weights", "--save-confusion"):
+        assert_usage_error(*run_main(evaluate, [checkpoint, flag, tmp_path / "x.png"], capsys)[::2],
+                           f"evaluate.py {flag} needs matplotlib", "pip install matplotlib")
+    assert not (tmp_path / "x.png").exists()
+    code, _, _ = run_main(evaluate, [checkpoint, "--save-errors", tmp_path / "e.png"], capsys)  # PIL alone draws it
+    assert code == 0 and (tmp_path / "e.png").exists()
+    with pytest.raises(ValueError, match="needs a first layer nn.Linear\\(784, units\\); this model's first is Conv2d"):
+        pictures.first_linear(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(2704, 10)))
 
 
 def test_save_errors_to_a_missing_folder_or_a_folder_fails_before_evaluating(trained, tmp_path, capsys):

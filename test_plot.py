@@ -7,12 +7,13 @@ import pytest
 from conftest import assert_usage_error, run_main
 
 
-def write_metrics_csv(folder, accuracies, losses=None):
+def write_metrics_csv(folder, accuracies, losses=None, validation=False):
     folder.mkdir(parents=True)
     rows = ["epoch,train_loss,val_loss,val_accuracy,test_loss,test_accuracy,seconds,samples_per_s,checkpoint"]
     for epoch, accuracy in enumerate(accuracies, start=1):
         loss = losses[epoch - 1] if losses else 1.0 / epoch
-        rows.append(f"{epoch},{loss},,,0.5,{accuracy},1.0,60000,noteLearning_{epoch}.pth")
+        val = f"{0.6 / epoch},{accuracy - 1}" if validation else ","
+        rows.append(f"{epoch},{loss},{val},0.5,{accuracy},1.0,60000,noteLearning_{epoch}.pth")
     (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
     return folder
 
@@ -31,7 +32,7 @@ def test_plot_groups_seeds_into_a_mean_with_a_band(tmp_path, capsys):
     assert code == 0 and "4 runs in 2 settings" in out
     from PIL import Image
     with Image.open(output) as image:
-        assert image.format == "PNG" and image.size == (1100, 420)
+        assert image.format == "PNG" and image.size == (1100, 460)
 
 
 def test_plot_bad_input_is_one_line_errors(tmp_path, capsys, monkeypatch):
@@ -72,3 +73,24 @@ def test_plot_odd_runs_titles_and_failures(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(safe_files, "atomic_write", full_disk)
     code, _, err = run_main(plot, [odd[0], "-o", tmp_path / "full.png"], capsys)
     assert code == 1 and err.startswith("error: cannot write") and err.count("\n") == 1
+
+
+def test_plot_draws_test_and_validation_curves_and_names_the_current_folder(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import plot
+    held_out = write_metrics_csv(tmp_path / "held-out", [90, 94, 96], validation=True)
+    plain = write_metrics_csv(tmp_path / "plain", [91, 93, 95])
+    groups = plot.group_by_setting([plot.read_run(str(run)) for run in (held_out, plain)])
+    figure = plot.draw(groups, str(tmp_path / "both.png"))
+    accuracy, loss = figure.axes[:2]
+    # test and validation accuracy for the run that held images out, test only for the other;
+    # training, test (and validation) loss likewise
+    assert [len(line.get_xdata()) for line in accuracy.lines] == [3, 3, 3]
+    assert sorted(line.get_linestyle() for line in loss.lines) == ["-", "-", "--", "--", ":"]
+    assert [text.get_text() for text in loss.get_legend().get_texts()] == ["training, mean over the epoch", "test",
+                                                                           "validation"]
+    assert figure.get_suptitle() == "Training curves of held-out and plain"
+    monkeypatch.chdir(held_out)  # a run given as "." is labelled by its folder's name
+    assert plot.read_run(".")[0] == "held-out"
+    code, out, _ = run_main(plot, [".", "-o", tmp_path / "here.png"], capsys)
+    assert code == 0 and (tmp_path / "here.png").exists()

@@ -121,7 +121,13 @@ def test_every_kind_of_edit_trains_evaluates_predicts_draws_and_resumes_exactly(
     code, out, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)
     assert code == 0 and err == "", err
     checkpoint = folder / "noteLearning_1.pth"
-    code, out, err = run_main(evaluate, [checkpoint, "--data-dir", tmp_path / "data", "--json"], capsys)
+    code, out, err = run_main(evaluate, [checkpoint, "--data-dir", tmp_path / "data", "--json",
+                                         "--save-weights", tmp_path / "weights.png"], capsys)
+    if model_class is SmallCNN:  # the weight picture needs a first Linear(784, units): said in one line
+        assert_usage_error(code, err, "--save-weights", "nn.Linear(784, units)", "Conv2d")
+        code, out, err = run_main(evaluate, [checkpoint, "--data-dir", tmp_path / "data", "--json"], capsys)
+    else:
+        assert (tmp_path / "weights.png").read_bytes()[:4] == b"\x89PNG"
     assert code == 0 and err == "" and json.loads(out)["total"] == 64
     code, out, err = run_main(predict, [checkpoint, DIGITS, "--json"], capsys)
     assert code == 0 and err == "" and len(json.loads(out)["predictions"]) == 8
