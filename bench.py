@@ -310,18 +310,24 @@ def whole_programs(args):
             runs[script].append({"start_up_s": timing["start_up_s"], "steady_epoch_s": timing["steady_epoch_s"],
                                  "whole_20_epochs_s": timing["finished_s"] + (20 - args.whole_epochs)
                                  * timing["steady_epoch_s"]})
-    imports = [subprocess.run([sys.executable, "-c", START_UP], capture_output=True, text=True, check=True).stdout.split()
-               for _ in range(args.repeats)]
+    import_seconds, optimizer_seconds = torch_start_up(args.repeats)
     report = {"device": f"cpu: {cpu_name()}", "cpu_count": os.cpu_count(), "torch": str(torch.__version__),
               "epochs_run": args.whole_epochs, "repeats": args.repeats,
-              "import_torch_s": round(statistics.median(float(pair[0]) for pair in imports), 3),
-              "first_torch_optimizer_s": round(statistics.median(float(pair[1]) for pair in imports), 3)}
+              "import_torch_s": round(import_seconds, 3), "first_torch_optimizer_s": round(optimizer_seconds, 3)}
     for script, measured in runs.items():
         name = script.removesuffix(".py")
         for key in measured[0]:
             report[f"{name}_{key}"] = round(statistics.median(run[key] for run in measured), 3)
     report["whole_run_ratio"] = round(report["tutorial_whole_20_epochs_s"] / report["train_whole_20_epochs_s"], 2)
     return report
+
+
+def torch_start_up(repeats):
+    """Medians of (seconds to import torch, seconds more for the first torch.optim optimizer), each
+    measured in a fresh process."""
+    runs = [subprocess.run([sys.executable, "-c", START_UP], capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(repeats)]
+    return statistics.median(float(run[0]) for run in runs), statistics.median(float(run[1]) for run in runs)
 
 
 def whole_text(report):

@@ -1,7 +1,7 @@
 """The training step made fast, used only where it is proven equal to mnist_mlp.textbook_step.
 
-FastStep writes the backward pass out beside the forward; FlatAdam keeps parameters, gradients and
-Adam's state in flat buffers and updates them in a few calls; CudaGraphStep replays the whole step
+FastStep writes the backward pass out beside the forward; FlatAdam and FlatSGD keep parameters,
+gradients and the optimizer's state in flat buffers and update them in a few calls; CudaGraphStep replays the whole step
 as one CUDA graph; denormals_flushed keeps x86 from slowing down on tiny numbers. make_train_step
 chooses, and says which step trains and why.
 """
