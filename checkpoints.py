@@ -28,6 +28,18 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 
 
+def brief(value, limit=30):
+    """`value` for a one-line message, at most `limit` characters, without recursing into it: the repr
+    of a list nested thousands deep is a RecursionError."""
+    if isinstance(value, (list, tuple, dict, set)):
+        text = f"a {type(value).__name__} of {len(value)}" + (f" starting {brief(next(iter(value)), limit)}"
+                                                              if value and not isinstance(next(iter(value)), (list, tuple, dict, set)) else "")
+        return text[:limit]
+    if isinstance(value, torch.Tensor):
+        return f"a {tuple(value.shape)} {value.dtype} tensor"[:limit]
+    return str(value)[:limit]
+
+
 def all_finite(tensors):
     """True if no tensor in `tensors` (any nesting of dicts and lists) holds a NaN or infinity."""
     if isinstance(tensors, torch.Tensor):
@@ -197,6 +209,9 @@ def _load_trusting_pickle(path):
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module)
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "config", "metrics", "rng", "torch_version")  # training_state's
+
+
 def checked_checkpoint(path, data):
     """`data` from a checkpoint file as our dict, or a one-line UsageError naming the field that breaks a rule.
 
@@ -225,8 +240,13 @@ def checked_checkpoint(path, data):
     epoch = checkpoint.setdefault("epoch", 0)
     if type(epoch) is not int or not 0 <= epoch <= 1_000_000:
         raise UsageError(f"{path}: its epoch is {epoch!r}, not a whole number from 0 to 1,000,000")
-    if "metrics" in checkpoint and not isinstance(checkpoint["metrics"], dict):
-        raise UsageError(f"{path}: its metrics entry is not a dict")
+    metrics = checkpoint.get("metrics", {})
+    if not (isinstance(metrics, dict) and all(isinstance(key, str) and type(value) in (int, float, type(None))
+                                              for key, value in metrics.items())):
+        raise UsageError(f"{path}: its metrics entry is not a dict of names to numbers")
+    unknown = [key for key in checkpoint if key not in CHECKPOINT_KEYS]
+    if unknown:
+        raise UsageError(f"{path} is not a checkpoint written by train.py: it holds an entry {brief(unknown[0], 30)!r}")
     return checkpoint
 
 
@@ -234,17 +254,26 @@ def check_weights(path, state):
     """The weights' rule: names are strings; each value a dense, strided CPU tensor of FLOAT_DTYPES or
     INTEGER_DTYPES that stores every value it claims (no stride trick); all finite."""
     for name, tensor in state.items():
-        shown = str(name)[:60]
+        shown = brief(name, 60)
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise UsageError(f"{path}: its weights hold {shown}: {type(tensor).__name__}, not a name and a tensor")
-        if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.dtype not in FLOAT_DTYPES + INTEGER_DTYPES:
-            raise UsageError(f"{path}: {shown} is a {tensor.dtype} {tensor.layout} tensor on {tensor.device.type}, "
-                             "not a plain dense tensor of a float or integer dtype")
-        span = 1 + tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-        if tensor.numel() and tensor.untyped_storage().nbytes() < max(span, tensor.numel()) * tensor.element_size():
-            raise UsageError(f"{path}: {shown} claims {tensor.numel():,} values but stores fewer (a stride trick); refused")
+        problem = tensor_problem(tensor)
+        if problem:
+            raise UsageError(f"{path}: {shown} {problem}")
     if not all_finite(state):
         raise UsageError(f"{path}: its weights hold NaN or infinity (the run that wrote it diverged)")
+
+
+def tensor_problem(tensor, dtypes=FLOAT_DTYPES + INTEGER_DTYPES):
+    """Why `tensor` breaks the tensor rule (a dense, strided CPU tensor of `dtypes` storing every value
+    it claims: no stride trick that makes a small file a large tensor), or None."""
+    if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.dtype not in dtypes:
+        return (f"is a {tensor.dtype} {tensor.layout} tensor on {tensor.device.type}, not a plain dense tensor "
+                f"of {'a float or integer dtype' if dtypes == FLOAT_DTYPES + INTEGER_DTYPES else dtypes[0]}")
+    span = 1 + tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    if tensor.numel() and tensor.untyped_storage().nbytes() < max(span, tensor.numel()) * tensor.element_size():
+        return f"claims {tensor.numel():,} values but stores fewer (a stride trick); refused"
+    return None
 
 
 def _whole(value, low, high):
@@ -254,7 +283,7 @@ def _whole(value, low, high):
 def check_config(path, config):
     """The config's rule: each field train.py writes has its type and range (any field may be absent)."""
     def refuse(key, what):
-        raise UsageError(f"{path}: its config's {key} is {str(config[key])[:40]!r}, not {what}")
+        raise UsageError(f"{path}: its config's {key} is {brief(config[key], 40)!r}, not {what}")
 
     if "hidden" in config and not (isinstance(config["hidden"], (list, tuple)) and len(config["hidden"]) <= 64
                                    and all(_whole(width, 1, MAX_WIDTH) for width in config["hidden"])):
@@ -347,6 +376,28 @@ STATE_TENSORS = {"adam": ("exp_avg", "exp_avg_sq"), "adam-no-bias-correction": (
                  "sgd": ("momentum_buffer",)}
 
 
+def check_optimizer_group(group, ours, name, refuse):
+    """The param group's rule: only the keys the configured optimizer makes, each a plain value of its
+    type; what the optimizer computes with (amsgrad, nesterov, ...) as this run's optimizer has it, and
+    only how torch runs it (foreach, fused) may differ. The hyper-parameters are compared with the flags after."""
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if not isinstance(key, str) or key not in ours:
+            refuse(f"has a param group entry {brief(key, 30)!r} that {name} does not make")
+        expected = ours[key]
+        if key in ("foreach", "fused"):
+            plain = value is None or type(value) is bool
+        elif key == "betas":
+            plain = isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) in (int, float) for v in value)
+        elif type(expected) in (int, float):
+            plain = type(value) in (int, float) and math.isfinite(value)
+        else:
+            plain = type(value) is type(expected) and value == expected
+        if not plain:
+            refuse(f"has {key} {brief(value, 30)}, where {name} here has {expected!r}")
+
+
 def check_optimizer_state(path, saved, optimizer, config):
     """Refuse an optimizer state that does not fit this run whole, before torch builds anything from it:
     its structure, each state tensor's dtype, layout, device and shape against its parameter, the step
@@ -360,8 +411,11 @@ def check_optimizer_state(path, saved, optimizer, config):
             and isinstance(saved["param_groups"][0], dict)):
         refuse("is not one param group and a state dict, as the optimizer saves them")
     group = saved["param_groups"][0]
-    if group.get("params") != list(range(len(parameters))):
-        refuse(f"names parameters {str(group.get('params'))[:60]}, not the model's {len(parameters)}")
+    params = group.get("params")
+    if not (isinstance(params, list) and all(type(index) is int for index in params)
+            and params == list(range(len(parameters)))):
+        refuse(f"names parameters {brief(params, 60)}, not the model's {len(parameters)}")
+    check_optimizer_group(group, optimizer.param_groups[0], config.get("optimizer", "adam"), refuse)
     for key in ("lr", "momentum", "betas", "eps", "weight_decay"):
         if key in config and key in group:
             value = list(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
@@ -372,7 +426,7 @@ def check_optimizer_state(path, saved, optimizer, config):
     steps = set()
     for index, state in saved["state"].items():
         if not (isinstance(index, int) and 0 <= index < len(parameters)) or not isinstance(state, dict):
-            refuse(f"has an entry {str(index)[:20]} that is no parameter of the model")
+            refuse(f"has an entry {brief(index, 20)} that is no parameter of the model")
         expected = set(STATE_TENSORS[name]) | ({"step"} if name != "sgd" else set())
         if set(state) != expected:
             refuse(f"for parameter {index} holds {sorted(map(str, state))}, not {sorted(expected)}")
@@ -380,15 +434,17 @@ def check_optimizer_state(path, saved, optimizer, config):
             tensor, parameter = state[key], parameters[index]
             if tensor is None and name == "sgd":
                 continue
-            if not (isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
-                    and tensor.layout == torch.strided and tensor.shape == parameter.shape):
+            if not (isinstance(tensor, torch.Tensor) and tensor_problem(tensor, (torch.float32,)) is None
+                    and tensor.shape == parameter.shape):
                 refuse(f"{key} of parameter {index} is not a float32 tensor of shape {list(parameter.shape)}")
         if "step" in state:
             step = state["step"]
+            if isinstance(step, torch.Tensor) and tensor_problem(step) is not None:
+                refuse(f"step count of parameter {index} {tensor_problem(step)}")
             value = float(step) if isinstance(step, (int, float)) or (
                 isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point()) else -1.0
             if not (0 <= value <= 1e9 and value == int(value)):
-                refuse(f"step count of parameter {index} is {str(step)[:30]}, not a whole number")
+                refuse(f"step count of parameter {index} is {brief(step, 30)}, not a whole number")
             steps.add(value)
     if len(steps) > 1:
         refuse(f"has different step counts per parameter ({sorted(steps)[:3]}): not one that train.py saved")

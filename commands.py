@@ -8,7 +8,9 @@ Exit codes: 0 done, 1 a file could not be written, 2 bad input (one `error:` lin
 import argparse
 import contextlib
 import difflib
+import math
 import os
+import re
 import signal
 import sys
 
@@ -130,6 +132,23 @@ def existing_file(path, what="file", flag=None):
 
 def add_trust_pickle_flag(parser, what="allow pickled whole models (the tutorial's torch.save(model, ...))"):
     parser.add_argument("--trust-pickle", action="store_true", help=f"{what}: runs code from the file")
+
+
+# Numbers read from text (file names, metrics.csv, HTTP headers) are ASCII only: int() also reads
+# "٣" and "３" as 3, str.isdigit() is true of "²" (which int() refuses), and a regex's \d matches all
+# of them; so each reader goes through these, or a pattern compiled with re.ASCII.
+def whole_number(text):
+    """The int `text` spells in ASCII digits 0-9 alone, or None."""
+    return int(text) if isinstance(text, str) and text.isascii() and text.isdigit() else None
+
+
+def decimal_number(text):
+    """The float `text` spells as an ASCII decimal (digits, a point, a sign, an exponent), or None;
+    never NaN or infinity."""
+    if isinstance(text, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text, re.ASCII):
+        value = float(text)
+        return value if math.isfinite(value) else None
+    return None
 
 
 def require_matplotlib(what):

@@ -143,9 +143,9 @@ class Handler(BaseHTTPRequestHandler):
             status = 405 if self.path in ("/", "/index.html") else 404
             return self.send_json(status, {"error": f"nothing to POST to at {self.path}"},
                                   [("Allow", "GET")] if status == 405 else ())
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            return self.send_json(411, {"error": "a Content-Length is needed"})
+        length = commands.whole_number(self.headers.get("Content-Length"))
+        if length is None:
+            return self.send_json(411, {"error": "a Content-Length in ASCII digits is needed"})
         if int(length) > MAX_BODY:  # refused before reading a byte of it
             self.close_connection = True
             return self.send_json(413, {"error": f"the picture is over {MAX_BODY // 1024 // 1024} MB"})

@@ -108,7 +108,7 @@ def save_pictures(args, model, test_split, result):
 
 def natural_order(path):
     """Sort key: noteLearning_2.pth before noteLearning_10.pth (the shell's glob puts 10 first)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path, flags=re.ASCII)]
 
 
 def summary(evaluation):

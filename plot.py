@@ -59,13 +59,18 @@ def read_run(path):
         raise UsageError(f"{csv_path} has no column {', '.join(missing)}: not a metrics.csv that train.py wrote")
     series = {column: [] for column in COLUMNS}
     for number, row in enumerate(rows, start=2):
-        try:
-            epoch = int(row["epoch"])
-            for column in series:
-                if row.get(column) not in (None, ""):
-                    series[column].append((epoch, float(row[column])))
-        except (TypeError, ValueError):
-            raise UsageError(f"{csv_path}, line {number}: not a number where one is expected") from None
+        epoch = commands.whole_number(row["epoch"])
+        if epoch is None:
+            raise UsageError(f"{csv_path}, line {number}: its epoch {str(row['epoch'])[:20]!r} is not a whole number")
+        for column in series:
+            if row.get(column) in (None, ""):
+                continue
+            value = commands.decimal_number(row[column])
+            highest = 100.0 if column.endswith("accuracy") else 1e6  # a percentage; a loss (log(10) at chance)
+            if value is None or not 0 <= value <= highest:
+                raise UsageError(f"{csv_path}, line {number}: its {column} {str(row[column])[:20]!r} is not a number "
+                                 f"from 0 to {highest:g}")
+            series[column].append((epoch, value))
     return label, {column: values for column, values in series.items() if values}
 
 

@@ -65,7 +65,7 @@ def missing_path_text(path):
 
 def true_label(path, classes):
     """The class a file name starts with (7_a.png, 3.jpg, 12_x.png for a 12-class set), or None."""
-    match = re.match(r"(\d+)[_.]", os.path.basename(path))
+    match = re.match(r"(\d+)[_.]", os.path.basename(path), re.ASCII)
     return int(match.group(1)) if match and int(match.group(1)) < len(classes) else None
 
 

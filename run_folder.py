@@ -13,6 +13,7 @@ import stat
 import sys
 
 import safe_files
+import commands
 from commands import UsageError, reason, silence_stdout
 from safe_files import is_regular_file
 
@@ -111,7 +112,7 @@ def checkpoint_epochs(folder):
     """{epoch: path} of the noteLearning_{epoch}.pth files in `folder`."""
     found = {}
     for path in glob.glob(os.path.join(glob.escape(folder), "noteLearning_*.pth")):
-        match = re.fullmatch(r"noteLearning_(\d+)\.pth", os.path.basename(path))
+        match = re.fullmatch(r"noteLearning_(\d+)\.pth", os.path.basename(path), re.ASCII)
         if match:
             found[int(match.group(1))] = path
     return found
@@ -204,7 +205,7 @@ def read_metrics(path):
     columns, rows = read_csv(path, advice)
     if columns is not None and columns not in (METRICS_FIELDS, METRICS_FIELDS[:-1]):
         raise UsageError(f"{path} has other columns than train.py writes ({','.join(columns)[:80]}){advice}")
-    if any(not (row.get("epoch") or "").isdigit() or None in row for row in rows):
+    if any(commands.whole_number(row.get("epoch")) is None or None in row for row in rows):
         raise UsageError(f"{path} has rows train.py cannot read{advice}")
     return rows
 

@@ -160,6 +160,8 @@ def save_odd(tmp_path, change):
      ["fc1.weight is torch.float64 there, torch.float32 in NoteModel"]),
     (lambda c: c["config"].update(dataset=["mnist"]), ["dataset", "one of mnist, fashion-mnist"]),
     (lambda c: c["config"].update(model_source=["x"]), ["model_source"]),
+    (lambda c: c.update(metrics={"test_accuracy": [[1.0]]}), ["metrics entry"]),
+    (lambda c: c.update(payload=torch.zeros(3)), ["not a checkpoint written by train.py", "payload"]),
 ])
 def test_odd_checkpoint_fields_are_one_line_errors(change, words, tmp_path, capsys):
     path = save_odd(tmp_path, change)
@@ -181,6 +183,14 @@ def test_malformed_optimizer_or_rng_entries_are_one_line_errors_on_resume(entry,
     assert_usage_error(code, err, entry)
 
 
+def nest(depth):
+    """A list nested `depth` deep: past Python's recursion limit."""
+    value = 0.001
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize("optimizer, change, words", [
     ("adam", lambda o: o["param_groups"][0].update(lr=1e6), ["lr 1000000.0", "--lr"]),
     ("adam", lambda o: o["param_groups"][0].update(betas=(0.5, 0.5)), ["betas (0.5, 0.5)", "the default"]),
@@ -193,6 +203,17 @@ def test_malformed_optimizer_or_rng_entries_are_one_line_errors_on_resume(entry,
     ("adam", lambda o: o["param_groups"].append(dict(o["param_groups"][0])), ["one param group"]),
     ("sgd", lambda o: o["state"][0].update(momentum_buffer=torch.zeros(3)), ["momentum_buffer of parameter 0"]),
     ("sgd", lambda o: o["param_groups"][0].update(momentum=0.5), ["momentum", "--momentum"]),
+    # the group's rule, not known cases: what torch's optimizers compute with, other keys, other types
+    ("adam", lambda o: o["param_groups"][0].update(amsgrad=True), ["amsgrad True", "adam here has False"]),
+    ("adam", lambda o: o["param_groups"][0].update(maximize=True), ["maximize True"]),
+    ("sgd", lambda o: o["param_groups"][0].update(nesterov=True), ["nesterov True"]),
+    ("adam", lambda o: o["param_groups"][0].update(lr=nest(5000)), ["lr a list of 1"]),
+    ("adam", lambda o: o["param_groups"][0].update(betas=nest(5000)), ["betas"]),
+    ("adam", lambda o: o["param_groups"][0].update(params=nest(5000)), ["names parameters"]),
+    ("adam", lambda o: o["param_groups"][0].update(lookahead=0.5), ["lookahead", "adam does not make"]),
+    ("adam", lambda o: o["param_groups"][0].update(foreach="yes"), ["foreach yes"]),
+    ("adam", lambda o: o["state"][1].update(step=torch.empty((), device="meta")), ["step count of parameter 1", "meta"]),
+    ("adam", lambda o: o["state"][0].update(exp_avg=torch.zeros(1).expand(128, 784)), ["exp_avg of parameter 0"]),
 ])
 def test_an_optimizer_state_that_does_not_fit_the_run_is_refused_whole(optimizer, change, words, tmp_path, capsys):
     """Before this, such states were trained with (a saved lr of 1e6 overrode --lr), broadcast over the
@@ -202,7 +223,12 @@ def test_an_optimizer_state_that_does_not_fit_the_run_is_refused_whole(optimizer
     assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder, *flags), capsys)[0] == 0
     checkpoint = torch.load(folder / "noteLearning_1.pth", weights_only=True)
     change(checkpoint["optimizer"])
-    torch.save(checkpoint, tmp_path / "odd.pth")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)  # pickling a deep nesting needs it; reading it back must not
+    try:
+        torch.save(checkpoint, tmp_path / "odd.pth")
+    finally:
+        sys.setrecursionlimit(limit)
     code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next", *flags,
                                             "--resume", tmp_path / "odd.pth"), capsys)
     assert_usage_error(code, err, "optimizer state", *words)
