@@ -224,25 +224,56 @@ def run_main(body, argv):
     command line, `-f kernel.json`, is not the user's); the program itself passes sys.argv[1:].
     """
     argv = [] if argv is None else [str(arg) for arg in argv]
+    with printable_streams():
+        try:
+            code = body(argv)
+            try:
+                if sys.stdout is not None:  # None when the program was started with stdout closed
+                    sys.stdout.flush()  # a closed pipe or a full disk shows here, inside the handlers below
+            except KeyboardInterrupt:  # a late Ctrl-C: the body has reported its end already
+                pass
+            return code
+        except UsageError as error:
+            print(f"error: {printable(str(error))}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `script ... | head`: the reader has all it wanted
+            silence_stdout()
+            return 141
+        except OSError as error:  # stdout on a full disk (or /dev/full): say so, if stderr still can
+            silence_stdout()  # so the exit's flush fails no more
+            with contextlib.suppress(OSError, ValueError):
+                print(f"error: cannot write the output ({error.strerror or error})", file=sys.stderr, flush=True)
+            return 1
+
+
+def printable(text):
+    """`text` with what a terminal cannot show as itself escaped: the bytes of a file name that is not
+    valid UTF-8 (surrogates), and control characters (a newline in a name must not split a line)."""
+    return "".join(character if character.isprintable() or character == " " else
+                   character.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   if not 0xDC80 <= ord(character) <= 0xDCFF else f"\\x{ord(character) - 0xDC00:02x}"
+                   for character in text) if not text.isprintable() else text
+
+
+@contextlib.contextmanager
+def printable_streams():
+    """stdout and stderr escape what their encoding cannot write (a file name's stray bytes, a Chinese
+    class name in a C locale) instead of raising: output trouble is never a reason to stop. The
+    streams' error handling is given back after."""
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+            stream.reconfigure(errors="backslashreplace")
+            changed.append(stream)
     try:
-        code = body(argv)
-        if sys.stdout is not None:  # None when the program was started with stdout closed
-            sys.stdout.flush()  # a closed pipe or a full disk shows here, inside the handlers below
-        return code
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `script ... | head`: the reader has all it wanted
-        silence_stdout()
-        return 141
-    except OSError as error:  # stdout on a full disk (or /dev/full): say so, if stderr still can
-        silence_stdout()  # so the exit's flush fails no more
-        with contextlib.suppress(OSError, ValueError):
-            print(f"error: cannot write the output ({error.strerror or error})", file=sys.stderr, flush=True)
-        return 1
+        yield
+    finally:
+        for stream in changed:
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="strict")
 
 
 def silence_stdout():
@@ -261,7 +292,7 @@ def flags_first(parse_args):
     try:
         parse_args(sys.argv[1:])
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         sys.exit(2)
 
 

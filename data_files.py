@@ -1,6 +1,7 @@
 """The dataset's files on disk: the bundled .gz copies decompressed once and checked, missing files
 downloaded, and the lesson's load_dataset with its errors as one-line UsageErrors."""
 
+import errno
 import gzip
 import math
 import os
@@ -35,6 +36,16 @@ def load(data_dir, dataset="mnist", download=True):
         raise UsageError(str(error) if isinstance(error, ValueError) else reason(error)) from None
 
 
+def require_decompressed(data_dir, dataset="mnist"):
+    """A UsageError unless the raw files are there decompressed, as torchvision's reader needs them
+    (load reads the .gz directly where the folder cannot be written)."""
+    folder = raw_folder(data_dir, dataset)
+    if not all(os.path.exists(os.path.join(folder, name)) for name in mnist_mlp.RAW_FILES):
+        raise UsageError(f"torchvision reads the data decompressed, and {folder} cannot be written: copy the data "
+                         f"folder somewhere writable and pass it as --data-dir (cp -r {data_dir} mnist-data; "
+                         "--data-dir mnist-data)")
+
+
 def split_validation(train, val_size, seed):
     """mnist_mlp.split_validation, a --val-size that does not fit as a one-line UsageError."""
     try:
@@ -45,6 +56,8 @@ def split_validation(train, val_size, seed):
 
 def prepare_raw_file(folder, name):
     """True once folder/name is a valid IDX file, gunzipping folder/name.gz if needed; False if absent.
+    In a folder that cannot be written (a read-only install) the .gz is left as it is: the lesson's
+    load_dataset reads it directly, and checks it.
 
     Decompressed once, so later runs read the bytes straight (torchvision's reader, which the
     tutorial uses, needs them so too): to a temp file, checked, then renamed. A broken decompressed
@@ -79,9 +92,15 @@ def prepare_raw_file(folder, name):
             if left or compressed.read(1):
                 raise UsageError(f"{packed} does not hold the {size:,} bytes its header promises: truncated or corrupt")
 
+    if not os.access(folder, os.W_OK | os.X_OK):  # a read-only install: the lesson reads the .gz itself
+        return True
     try:
         safe_files.atomic_write(path, gunzip)
-    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
+    except OSError as error:
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # read-only after all: read the .gz
+            return True
+        raise UsageError(f"cannot decompress {packed} ({reason(error)})") from None
+    except (EOFError, zlib.error) as error:  # a corrupt .gz (BadGzipFile is an OSError: above)
         raise UsageError(f"cannot decompress {packed} ({reason(error)})") from None
     return True
 

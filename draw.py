@@ -8,11 +8,17 @@ Standard library server only; Ctrl-C stops it (exit code 130).
 
 import base64
 import binascii
+import concurrent.futures
+import contextlib
 import io
 import ipaddress
 import json
 import os
+import socket
 import sys
+import threading
+import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import commands
@@ -50,7 +56,13 @@ import checkpoints  # noqa: E402
 import handwriting  # noqa: E402
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "draw.html")
+# What the server shares, bounded: a classroom's network must not exhaust the machine.
 MAX_BODY = 2 * 1024 * 1024  # a drawn digit is a few kilobytes; a photo of one, well under this
+MAX_DRAWING_PIXELS = 8_000_000  # decoded at most this large (a JPEG first shrunk on decode): ~32 MB
+DECODES_AT_ONCE = 2  # pictures decoded together; the others wait up to DECODE_WAIT seconds, then 503
+DECODE_WAIT = 5.0
+MAX_CONNECTIONS = 64  # open at once; past it, the oldest one still sending its request is dropped
+REQUEST_DEADLINE = 10.0  # seconds to send a whole request, however slowly it trickles in
 DATA_URL_PREFIX = b"data:image/png;base64,"
 
 
@@ -70,8 +82,13 @@ class Reader:
                 body = base64.b64decode(body[len(DATA_URL_PREFIX):], validate=True)
             except binascii.Error:
                 raise ValueError("the data URL's base64 is not valid") from None
-        image = handwriting.decode_image(io.BytesIO(body))
-        pixels = handwriting.digit_pixels(image)
+        image = handwriting.decode_image(io.BytesIO(body), MAX_DRAWING_PIXELS)
+        try:
+            pixels = handwriting.digit_pixels(image)
+        except ValueError:
+            raise
+        except Exception as error:  # an odd image mode PIL cannot convert: that picture's 400, not a crash
+            raise ValueError(f"cannot read it ({commands.reason(error)})") from None
         probabilities = handwriting.class_probabilities(self.model, pixels)
         seen = io.BytesIO()
         Image.frombytes("L", (28, 28), bytes(pixels.flatten().tolist())).save(seen, format="PNG")
@@ -88,18 +105,89 @@ def in_script(value):
     return json.dumps(value).replace("<", "\\u003c")
 
 
+def read_page(reader):
+    """draw.html with the checkpoint's class names and name filled in; a UsageError if it is missing."""
+    try:
+        with open(PAGE, encoding="utf-8") as file:
+            page = file.read()
+    except OSError as error:
+        raise UsageError(f"cannot read the page {PAGE} ({error.strerror or error}): draw.html belongs beside "
+                         "draw.py") from None
+    page = page.replace("__CLASSES__", in_script(reader.classes))
+    return page.replace("__CHECKPOINT__", in_script(reader.checkpoint_text)).encode()
+
+
 class Server(ThreadingHTTPServer):
-    """A thread a request; a listen backlog for a classroom's burst (the standard 5 resets connections)."""
+    """A thread a connection, at most MAX_CONNECTIONS of them; a listen backlog for a classroom's burst
+    (the standard 5 resets connections); IPv4 or IPv6 as the host is written."""
 
     request_queue_size = 128
     daemon_threads = True
 
-    def __init__(self, address, reader):
+    def __init__(self, address, reader, page=None):
         self.reader = reader
-        with open(PAGE, encoding="utf-8") as file:
-            page = file.read().replace("__CLASSES__", in_script(reader.classes))
-        self.page = page.replace("__CHECKPOINT__", in_script(reader.checkpoint_text)).encode()
+        self.page = page if page is not None else read_page(reader)
+        self.decoding = threading.BoundedSemaphore(DECODES_AT_ONCE)
+        # the decodes run on these threads, not the connections': the memory a decode frees is reused by
+        # the next one, where each of many threads would keep its own (malloc's per-thread arenas)
+        self.decoder = concurrent.futures.ThreadPoolExecutor(DECODES_AT_ONCE, thread_name_prefix="decode")
+        self.receiving = {}  # socket -> when it connected, while its request is still coming in
+        self.counted = set()  # the connections held open: at most MAX_CONNECTIONS (a dropped one is not)
+        self.lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        """Give the connection a thread; past MAX_CONNECTIONS, first drop the oldest one still sending its
+        request (a slow client), or, if every one is being answered, answer this one 503 at once."""
+        with self.lock:
+            self._drop_late(time.monotonic())
+            if len(self.counted) >= MAX_CONNECTIONS and self.receiving:
+                self._drop(min(self.receiving, key=self.receiving.get))
+            busy = len(self.counted) >= MAX_CONNECTIONS
+            if not busy:
+                self.counted.add(request)
+                self.receiving[request] = time.monotonic()
+        if busy:  # not counted, so closed here rather than by shutdown_request
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\n\r\n" + json.dumps({"error": "busy: try again"}).encode())
+                request.shutdown(socket.SHUT_WR)
+            request.close()
+            return
+        super().process_request(request, client_address)
+
+    def request_received(self, request):
+        """Its whole request is in: the connection is no longer one that a flood may drop."""
+        with self.lock:
+            self.receiving.pop(request, None)
+
+    def server_close(self):
+        super().server_close()
+        self.decoder.shutdown(wait=False)
+
+    def close_request(self, request):
+        with self.lock:
+            self.receiving.pop(request, None)
+            self.counted.discard(request)
+        super().close_request(request)
+
+    def service_actions(self):
+        """Between polls (every half second): drop the connections past their request's deadline."""
+        with self.lock:
+            self._drop_late(time.monotonic())
+
+    def _drop_late(self, now):
+        for late in [request for request, since in self.receiving.items() if now - since > REQUEST_DEADLINE]:
+            self._drop(late)
+
+    def _drop(self, request):
+        """End a connection whose request is still coming in: its thread's read fails and it closes."""
+        self.receiving.pop(request, None)
+        self.counted.discard(request)  # its slot is free now; its thread ends within moments
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request, client_address):
         """A client that went away mid-answer is no error of ours; anything else is reported in one line."""
@@ -127,6 +215,24 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_json(self, status, value, headers=()):
         self.send(status, json.dumps(value, ensure_ascii=False).encode(), headers=headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a garbage request line, 414, 431, 501) as JSON too, as every answer."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # a line too garbled to name a version: answer as HTTP/1.0
+            self.request_version = "HTTP/1.0"
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        self.send_json(code, {"error": message or phrase})
+
+    def parse_request(self):
+        """A GET's request is whole once its headers are in (a POST's once its body is: do_POST)."""
+        whole = super().parse_request()
+        if whole and self.command != "POST":
+            self.server.request_received(self.request)
+        return whole
 
     def do_GET(self):
         if self.path in ("/", "/index.html"):
@@ -156,10 +262,15 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if len(body) < int(length):
             return self.send_json(400, {"error": "the body is shorter than its Content-Length"})
+        self.server.request_received(self.request)
+        if not self.server.decoding.acquire(timeout=DECODE_WAIT):  # a few pictures at a time: bounded memory
+            return self.send_json(503, {"error": "busy reading other drawings: try again"}, [("Retry-After", "1")])
         try:
-            answer = self.server.reader.read(body)
+            answer = self.server.decoder.submit(self.server.reader.read, body).result()
         except ValueError as error:
             return self.send_json(400, {"error": str(error)})
+        finally:
+            self.server.decoding.release()
         self.send_json(200, answer)
 
     def do_other(self):
@@ -183,8 +294,9 @@ def main(argv=None):
         args = parse_args(argv)
         path = args.checkpoint
         reader = Reader(path, commands.resolve_device(args.device))
+        page = read_page(reader)  # a missing draw.html is its own error, not "cannot listen"
         try:
-            server = Server((args.host, args.port), reader)
+            server = Server((args.host, args.port), reader, page)
         except OSError as error:
             raise UsageError(f"cannot listen on {args.host}:{args.port} ({error.strerror or error})") from None
         with server, commands.torch_threads(1):  # one drawing is tiny work: more threads only wait for each other

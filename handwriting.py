@@ -2,30 +2,67 @@
 scaled to 20 pixels and its centre of mass placed at the centre of 28x28; then read by the model.
 The one path from a picture to the model's answer, for predict.py and draw.py."""
 
+import threading
+import warnings
+
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 import mnist_mlp
+from commands import reason
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is larger than any phone's; more is refused, not decoded
+# EXIF orientation -> the turn that shows the picture upright (ImageOps.exif_transpose's table)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+WORKING_SIDE = 600  # a picture is prepared at most this wide: a stroke is still several pixels there
+_OPENING = threading.Lock()  # the warnings filter is the process's: one decode at a time changes it
 
 
-def decode_image(source):
+def decode_image(source, max_pixels=None):
     """The PIL image in `source` (a path or a binary file), decoded; a one-line ValueError for anything
-    that is not a usable image."""
+    that is not a usable image, whichever decoder fails and however. At most max_pixels (MAX_PIXELS).
+
+    The size is read from the header and checked before anything is decoded; PIL's own warning about a
+    huge image becomes this error line. A JPEG is decoded at the smallest scale (1/2 to 1/8) that keeps
+    it at least WORKING_SIDE wide, which bounds its memory before a pixel of it exists.
+    """
+    max_pixels = max_pixels or MAX_PIXELS
+    # The warnings filter is the process's: opening and decoding hold a lock while it is changed. PIL's
+    # warnings about a file (a huge one, corrupt EXIF) are this picture's error or nothing, not lines
+    # of PIL's own on stderr.
+    with _OPENING, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _decode(source, max_pixels)
+
+
+def _decode(source, max_pixels):
     try:
-        with Image.open(source) as image:  # reads the header only: the size is known before decoding
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ValueError(f"{width}x{height} is {width * height:,} pixels, more than the {MAX_PIXELS:,} "
-                                 "this reads; scale it down first")
-            image.load()
-            return image.copy()
+        image = Image.open(source)  # reads the header only
     except UnidentifiedImageError:
         raise ValueError("not an image PIL can read") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's decoders raise these
-        raise ValueError(f"cannot read it ({error})") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ValueError(f"it is larger than the {max_pixels:,} pixels this reads; scale it down first") from None
+    except Exception as error:  # any decoder's failure on a header: this picture's error, not the program's
+        raise ValueError(f"cannot read it ({reason(error)})") from None
+    try:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ValueError(f"{width}x{height} is {width * height:,} pixels, more than the {max_pixels:,} "
+                             "this reads; scale it down first")
+        if image.format == "JPEG":
+            image.draft(image.mode, (WORKING_SIDE, WORKING_SIDE))
+        image.load()  # a single-frame file is closed by PIL once loaded
+        return image
+    except ValueError:
+        image.close()
+        raise
+    except Exception as error:  # PIL's decoders raise OSError, SyntaxError, struct.error, ZeroDivisionError...
+        image.close()
+        raise ValueError(f"cannot read it ({reason(error)})") from None
 
 
 @torch.no_grad()
@@ -46,15 +83,18 @@ def digit_pixels(image):
     A 28x28 image that is already light on dark passes through unchanged. ValueError if the
     image holds no ink.
     """
-    image = ImageOps.exif_transpose(image)  # phone photos store their rotation apart
+    orientation = image.getexif().get(0x0112, 1)  # phone photos store their rotation apart (EXIF)
+    image = _reduced(image)  # first: turning a huge picture would copy it whole
+    if orientation in ORIENTATIONS:
+        image = image.transpose(ORIENTATIONS[orientation])
     gray = _grayscale(image)
     if gray.shape == (28, 28) and _border(gray).median() < 0.25:  # already MNIST-style
         if float(gray.max()) < 0.3:
             raise ValueError("no ink found: a blank image?")
         return (gray * 255).round().to(torch.uint8) if image.mode != "L" else \
             torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(28, 28)
-    if max(gray.shape) > 600:  # a photo: work at a size where a stroke is still several pixels wide
-        scale = 600 / max(gray.shape)
+    if max(gray.shape) > WORKING_SIDE:  # a photo: work at a size where a stroke is still several pixels wide
+        scale = WORKING_SIDE / max(gray.shape)
         gray = _resize(gray, max(1, round(gray.shape[0] * scale)), max(1, round(gray.shape[1] * scale)))
     ink = gray if _border(gray).median() < 0.5 else 1 - gray
     paper = ink.median()  # most of a picture is paper, so its median is the paper's shade
@@ -67,7 +107,24 @@ def digit_pixels(image):
     height, width = crop.shape
     scale = 20 / max(height, width)
     crop = _resize(crop, max(1, round(height * scale)), max(1, round(width * scale))).clamp(0, 1)
-    return (_centre_by_mass(crop) * 255).round().to(torch.uint8)
+    digit = (_centre_by_mass(crop) * 255).round().to(torch.uint8)
+    if int(digit.max()) < 0.3 * 255:  # checked on what the model sees: a hairline fades away when shrunk
+        raise ValueError("no ink left at 28x28: the strokes are too thin for the picture's size; draw them thicker")
+    return digit
+
+
+def _reduced(image):
+    """A picture more than twice WORKING_SIDE wide, shrunk by a whole factor in its own mode (a box
+    average) before it is converted to floats: four bytes a pixel of a huge picture are never made."""
+    factor = max(image.size) // WORKING_SIDE
+    if factor < 2:
+        return image
+    if image.mode in ("1", "P"):  # modes reduce() does not take: to bytes first
+        image = image.convert("RGBA" if "transparency" in image.info else "L")
+    try:
+        return image.reduce(factor)
+    except ValueError:  # a mode reduce() does not take: prepared at full size
+        return image
 
 
 def _grayscale(image):

@@ -78,9 +78,9 @@ def read_image(path):
     return handwriting.decode_image(path)
 
 
-def predict(model, classes, paths):
-    """One result dict per path (prediction or error), each with the 28x28 the model saw."""
-    results = []
+def predictions(model, classes, paths, keep_pictures=False):
+    """Yield one result dict per path as it is read (a prediction or an error). The decoded picture is
+    dropped at once; with keep_pictures, for --show, its small copy and the 28x28 the model saw are kept."""
     for path in paths:
         result = {"image": path}
         label = true_label(path, classes)
@@ -94,21 +94,34 @@ def predict(model, classes, paths):
         except Exception as error:  # a decoder's own failure on one file: that file's error line, not the run's
             result["error"] = f"cannot read it ({commands.reason(error)})"
         if "error" in result:
-            results.append(result)
+            yield result
             continue
         top = handwriting.class_probabilities(model, pixels).topk(3)
         result.update(prediction=classes[int(top.indices[0])], probability=round(float(top.values[0]), 4),
                       top3=[[classes[int(index)], round(float(value), 4)] for value, index in zip(*top)])
         if label is not None:
             result["correct"] = int(top.indices[0]) == label
-        result["_image"], result["_pixels"] = image, pixels
-        results.append(result)
-    return results
+        if keep_pictures:
+            result["_thumbnail"], result["_pixels"] = thumbnail(image), pixels
+        del image  # before the next picture is decoded: one at a time in memory
+        yield result
+
+
+def thumbnail(image, cell=84):
+    """The picture fitted in a cell x cell square, on white, as RGB: what --show draws of the input."""
+    from PIL import Image, ImageOps
+
+    try:
+        small = ImageOps.contain(image, (cell, cell))  # shrunk in its own mode: no full-size copy
+    except ValueError:  # a mode PIL does not resize: converted first
+        small = ImageOps.contain(image.convert("RGBA"), (cell, cell))
+    small = small.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", small.size, "white"), small).convert("RGB")
 
 
 def save_picture(path, results, cell=84):
     """Each input (fitted in a square) beside the 28x28 the model saw, captioned with the guess."""
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
+    from PIL import Image, ImageDraw, ImageFont
 
     shown = [result for result in results if "_pixels" in result]
     try:  # a font with arrows and check marks where the system has one; PIL's own has neither
@@ -122,16 +135,14 @@ def save_picture(path, results, cell=84):
     draw = ImageDraw.Draw(sheet)
     for number, result in enumerate(shown):
         left, top = (number % columns) * width + 4, (number // columns) * row_height + 4
-        thumbnail = ImageOps.contain(result["_image"].convert("RGBA"), (cell, cell))
-        backdrop = Image.new("RGBA", thumbnail.size, "white")
-        sheet.paste(Image.alpha_composite(backdrop, thumbnail).convert("RGB"), (left, top))
+        sheet.paste(result["_thumbnail"], (left, top))
         seen = Image.frombytes("L", (28, 28), bytes(result["_pixels"].flatten().tolist()))
         sheet.paste(seen.resize((cell, cell), Image.Resampling.NEAREST).convert("RGB"), (left + cell + 28, top))
         draw.text((left + cell + 6, top + cell // 2 - 8), arrow, fill="black", font=font)
         caption = f"{result['prediction']} ({100 * result['probability']:.0f}%)"
         if "correct" in result:
             caption += f" {good if result['correct'] else bad}"
-        name = os.path.basename(result["image"])
+        name = commands.printable(os.path.basename(result["image"]))
         name = name if len(name) <= 30 else name[:29] + "…"
         draw.text((left, top + cell + 3), name, fill="black", font=font)
         draw.text((left, top + cell + 18), caption, fill="black", font=font)
@@ -139,24 +150,37 @@ def save_picture(path, results, cell=84):
 
 
 def report(results, as_json):
-    labelled = [result for result in results if "correct" in result]
-    correct = sum(result["correct"] for result in labelled)
-    accuracy = round(100 * correct / len(labelled), 2) if labelled else None
+    """Print each result as it comes (errors on stderr), then the accuracy; returns the results kept
+    for --show (those with pictures) and the number of errors."""
+    kept, labelled, correct, failed = [], 0, 0, 0
     if as_json:
-        public = [{key: value for key, value in result.items() if not key.startswith("_")} for result in results]
-        print(json.dumps({"predictions": public, "accuracy": accuracy, "correct": correct,
-                          "labelled": len(labelled)}, indent=2, allow_nan=False, ensure_ascii=False))
-        return
-    for result in results:
+        print('{"predictions": [', flush=True)
+    for number, result in enumerate(results):
+        if "_pixels" in result:
+            kept.append(result)
+        labelled += "correct" in result
+        correct += bool(result.get("correct"))
+        if "error" in result:  # on stderr in both forms; the JSON holds it too
+            failed += 1
+            print(f"error: {commands.printable(result['image'])}: {result['error']}", file=sys.stderr, flush=True)
+        if as_json:
+            public = {key: value for key, value in result.items() if not key.startswith("_")}
+            print(("  " if number == 0 else ", ") + json.dumps(public, allow_nan=False, ensure_ascii=False), flush=True)
+            continue
         if "error" in result:
             continue
         rest = ", ".join(f"{name} ({100 * value:.1f}%)" for name, value in result["top3"][1:])
         truth = ""
         if "correct" in result:
             truth = "  right" if result["correct"] else f"  wrong: it is {result['label']}"
-        print(f"{result['image']}: {result['prediction']} ({100 * result['probability']:.1f}%), then {rest}{truth}")
-    if labelled:
-        print(f"accuracy over {len(labelled)} labelled images: {correct}/{len(labelled)} = {accuracy:.2f}%")
+        print(f"{commands.printable(result['image'])}: {result['prediction']} ({100 * result['probability']:.1f}%), "
+              f"then {rest}{truth}", flush=True)
+    accuracy = round(100 * correct / labelled, 2) if labelled else None
+    if as_json:
+        print(f'], "accuracy": {json.dumps(accuracy)}, "correct": {correct}, "labelled": {labelled}}}')
+    elif labelled:
+        print(f"accuracy over {labelled} labelled images: {correct}/{labelled} = {accuracy:.2f}%")
+    return kept, failed
 
 
 def main(argv=None):
@@ -170,19 +194,15 @@ def main(argv=None):
         if not paths:
             raise UsageError(f"no images in {', '.join(args.images)} (looked for {', '.join(IMAGE_ENDINGS)})")
         with commands.torch_threads(1):  # one picture is tiny work: more threads only wait for each other
-            results = predict(model, classes, paths)
-        report(results, args.json)
+            kept, failed = report(predictions(model, classes, paths, keep_pictures=bool(args.show)), args.json)
         if args.show:
             try:
-                save_picture(args.show, results)
+                save_picture(args.show, kept)
             except OSError as error:
                 print(f"error: cannot write {args.show} ({error.strerror or error})", file=sys.stderr)
                 return 1
             if not args.json:
                 print(f"saved {args.show}")
-        failed = [result for result in results if "error" in result]
-        for result in failed:
-            print(f"error: {result['image']}: {result['error']}", file=sys.stderr)
         return 2 if failed else 0
     return commands.run_main(body, argv)
 

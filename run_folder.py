@@ -272,12 +272,15 @@ class GracefulStop:
     def __init__(self):
         self.signal = None
         self.saving = False
+        self.finishing = False  # the stop is being reported: more signals change nothing
 
     def __enter__(self):
         self.previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
+        if self.finishing:
+            return
         if self.signal is not None and not self.saving:
             raise KeyboardInterrupt
         self.signal = self.signal or signum
@@ -302,7 +305,7 @@ def say(*args, **kwargs):
     """print() to stdout that keeps training when stdout is gone (`train.py | head -1`, a full disk,
     /dev/full): the checkpoints are what matters. The first failure is reported on stderr, if it can be."""
     try:
-        print(*args, **kwargs, flush=True)
+        print(*(commands.printable(str(arg)) for arg in args), **kwargs, flush=True)
     except OSError as error:
         silence_stdout()
         if not isinstance(error, BrokenPipeError):  # a reader that left wanted no more: nothing to report

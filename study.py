@@ -1,8 +1,9 @@
 """The tutorial's two questions, measured: python study.py --out study [--quick]
 
 Is Adam better than SGD, and what does Adam's bias correction do? Every run is train.py's own
-(train.main, one folder a run under OUT/runs/), three seeds a setting; runs already done are reused,
-so a stopped study goes on where it stopped. Writes OUT/study.md (the tables README shows) and, with
+(train.main, one folder a run under OUT/runs/, kept apart by epochs and held-out images), three seeds a
+setting; a run is reused only where its whole description matches (study-run.json beside it), so a
+stopped study goes on where it stopped and a --quick one never touches a full one's runs. Writes OUT/study.md (the tables README shows) and, with
 matplotlib, the figures OUT/study_*.png. --quick: one epoch, one seed, a reduced grid (tests, a first look).
 """
 
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -53,6 +55,7 @@ class Setting:
     zero_one_inputs: bool = False  # inputs p/255 in [0, 1] instead of the tutorial's [-1, 1]
     weight_decay: tuple = None     # ("adam" or "adamw", decay): the optimizer train.py builds is replaced
     step_losses: bool = False      # keep each step's loss of the first 1,000 steps
+    val_size: int = 0              # training images held out (train.py --val-size)
     seeds: tuple = field(default=(1, 2, 3))
 
 
@@ -86,45 +89,64 @@ def decayed_adam(choice):
 class Study:
     """The runs of a study under OUT/runs/, each done once, and what they measured."""
 
-    def __init__(self, out, data_dir, val_size):
-        self.out, self.data_dir, self.val_size = out, data_dir, val_size
+    def __init__(self, out, data_dir):
+        self.out, self.data_dir = out, data_dir
         self.done = self.total = 0
         self.test_split = None  # read once, for every count of dead units
 
+    def runs_folder(self, setting):
+        """Runs of other lengths or held-out sizes are kept apart: a --quick study never cuts down a full one."""
+        return os.path.join(self.out, "runs", f"epochs{setting.epochs}-val{setting.val_size}")
+
     def folder(self, setting, seed):
-        return os.path.join(self.out, "runs", f"{setting.name}-{seed}")
+        return os.path.join(self.runs_folder(setting), f"{setting.name}-{seed}")
+
+    def description(self, setting, seed):
+        """Everything that makes a run what it is: reused only where all of it matches."""
+        return {"flags": [str(flag) for flag in setting.flags], "epochs": setting.epochs, "seed": seed,
+                "val_size": setting.val_size, "zero_one_inputs": setting.zero_one_inputs,
+                "weight_decay": list(setting.weight_decay) if setting.weight_decay else None,
+                "step_losses": setting.step_losses}
 
     def run(self, setting, seed):
-        """Train one seed of a setting with train.main, unless a complete run is there already."""
+        """Train one seed of a setting with train.main, unless a complete run of the same description is
+        there already; a folder holding a run of another description is refused, never replaced."""
         folder = self.folder(setting, seed)
         self.done += 1
         label = f"[{self.done}/{self.total}] {setting.name} seed {seed}"
+        described = read_json(os.path.join(folder, RUN_DESCRIPTION))
+        if os.path.exists(folder) and os.listdir(folder) and described != self.description(setting, seed):
+            raise UsageError(f"{folder} holds a run this study did not describe so (other flags, or not this study's): "
+                             "move it away or choose another --out; nothing was changed")
         if self.complete(setting, folder):
             print(f"{label}: reused", flush=True)
             return
+        os.makedirs(folder, exist_ok=True)
+        write_json(os.path.join(folder, RUN_DESCRIPTION), self.description(setting, seed))
         argv = [*setting.flags, "--epochs", setting.epochs, "--seed", seed, "--data-dir", self.data_dir,
                 "--checkpoint-dir", folder, "--overwrite", "--device", "cpu"]
-        if self.val_size:
-            argv += ["--val-size", self.val_size]
+        if setting.val_size:
+            argv += ["--val-size", setting.val_size]
         if setting.step_losses:
             argv += ["--log-interval", 1]
         output, started = io.StringIO(), time.perf_counter()
         with zero_one_inputs(setting.zero_one_inputs), decayed_adam(setting.weight_decay), \
                 contextlib.redirect_stdout(output):
             code = train.main(argv)
+        if code == 1:  # a failed write (a full disk): exit 1, as every script's
+            raise run_folder.WriteFailed(f"{label}: train.py could not write its files (exit code 1)")
         if code != 0:
             raise UsageError(f"{label}: train.py stopped with exit code {code}")
         if setting.step_losses:
             losses = [float(match) for match in re.findall(r"step \d+/\d+  loss (\S+)", output.getvalue())][:1000]
-            with open(os.path.join(folder, "steps.json"), "w") as file:
-                json.dump(losses, file)
+            write_json(os.path.join(folder, "steps.json"), losses)
         last = run_folder.read_metrics(os.path.join(folder, run_folder.METRICS_NAME))[-1]
         print(f"{label}: {setting.epochs} epochs, test accuracy {last['test_accuracy']}%, "
               f"{time.perf_counter() - started:.0f} s", flush=True)
 
     def complete(self, setting, folder):
         path = os.path.join(folder, run_folder.METRICS_NAME)
-        steps = not setting.step_losses or os.path.exists(os.path.join(folder, "steps.json"))
+        steps = not setting.step_losses or read_steps(folder) is not None
         try:
             rows = run_folder.read_metrics(path) if os.path.exists(path) else []
         except UsageError:
@@ -154,6 +176,33 @@ class Study:
         return counts
 
 
+RUN_DESCRIPTION = "study-run.json"  # beside each run's checkpoints: what the run is
+
+
+def write_json(path, value):
+    """Write JSON whole or not at all (a kill or a full disk mid-write leaves the old file or none)."""
+    import safe_files
+    safe_files.atomic_write(path, lambda file: file.write(json.dumps(value).encode()))
+
+
+def read_json(path):
+    """The JSON in `path`, or None where there is none or it does not parse."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
+
+
+def read_steps(folder):
+    """A run's first step losses (steps.json), checked: 1 to 1,000 finite numbers; None otherwise."""
+    losses = read_json(os.path.join(folder, "steps.json"))
+    if not (isinstance(losses, list) and 0 < len(losses) <= 1000
+            and all(type(loss) in (int, float) and math.isfinite(loss) for loss in losses)):
+        return None
+    return losses
+
+
 def spread(values, digits=2):
     """'mean (min–max)' of a few numbers (counts: digits=0, the mean with one decimal)."""
     mean = f"{sum(values) / len(values):.{max(digits, 1)}f}"
@@ -165,8 +214,8 @@ def multiplier(t, betas=BETAS):
     return (1 - betas[0] ** t) / math.sqrt(1 - betas[1] ** t)
 
 
-def plan(quick):
-    """The study's settings, by table."""
+def plan(quick, val_size=5000):
+    """The study's settings, by table; the fair comparison holds val_size training images out."""
     epochs, seeds = (1, (1,)) if quick else (20, (1, 2, 3))
     early = 1 if quick else 5
 
@@ -190,7 +239,8 @@ def plan(quick):
     if quick:
         grid = {name: lrs[:2] for name, lrs in grid.items() if name != "sgd"}
     fair = {name: [setting(f"fair-{name}-lr{lr}", ["--optimizer", name.split("-")[0], "--lr", lr, "--momentum",
-                                                     "0.9" if "momentum" in name else "0"]) for lr in lrs]
+                                                     "0.9" if "momentum" in name else "0"], val_size=val_size)
+                   for lr in lrs]
             for name, lrs in grid.items()}
     scaling = [setting("inputs01-adam-lr0.001", [*adam, "--lr", "0.001"], zero_one_inputs=True),
                setting("inputs01-sgd-momentum0.9-lr0.01", ["--optimizer", "sgd", "--lr", "0.01"], zero_one_inputs=True)]
@@ -203,9 +253,14 @@ def report(study, settings):
     """study.md: the tables, in the order README answers the questions."""
     last = settings["optimizers"][0].epochs
     shown = [epoch for epoch in (1, 5, 10, 20) if epoch <= last]
+    every = [setting for group in settings.values() for setting in (group if isinstance(group, list) else
+                                                                     [s for grid in group.values() for s in grid])]
+    read = sorted({os.path.relpath(study.runs_folder(setting), study.out) for setting in every})
     lines = ["# The study's tables", "",
              f"Test accuracy (%) and training loss, mean over seeds {', '.join(map(str, settings['optimizers'][0].seeds))} "
              "(min–max in brackets).", "",
+             f"Runs read: {', '.join(read)} (epochs of each run, and training images held out); each run's "
+             f"full description is the {RUN_DESCRIPTION} beside its checkpoints.", "",
              "## Optimizers at the tutorial's settings", "",
              "| setting | " + " | ".join(f"acc. epoch {e}" for e in shown) + " | train loss, last epoch | "
              "mean acc. over the last 10 epochs |", "|---" * (len(shown) + 3) + "|"]
@@ -230,7 +285,7 @@ def report(study, settings):
               "| multiplier | " + " | ".join(f"{multiplier(t):.2f}" for t in (1, 10, 12, 100, 938, 1000, 5000)) + " |"]
 
     lines += ["", "## A fair comparison: each optimizer's lr chosen on validation", "",
-              f"{study.val_size} training images held out; the mean of the last 5 epochs (or fewer) per seed.", "",
+              f"{settings['fair']['adam'][0].val_size} training images held out; the mean of the last 5 epochs (or fewer) per seed.", "",
               "| optimizer | lr | validation acc. | test acc. | chosen |", "|---|---|---|---|---|"]
     chosen = {}
     for name, grid in settings["fair"].items():
@@ -258,8 +313,8 @@ def report(study, settings):
     for setting in settings["decay"]:
         accuracy = study.metrics(setting, "test_accuracy")
         lines.append(f"| {setting.name} | " + " | ".join(spread([run[e] for run in accuracy]) for e in shown) + " |")
-    with open(os.path.join(study.out, "study.md"), "w", encoding="utf-8") as file:
-        file.write("\n".join(lines) + "\n")
+    import safe_files
+    safe_files.atomic_write(os.path.join(study.out, "study.md"), lambda file: file.write(("\n".join(lines) + "\n").encode()))
     return chosen
 
 
@@ -280,8 +335,7 @@ def figures(study, settings, chosen):
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
     for number, setting in enumerate(settings["bias"]):
-        with open(os.path.join(study.folder(setting, setting.seeds[0]), "steps.json")) as file:
-            losses = json.load(file)
+        losses = read_steps(study.folder(setting, setting.seeds[0]))  # checked complete by Study.run
         window = min(20, len(losses))  # a running mean of 20 steps (fewer in a tiny quick study)
         smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist()
         left.plot(range(window, len(losses) + 1), smooth, color=f"C{number // 2}", linewidth=1,
@@ -324,28 +378,38 @@ def main(argv=None):
             os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
         except OSError as error:
             raise UsageError(f"cannot use --out {args.out} as the study's folder ({error.strerror or error})") from None
-        settings = plan(args.quick)
-        study = Study(args.out, args.data_dir, 0)
+        settings = plan(args.quick, args.val_size)
+        study = Study(args.out, args.data_dir)
         everything = [*settings["optimizers"], *settings["bias"], *settings["scaling"], *settings["decay"]]
         fair = [setting for grid in settings["fair"].values() for setting in grid]
         study.total = sum(len(setting.seeds) for setting in everything + fair)
         started = time.perf_counter()
-        for setting in everything:
-            for seed in setting.seeds:
-                study.run(setting, seed)
-        study.val_size = args.val_size
-        for setting in fair:
-            for seed in setting.seeds:
-                study.run(setting, seed)
-        chosen = report(study, settings)
         try:
-            figures(study, settings, chosen)
-            pictures = "and the figures study_curves.png, study_bias_correction.png, study_fair.png"
-        except ImportError:
-            pictures = "(no figures: pip install matplotlib)"
-        print(f"wrote {os.path.join(args.out, 'study.md')} {pictures} in {time.perf_counter() - started:.0f} s")
-        return 0
+            return run_all(args, study, settings, everything, fair, started)
+        except run_folder.WriteFailed as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     return commands.run_main(body, argv)
+
+
+def run_all(args, study, settings, everything, fair, started):
+    """Every run (reused where done), then study.md and the figures; returns the exit code."""
+    for setting in everything:
+        for seed in setting.seeds:
+            study.run(setting, seed)
+    for setting in fair:
+        for seed in setting.seeds:
+            study.run(setting, seed)
+    try:
+        chosen = report(study, settings)
+        figures(study, settings, chosen)
+        pictures = "and the figures study_curves.png, study_bias_correction.png, study_fair.png"
+    except ImportError:
+        pictures = "(no figures: pip install matplotlib)"
+    except OSError as error:  # a full disk under --out: exit 1, as every script's failed write
+        raise run_folder.WriteFailed(f"cannot write into {args.out} ({error.strerror or error})") from None
+    print(f"wrote {os.path.join(args.out, 'study.md')} {pictures} in {time.perf_counter() - started:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":

@@ -316,3 +316,144 @@ def test_a_checkpoint_name_cannot_break_the_pages_script(trained, tmp_path):
     finally:
         server.server_close()
     assert "<!--<script>" not in page and "a\\u003c!--\\u003cscript>b.pth (epoch 1)" in page
+
+
+# ----------------------------------------------------------------------------- what the server shares, bounded
+
+@pytest.fixture(scope="module")
+def bounded_server(trained):
+    """`python draw.py` in a process of its own under the usual 1,024-descriptor limit: (address, pid)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "draw.py"), str(trained[0] / "noteLearning_1.pth"),
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=limit)
+    try:
+        line = process.stdout.readline()
+        yield ("127.0.0.1", int(line.split(":")[2].split("/")[0])), process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+def peak_memory(pid):
+    """The process's peak resident memory in bytes (Linux's VmHWM)."""
+    with open(f"/proc/{pid}/status") as file:
+        return next(int(line.split()[1]) * 1024 for line in file if line.startswith("VmHWM:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak memory from Linux's /proc")
+def test_big_drawings_at_once_keep_the_servers_memory_bounded(bounded_server, mnist):
+    from PIL import ImageDraw
+    address, pid = bounded_server
+    _, test_split = mnist
+    assert request(address, "POST", "/predict", drawn_digit(test_split.pixels[0]), {"Content-Type": "image/png"})[0] == 200
+    before = peak_memory(pid)
+    big = Image.new("RGBA", (2800, 2800), "white")  # 7.8 megapixels, just under the cap: 31 MB decoded
+    ImageDraw.Draw(big).line([(1400, 400), (1400, 2400)], fill="black", width=200)
+    body = png_of(big)
+    assert len(body) < draw.MAX_BODY
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(request(address, "POST", "/predict", body,
+                                                                       {"Content-Type": "image/png"})[0]))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    grown = peak_memory(pid) - before
+    assert sorted(set(results)) in ([200], [200, 503]) and results.count(200) >= 2, results
+    # two decodes at a time, each at most 8 megapixels: far from the 8 x (31 MB and its copies) of old
+    assert grown < 250 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB"
+    print(f"peak memory grew by {grown / 2**20:.0f} MiB")
+    huge = Image.new("1", (6300, 6300), 1)  # a 26 KB PNG of 40 megapixels: refused from its header
+    status, answer = request(address, "POST", "/predict", png_of(huge), {"Content-Type": "image/png"})
+    assert status == 400 and "8,000,000" in answer["error"]
+
+
+def test_a_flood_of_slow_connections_does_not_starve_real_requests(bounded_server):
+    address, _ = bounded_server
+    slow, stop = [], threading.Event()
+
+    def flood():  # 1,100 connections, each sending its request a byte at a time, slower than any deadline
+        for _ in range(1100):
+            if stop.is_set():
+                return
+            try:
+                connection = socket.create_connection(address, timeout=5)
+                connection.sendall(b"GET / HT")
+                slow.append(connection)
+            except OSError:
+                pass
+    flooding = threading.Thread(target=flood, daemon=True)
+    flooding.start()
+    try:
+        time.sleep(1.0)  # the flood is well under way
+        started = time.monotonic()
+        answered = [request(address, "GET", "/")[0] for _ in range(3)]
+        assert answered == [200, 200, 200] and time.monotonic() - started < 20
+        flooding.join(60)
+        assert len(slow) > 1024 - 64  # more than the server could hold open under its descriptor limit
+        assert request(address, "GET", "/")[0] == 200
+    finally:
+        stop.set()
+        for connection in slow:
+            connection.close()
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GARBAGE\r\n\r\n", 400),                                   # not a request line
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),     # a request line over http.server's 64 KB
+    (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),  # more headers than http.server takes
+    (b"BREW / HTTP/1.1\r\n\r\n", 501),                           # a method nobody serves
+])
+def test_every_error_is_json_whoever_raises_it(server, raw, status):
+    with socket.create_connection(server, timeout=10) as connection:
+        connection.sendall(raw)
+        answer = read_until_closed(connection)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == str(status).encode() and b"application/json" in head, head[:200]
+    assert "error" in json.loads(body)
+
+
+def test_any_decoder_failure_is_a_400(server):
+    from PIL import Image as PILImage
+    samples = []
+    for kind in ("DDS", "BLP", "TIFF", "GIF", "WEBP", "ICO"):
+        try:
+            buffer = io.BytesIO()
+            PILImage.new("RGB", (64, 64), "white").save(buffer, format=kind)
+        except (KeyError, OSError, ValueError):
+            continue
+        data = buffer.getvalue()
+        samples.append((kind + " cut in half", data[:len(data) // 2]))  # the header intact, the data cut
+        samples.append((kind + " cut at 40 bytes", data[:40]))
+    assert len(samples) >= 6
+    for kind, body in samples:
+        status, answer = request(server, "POST", "/predict", body, {"Content-Type": "application/octet-stream"})
+        assert status == 400 and answer["error"], (kind, status, answer)
+
+
+def test_ipv6_hosts_and_a_missing_page_are_served_and_said(trained, monkeypatch, capsys):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    reader = draw.Reader(str(trained[0] / "noteLearning_1.pth"))
+    try:
+        httpd = draw.Server(("::1", 0), reader)
+    except OSError:
+        pytest.skip("::1 cannot be bound here")
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        connection = http.client.HTTPConnection("::1", httpd.server_address[1], timeout=10)
+        connection.request("GET", "/")
+        assert connection.getresponse().status == 200
+        connection.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    monkeypatch.setattr(draw, "PAGE", str(trained[0] / "no-such-page.html"))
+    assert_usage_error(*run_main(draw, [trained[0] / "noteLearning_1.pth", "--port", "0"], capsys)[::2],
+                       "cannot read the page", "draw.html")

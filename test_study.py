@@ -25,10 +25,34 @@ def test_the_quick_study_writes_its_tables_and_reuses_its_runs(tmp_path, capsys)
     assert "| multiplier | 3.16 | 6.53 | 6.57 | 3.24 | 1.28 | 1.26 | 1.00 |" in report
     for name in ("study_curves.png", "study_bias_correction.png", "study_fair.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(os.listdir(out / "runs")) == 14
+    runs = sorted(str(path.relative_to(out / "runs")) for path in (out / "runs").glob("*/*"))
+    assert len(runs) == 14 and {run.split("/")[0] for run in runs} == {"epochs1-val0", "epochs1-val50"}
     code, printed, _ = run_main(study, argv, capsys)  # a study already done: every run is reused
     assert code == 0 and printed.count(": reused") == 14
     assert (out / "study.md").read_text() == report
+
+    # a run is reused only where all of it matches: another --val-size makes its fair runs apart
+    before = {path: path.stat().st_mtime_ns for path in (out / "runs").rglob("*")}
+    code, printed, _ = run_main(study, ["--quick", "--out", out, "--data-dir", data, "--val-size", "60"], capsys)
+    assert code == 0 and printed.count(": reused") == 14 - 4 and "60 training images held out" in (out / "study.md").read_text()
+    assert all(path.stat().st_mtime_ns == when for path, when in before.items())  # the first study's runs untouched
+    # a steps.json cut short (a kill mid-write) is a run to redo, not a crash
+    steps = next((out / "runs").glob("epochs1-val0/bias-adam-lr0.001-1")) / "steps.json"
+    steps.write_text("[0.5, 0.4")
+    code, printed, _ = run_main(study, argv, capsys)
+    assert code == 0 and printed.count(": reused") == 13 and study.read_steps(steps.parent) is not None
+    # a folder holding a run of another description is refused whole, and left as it is
+    description = steps.parent / study.RUN_DESCRIPTION
+    description.write_text(description.read_text().replace('"seed": 1', '"seed": 7'))
+    assert_usage_error(*run_main(study, argv, capsys)[::2], "bias-adam-lr0.001-1", "nothing was changed")
+    assert '"seed": 7' in description.read_text()
+
+
+def test_a_failed_write_under_out_is_exit_1(tmp_path, capsys, monkeypatch):
+    import train
+    monkeypatch.setattr(train, "main", lambda argv: 1)  # train.py's answer to a full disk
+    code, _, err = run_main(study, ["--quick", "--out", tmp_path / "study"], capsys)
+    assert code == 1 and err.startswith("error: ") and "could not write" in err
 
 
 def test_the_study_runs_restore_what_they_change(tmp_path):

@@ -129,9 +129,9 @@ class Run:
 
     def diverged(self, what, epoch):
         """The error for a run gone non-finite; right after a resume, the checkpoint is the likelier cause."""
-        first = self.args.resume and epoch == self.start_epoch + 1
-        return UsageError(f"{what} (--lr {self.args.lr} with {self.args.optimizer}); nothing of it was saved; "
-                          + (f"resume from before {self.args.resume}" if first else "try a smaller --lr"))
+        advice = f"resume from before {self.args.resume}" if self.args.resume and epoch == self.start_epoch + 1 \
+            else "try a smaller --lr"
+        return UsageError(f"{what} (--lr {self.args.lr} with {self.args.optimizer}); nothing of it was saved; {advice}")
 
     def evaluate(self, train_loss, seconds):
         """The epoch's figures: training loss, test (and validation) loss and accuracy, speed."""
@@ -160,25 +160,25 @@ class Run:
         return path
 
 
-def train_loop(run):
+def train_loop(run, stop):
     """The tutorial's loop: for each epoch, train, evaluate, save. Returns the exit code."""
     args = run.args
     run_folder.say(f"training with the {run.step_description}")
     threads = f" ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})" if run.device.type == "cpu" else ""
     run_folder.say(f"on {run.device}{threads}, {len(run.train_split)} {args.dataset} images, epochs {run.start_epoch + 1}..{args.epochs}")
-    with run_folder.GracefulStop() as stop, fast_step.denormals_flushed():
+    with fast_step.denormals_flushed():
         for epoch in range(run.start_epoch + 1, args.epochs + 1):
             run.progress.epoch = epoch
             # train: one pass over the shuffled training set, the loss printed every --log-interval steps
             started = time.perf_counter()
             result = run.train_one_epoch(epoch, stop)
             if result is None:  # Ctrl-C or SIGTERM, between two steps
+                stop.finishing = True  # a second one now is not reported again, nor cuts the clean-up short
                 run.progress.report_stop("stopped by SIGTERM" if stop.signal == signal.SIGTERM else "interrupted")
                 return 143 if stop.signal == signal.SIGTERM else 130
             train_loss = result.mean_loss  # waits for the device: the epoch's time is now real
-            seconds = time.perf_counter() - started
             # evaluate on the test set (and on the held-out images, with --val-size)
-            metrics = run.evaluate(train_loss, seconds)
+            metrics = run.evaluate(train_loss, time.perf_counter() - started)
             # save the checkpoint and its metrics row; a Ctrl-C now waits until both are written
             with stop.save():
                 path = run.save(epoch, metrics)
@@ -189,14 +189,15 @@ def train_loop(run):
 
 def train(args, progress):
     """Train as the flags say, leaving torch's threads and random generators as they were."""
-    device = commands.resolve_device(args.device)
-    with commands.torch_threads(args.threads if device.type == "cpu" else torch.get_num_threads()), \
+    device = commands.resolve_device(args.device)  # GracefulStop first: its handlers cover the clean-up too
+    with run_folder.GracefulStop() as stop, \
+            commands.torch_threads(args.threads if device.type == "cpu" else torch.get_num_threads()), \
             safe_files.folders_removed_if_left_empty(args.checkpoint_dir), \
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         run = Run(args, device, progress)
         with run_folder.FolderLock(args.checkpoint_dir):
             run.open()
-            return train_loop(run)
+            return train_loop(run, stop)
 
 
 def main(argv=None):

@@ -99,6 +99,7 @@ def main(argv=None):
     def body(argv):  # added: one thread, the bundled data, its own folder
         args = parse_args(argv)
         data_files.load(args.data_dir, download=False)  # decompress the bundled files
+        data_files.require_decompressed(args.data_dir)  # torchvision reads only those
         os.makedirs(args.checkpoint_dir, exist_ok=True)
         with commands.torch_threads(1), torch.random.fork_rng():  # as train.py; the global generator given back
             return run(args)
