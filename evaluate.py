@@ -93,7 +93,7 @@ def evaluate_checkpoints(args):
 
 def save_pictures(args, model, test_split, result):
     """Write the pictures asked for; [(flag, path, why it failed)] for those that could not be written."""
-    title = os.path.basename(result["checkpoint"])
+    title = commands.printable(os.path.basename(result["checkpoint"]))
     made = {"--save-errors": lambda: pictures.error_grid(model, test_split, result["classes"], title)[0],
             "--save-weights": lambda: pictures.weight_tiles(model, test_split, title),
             "--save-confusion": lambda: pictures.confusion_heatmap(result["confusion"], result["classes"], title)}

@@ -103,7 +103,7 @@ def default_title(groups):
 def shown(text):
     """Text as matplotlib should print it: a $ is a dollar sign, not mathtext, and a leading _ does
     not hide a line from the legend."""
-    text = text.replace("$", r"\$")
+    text = commands.printable(text).replace("$", r"\$")  # a name's stray bytes as \xff: fonts cannot draw them
     return " " + text if text.startswith("_") else text
 
 

@@ -138,3 +138,36 @@ def test_a_dataset_file_with_no_images_or_an_absurd_header_is_one_line_and_write
         data_files.load(str(root), download=False)
     assert not (raw / "t10k-images-idx3-ubyte").exists()
     assert [name for name in os.listdir(raw) if name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("how", ["not writable", "read-only filesystem"])
+def test_a_read_only_install_reads_the_gz_files_and_tutorial_py_says_what_to_do(how, tmp_path, capsys, monkeypatch):
+    """The repository on a read-only mount (or a folder root cannot write either): nothing is
+    decompressed, train.py and evaluate.py read the .gz directly, and tutorial.py (torchvision reads only
+    decompressed files) says in one line to pass --data-dir to a writable copy."""
+    import errno
+
+    import safe_files
+    import tutorial
+    root = make_tiny_mnist(tmp_path / "data", compress=True)
+    raw = os.path.join(root, "MNIST", "raw")
+    if how == "not writable":
+        real_access = os.access
+        monkeypatch.setattr(data_files.os, "access", lambda path, mode: False if os.path.abspath(path) == raw and
+                            mode & os.W_OK else real_access(path, mode))
+    else:
+        real_write = safe_files.atomic_write
+
+        def read_only(path, write):  # the data's mount is read-only; the checkpoints' folder is not
+            if os.path.dirname(os.path.abspath(path)) == raw:
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_write(path, write)
+        monkeypatch.setattr(safe_files, "atomic_write", read_only)
+    before = sorted(os.listdir(raw))
+    code, out, err = run_main(train, ["--data-dir", root, "--epochs", "1", "--batch-size", "32", "--device", "cpu",
+                                      "--checkpoint-dir", tmp_path / "out"], capsys)
+    assert code == 0 and err == "" and "256 mnist images" in out
+    assert sorted(os.listdir(raw)) == before and all(name.endswith(".gz") for name in before)
+    assert run_main(evaluate, [tmp_path / "out" / "noteLearning_1.pth", "--data-dir", root], capsys)[0] == 0
+    assert_usage_error(*run_main(tutorial, ["--data-dir", root, "--epochs", "1", "--checkpoint-dir", tmp_path / "t"],
+                                 capsys)[::2], "torchvision reads the data decompressed", "--data-dir")

@@ -2,6 +2,10 @@
 
 import json
 import os
+import subprocess
+import sys
+
+import pytest
 
 import torch
 
@@ -154,3 +158,55 @@ def test_every_failure_of_one_image_is_that_images_error_line(trained, mnist, tm
     assert "no ink" in by_name["black28.png"]["error"] and "NaN" in by_name["nan.tif"]["error"]
     assert "cannot read it" in by_name["corrupt.png"]["error"]
     assert len(err.strip().splitlines()) == 3 and ": NaN" not in out and "NaN," not in out
+
+
+def test_predict_reads_one_picture_at_a_time_and_keeps_none_unless_shown(trained, monkeypatch):
+    """predictions() is a stream: a result for each picture as it is read, the decoded picture dropped."""
+    import predict
+    read = []
+    real = predict.read_image
+    monkeypatch.setattr(predict, "read_image", lambda path: read.append(path) or real(path))
+    checkpoint = checkpoints.load_checkpoint(str(trained[0] / "noteLearning_1.pth"))
+    model = checkpoints.model_from_checkpoint("x", checkpoint)
+    digits = sorted(os.path.join(HERE, "data", "digits", name) for name in os.listdir(os.path.join(HERE, "data", "digits")))
+    stream = predict.predictions(model, [str(d) for d in range(10)], digits)
+    first = next(stream)
+    assert read == digits[:1] and not any(key.startswith("_") for key in first)  # nothing kept without --show
+    shown = next(predict.predictions(model, [str(d) for d in range(10)], digits, keep_pictures=True))
+    assert shown["_thumbnail"].size[0] <= 84 and shown["_thumbnail"].size[1] <= 84 and shown["_pixels"].shape == (28, 28)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="peak memory from ru_maxrss of a child, in KiB on Linux")
+def test_predicts_peak_memory_does_not_grow_with_the_number_of_pictures(trained, tmp_path):
+    from PIL import Image, ImageDraw
+    photo = Image.new("RGB", (2500, 2500), "white")  # 19 MB decoded, a small PNG
+    ImageDraw.Draw(photo).line([(1250, 300), (1250, 2200)], fill="black", width=150)
+    photo.save(tmp_path / "1_photo.png")
+    for number in range(2, 25):
+        os.link(tmp_path / "1_photo.png", tmp_path / f"1_photo{number:02d}.png")
+
+    def peak(paths):
+        code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        result = subprocess.run([sys.executable, "-c", code, sys.executable, os.path.join(HERE, "predict.py"),
+                                 str(trained[0] / "noteLearning_1.pth"), *map(str, paths)],
+                                capture_output=True, text=True, timeout=300)
+        return int(result.stdout) * 1024
+    pictures = sorted(tmp_path.glob("1_photo*.png"))
+    few, many = peak(pictures[:4]), peak(pictures)  # past the first few, malloc has the memory it reuses
+    assert many - few < 25 * 2**20, f"{(many - few) / 2**20:.0f} MiB more for 24 pictures than for 4"
+
+
+def test_a_hairline_is_refused_on_the_28x28_and_a_huge_picture_in_one_line(trained, tmp_path, capsys):
+    import predict
+    from PIL import Image, ImageDraw
+    hairline = Image.new("L", (500, 500), 255)
+    ImageDraw.Draw(hairline).line([(30, 30), (470, 470)], fill=0, width=2)  # fades to nothing at 20 pixels
+    hairline.save(tmp_path / "hairline.png")
+    Image.new("1", (9500, 9500), 1).save(tmp_path / "huge.png")  # 90 megapixels: PIL's bomb warning
+    code, out, err = run_main(predict, [trained[0] / "noteLearning_1.pth", tmp_path / "hairline.png",
+                                        tmp_path / "huge.png"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 2 and all(line.startswith("error: ") for line in lines), err
+    assert "hairline.png: no ink left at 28x28" in lines[0] and "huge.png" in lines[1] and "scale it down" in lines[1]
+    assert "Warning" not in err
