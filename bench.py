@@ -45,6 +45,9 @@ def parse_args(argv):
                         help="untimed epochs before the timed steps; the first is timed on its own")
     parser.add_argument("--threads", type=commands.bounded_int(1, os.cpu_count() or 1), default=1,
                         help="torch CPU threads")
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                        help="train.py's optimizer in ours, fused and autograd: adam (lr 0.001) or sgd (momentum 0.9, "
+                             "lr 0.01); the classic pipeline is always the blog's Adam")
     parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=None,
                         help="which to time (default: all; graph only on CUDA)")
     commands.add_data_dir_flag(parser)
@@ -86,11 +89,19 @@ def batch_sizes(n, batch_size, steps):
 
 
 def classic_runner(data_dir, device):
-    """run(count): `count` more steps of the tutorial's pipeline (tutorial.py's pieces), epoch after epoch."""
-    train_loader, _ = tutorial.make_loaders(data_dir, seed=1)
-    model, criterion, optimizer = tutorial.make_model(seed=1)
-    model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)  # made again: the model may have moved
+    """run(count): `count` more steps of the blog's pipeline, epoch after epoch: tutorial.py's transforms,
+    DataLoader, NoteModel, loss, Adam and step, as its run() writes them (the loss read every 100 steps)."""
+    from torch.utils import data
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    train_loader = data.DataLoader(dataset=datasets.MNIST(data_dir, transform=transform, train=True), batch_size=64,
+                                   shuffle=True, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(1)
+    model = tutorial.NoteModel().to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=0.001)
+    position = [0]
 
     def batches():
         while True:
@@ -100,19 +111,30 @@ def classic_runner(data_dir, device):
 
     def run(count):
         for _ in range(count):
-            images, labels = next(batch_iterator)
-            tutorial.train_step(model, criterion, optimizer, images.to(device), labels.to(device))
+            inputs, labels = next(batch_iterator)
+            inputs, labels = inputs.to(device), labels.to(device)
+            outs = model(inputs)
+            loss = loss_fn(outs, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            position[0] += 1
+            if position[0] % 100 == 0:
+                loss.item()
+    run.optimizer = opt
     return run
 
 
-def train_py_runner(data_dir, device, step_choice, fused=False, graph=False):
+def train_py_runner(data_dir, device, step_choice, fused=False, graph=False, optimizer_name="adam"):
     """run(count): `count` more steps of train.py's loop with --step step_choice (--fused: torch's fused
-    Adam; graph: the fused step replayed as a CUDA graph)."""
+    optimizer; graph: the fused step replayed as a CUDA graph), with train.py's default Adam or its
+    --optimizer sgd (--momentum 0.9, --lr 0.01)."""
     train_split, _ = data_files.load(data_dir, download=False)
     train_split = train_split.to(device)
     torch.manual_seed(1)
     model = mnist_mlp.NoteModel().to(device)
-    optimizer = fast_step.make_optimizer("adam", model.parameters(), 0.001, fused=fused)
+    optimizer = fast_step.make_optimizer(optimizer_name, model.parameters(), 0.001 if optimizer_name == "adam" else 0.01,
+                                         fused=fused)
     step, _ = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, step_choice, cuda_graph=graph)
     generator = torch.Generator().manual_seed(1)
 
@@ -121,6 +143,7 @@ def train_py_runner(data_dir, device, step_choice, fused=False, graph=False):
             order = mnist_mlp.epoch_order(len(train_split), generator)[:count * 64].to(device)
             result = mnist_mlp.train_epoch(step, train_split, order.split(64), log_interval=100)
             count -= len(result.step_losses)
+    run.optimizer = optimizer
     return run
 
 
@@ -146,7 +169,8 @@ def floor_runner(device, hidden=(128, 64)):
 
 
 def time_runner(run, device, steps, warmup_epochs):
-    """(seconds of the first epoch or None, seconds of `steps` steps after warmup_epochs epochs)."""
+    """(seconds of the first epoch or None, seconds of `steps` steps after warmup_epochs epochs, bytes of
+    the optimizer's state at the end or None)."""
     def timed(count):
         synchronize(device)
         started = time.perf_counter()
@@ -157,7 +181,12 @@ def time_runner(run, device, steps, warmup_epochs):
     first = timed(STEPS_PER_EPOCH) if warmup_epochs else None
     if warmup_epochs > 1:
         run(STEPS_PER_EPOCH * (warmup_epochs - 1))
-    return first, timed(steps)
+    seconds = timed(steps)
+    optimizer = getattr(run, "optimizer", None)
+    state = None if optimizer is None else sum(value.numel() * value.element_size() for values in optimizer.state.values()
+                                               for key, value in values.items()
+                                               if isinstance(value, torch.Tensor) and key != "step")
+    return first, seconds, state
 
 
 def cpu_name():
@@ -193,9 +222,10 @@ def run(argv):
     torch.set_num_threads(args.threads)
     try:
         with fast_step.denormals_flushed():  # as train.py trains; the classic pipeline is timed without
-            runners = {"ours": lambda: train_py_runner(args.data_dir, device, "fast"),
-                       "fused": lambda: train_py_runner(args.data_dir, device, "fast", fused=True),
-                       "autograd": lambda: train_py_runner(args.data_dir, device, "autograd"),
+            name = args.optimizer
+            runners = {"ours": lambda: train_py_runner(args.data_dir, device, "fast", optimizer_name=name),
+                       "fused": lambda: train_py_runner(args.data_dir, device, "fast", fused=True, optimizer_name=name),
+                       "autograd": lambda: train_py_runner(args.data_dir, device, "autograd", optimizer_name=name),
                        "floor": lambda: floor_runner(device),
                        "graph": lambda: train_py_runner(args.data_dir, device, "fast", fused=True, graph=True)}
             timings = {name: time_runner(runners[name](), device, args.steps, args.warmup_epochs)
@@ -218,9 +248,11 @@ def make_report(args, device, timings):
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}: {cpu_name()}",
         "threads": args.threads, "cpu_count": os.cpu_count(), "torch": str(torch.__version__),
-        "steps": args.steps, "samples": samples, "warmup_epochs": args.warmup_epochs,
+        "steps": args.steps, "samples": samples, "warmup_epochs": args.warmup_epochs, "optimizer": args.optimizer,
     }
-    for name, (first, seconds) in timings.items():
+    for name, (first, seconds, state) in timings.items():
+        if state is not None:
+            report[f"{name}_optimizer_state_bytes"] = state
         report[f"{name}_seconds"] = round(seconds, 4)
         report[f"{name}_samples_per_s"] = round(samples / seconds, 1)
         report[f"{name}_ms_per_step"] = round(1000 * seconds / args.steps, 4)
@@ -248,6 +280,9 @@ def print_report(args, report, timings):
         first = report.get(f"{name}_first_epoch_samples_per_s")
         print(f"{name:<10} {report[f'{name}_samples_per_s']:>12,.0f} {report[f'{name}_ms_per_step']:>9.3f} "
               f"{'-' if first is None else format(first, ',.0f'):>22}")
+    states = {name: report[f"{name}_optimizer_state_bytes"] for name in timings if f"{name}_optimizer_state_bytes" in report}
+    if states:
+        print("optimizer state: " + ", ".join(f"{name} {size:,} bytes" for name, size in states.items()))
     if "speedup" in report:
         print(f"ours is {report['speedup']:.1f}x the classic pipeline")
     if "floor_multiple" in report:
@@ -258,10 +293,10 @@ def print_report(args, report, timings):
 
 # ----------------------------------------------------------------------------- the whole program
 
-# The lines each program prints: the loss every 100 steps of epoch 1 (the step number in the group),
+# The lines each program prints: the loss every 100 steps (the step number in the group; those of epoch 1 count),
 # and one line once an epoch is trained, tested and saved.
-STEP_LINE = {"train.py": re.compile(r"^epoch 1/\d+  step (\d+)/"), "tutorial.py": re.compile(r"^Epoch \[1/\d+\], Step \[(\d+)/")}
-EPOCH_DONE = {"train.py": re.compile(r"^epoch \d+/\d+  train loss"), "tutorial.py": re.compile(r"Test Accuracy")}
+STEP_LINE = {"train.py": re.compile(r"^epoch 1/\d+  step (\d+)/"), "tutorial.py": re.compile(r"^训练次数(\d+)，loss:")}
+EPOCH_DONE = {"train.py": re.compile(r"^epoch \d+/\d+  train loss"), "tutorial.py": re.compile(r"^第\d+训练轮模型已保存！")}
 START_UP = ("import time; started = time.perf_counter(); import torch; imported = time.perf_counter(); "
             "torch.optim.Adam([torch.zeros(1, requires_grad=True)]); "
             "print(imported - started, time.perf_counter() - imported)")
@@ -285,7 +320,7 @@ def time_program(script, epochs, data_dir):
             for line in process.stdout:
                 now = time.perf_counter() - started
                 match = STEP_LINE[script].search(line)
-                if match:
+                if match and not epoch_ends:  # epoch 1's (the tutorial counts its steps across epochs)
                     steps.append((int(match.group(1)), now))
                 elif EPOCH_DONE[script].search(line):
                     epoch_ends.append(now)

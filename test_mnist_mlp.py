@@ -231,17 +231,24 @@ def test_fast_and_autograd_steps_give_bit_identical_weights(mnist, optimizer):
 
 def test_train_py_gives_the_weights_of_tutorial_py_bit_for_bit_after_a_real_epoch(tmp_path, capsys):
     """The default `python train.py` (fast step, flat Adam, denormals flushed) against the blog's own
-    program (DataLoader, transforms, autograd, torch.optim.Adam), one thread each, a whole epoch."""
-    assert tutorial.main(["--epochs", "1", "--checkpoint-dir", tmp_path]) == 0
+    program (DataLoader, transforms, autograd, torch.optim.Adam), one thread each, a whole epoch; and
+    tutorial.py prints what the blog prints, in its order."""
+    assert tutorial.main(["--epochs", "1", "--checkpoint-dir", tmp_path, "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "Step [900/938]" in out and "Test Accuracy: " in out
+    lines = out.splitlines()
+    assert lines[:2] == ["cpu", "-------------------第1轮训练开始-------------------"]
+    assert [line.split("，")[0] for line in lines[2:11]] == [f"训练次数{step}" for step in range(100, 901, 100)]
+    assert all(float(line.split("loss:")[1]) > 0 for line in lines[2:11])  # one batch's loss.item(), unrounded
+    assert lines[11].startswith("第1轮训练结束！loss:") and lines[12] == "-------------------第1轮测试开始----------------"
+    assert lines[13].startswith("测试数据成功的概率为: ") and lines[14:] == ["第1训练轮模型已保存！"]
     code, ours_out, _ = run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path / "ours", "--device", "cpu"], capsys)
     assert code == 0 and ours_out.startswith("training with the fast step")
+    assert f"test accuracy {lines[13].split(': ')[1]}" in ours_out  # the same accuracy, to the hundredth
     for script, printed in (("tutorial.py", out), ("train.py", ours_out)):  # the lines bench.py --whole times
         lines = printed.splitlines()
         steps = [int(match.group(1)) for match in map(bench.STEP_LINE[script].search, lines) if match]
         assert steps == list(range(100, 901, 100)) and sum(map(bool, map(bench.EPOCH_DONE[script].search, lines))) == 1
-    theirs = torch.load(tmp_path / "noteLearning_1.pth", weights_only=True)
+    theirs = torch.load(tmp_path / "noteLearning_1.pth", weights_only=False).state_dict()  # the blog saves the model
     ours = torch.load(tmp_path / "ours" / "noteLearning_1.pth", weights_only=True)["model"]
     assert list(ours) == list(theirs)
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
