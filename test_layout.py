@@ -73,3 +73,14 @@ def test_the_lesson_copied_alone_trains_with_the_program_in_its_docstring(tmp_pa
     assert accuracy >= 90.0
     assert (tmp_path / "noteLearning_1.pth").is_file()
     assert sorted(os.listdir(raw)) == sorted(name + ".gz" for name in mnist_mlp.RAW_FILES)  # nothing written there
+
+
+def test_every_number_of_the_chinese_readme_is_the_english_ones():
+    """README.zh-CN.md carries the same numbers as README.md: each decimal in it (a figure with a
+    point, such as 97.52 or 0.0288) appears in README.md too."""
+    import re
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+        english = set(re.findall(r"\d+\.\d+", file.read()))
+    with open(os.path.join(HERE, "README.zh-CN.md"), encoding="utf-8") as file:
+        chinese = set(re.findall(r"\d+\.\d+", file.read()))
+    assert chinese - english == set()

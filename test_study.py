@@ -20,9 +20,16 @@ def test_the_quick_study_writes_its_tables_and_reuses_its_runs(tmp_path, capsys)
     assert len(progress) == 14 and progress[-1].startswith("[14/14]") and "test accuracy" in progress[0]
     report = (out / "study.md").read_text()
     for heading in ("Optimizers at the tutorial's settings", "Bias correction × learning rate",
-                    "each optimizer's lr chosen on validation", "Dead ReLU units", "AdamW"):
+                    "each optimizer's lr chosen on validation", "Dead ReLU units", "AdamW",
+                    "How much test accuracy moves", "fit and generalisation", "What three seeds can show",
+                    "Inputs in [0, 1] against the tutorial's [−1, 1]"):
         assert heading in report
     assert "| multiplier | 3.16 | 6.53 | 6.57 | 3.24 | 1.28 | 1.26 | 1.00 |" in report
+    assert "Its mean over epoch 1 (steps 1–938): 2.04." in report and "β2 > 1−(1−β1)² = 0.99" in report
+    assert "standard error of 0.16 points" in report and "p-value below 0.10" in report
+    assert "seed 1 alone" in report and "after epoch 1 and 1" not in report and "last 10 epochs" not in report
+    chosen_rows = report.split("fit and generalisation")[1].split("##")[0]
+    assert chosen_rows.count("| adam, lr ") == 1 and chosen_rows.count("| sgd-momentum0.9, lr ") == 1
     for name in ("study_curves.png", "study_bias_correction.png", "study_fair.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = sorted(str(path.relative_to(out / "runs")) for path in (out / "runs").glob("*/*"))
