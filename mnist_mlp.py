@@ -275,8 +275,8 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.9
     lr. Without it (bias_correction=False) the step is lr * m / sqrt(v): 0.1 / sqrt(0.001) = 3.16
     times lr at t = 1. For any gradients the uncorrected update is the corrected one times
     (1 - beta1^t) / sqrt(1 - beta2^t) (exactly, with eps = 0): about 6.6x at t = 12, 3.2x at 100,
-    1.28x at 938, falling to 1x only as beta2^t fades. A hidden learning-rate warm-up of several
-    times lr: the reason the Adam paper gives for the correction.
+    1.28x at 938, falling to 1x only as beta2^t fades: an early boost (m's bias shrinks the step,
+    v's enlarges it more, since beta2 > 1 - (1 - beta1)^2), the opposite of a warm-up.
     """
     beta1, beta2 = betas
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)                    # m_t

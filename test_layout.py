@@ -5,6 +5,8 @@ takes more than six parameters; train.py stays short enough to read its loop."""
 import ast
 import glob
 import os
+
+import pytest
 import re
 import shutil
 import subprocess
@@ -84,3 +86,28 @@ def test_every_number_of_the_chinese_readme_is_the_english_ones():
     with open(os.path.join(HERE, "README.zh-CN.md"), encoding="utf-8") as file:
         chinese = set(re.findall(r"\d+\.\d+", file.read()))
     assert chinese - english == set()
+
+
+def study_section(name, start, end):
+    with open(os.path.join(HERE, name), encoding="utf-8") as file:
+        text = file.read()
+    return text[text.index(start):text.index(end)]
+
+
+@pytest.mark.parametrize("name, start, end", [
+    ("README.md", "## Adam, SGD and bias correction", "## Validation"),
+    ("README.zh-CN.md", "## 教程的两个问题", "## 该保留哪个 checkpoint")])
+def test_the_readmes_study_numbers_are_study_mds(name, start, end):
+    """Every table of the study section is one of docs/study.md's (this round's study.py), in its order,
+    and every decimal quoted is one of its figures, or a constant of the maths (3.16, 0.99, ...)."""
+    import re
+    with open(os.path.join(HERE, "docs", "study.md"), encoding="utf-8") as file:
+        study = file.read()
+    section = study_section(name, start, end).split("## 逐条检验")[0].split("## The blog's sentences")[0]
+    tables = re.findall(r"(?:^\|.*\n)+", section, re.MULTILINE)
+    assert len(tables) >= 9
+    positions = [study.index(table) for table in tables]  # each one verbatim in study.md ...
+    assert positions == sorted(positions)                   # ... and in study.md's order
+    constants = {"0.5", "0.9", "0.999", "3.16", "6.57", "0.99", "97.5", "0.16", "0.10", "2.14", "14.1"}
+    quoted = set(re.findall(r"\d+\.\d+", section))
+    assert quoted - set(re.findall(r"\d+\.\d+", study)) - constants == set()

@@ -254,7 +254,7 @@ def test_train_py_gives_the_weights_of_tutorial_py_bit_for_bit_after_a_real_epoc
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
 
 
-def test_without_bias_correction_adam_is_corrected_adam_under_a_hidden_learning_rate_schedule():
+def test_without_bias_correction_adam_is_corrected_adam_times_a_factor_of_t_alone():
     """For any gradients (eps = 0), the uncorrected update is the corrected one times
     (1 - beta1^t) / sqrt(1 - beta2^t): 3.16x at t = 1, about 6.6x around t = 12, 1.28x at t = 938."""
     generator = torch.Generator().manual_seed(0)
