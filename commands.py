@@ -6,7 +6,6 @@ Exit codes: 0 done, 1 a file could not be written, 2 bad input (one `error:` lin
 """
 
 import argparse
-import codecs
 import contextlib
 import difflib
 import math
@@ -264,26 +263,17 @@ def printable_streams():
     """stdout and stderr escape what their encoding cannot write (a file name's stray bytes, a Chinese
     class name in a C locale) instead of raising: output trouble is never a reason to stop. The
     streams' error handling is given back after."""
-    codecs.register_error("mnist_mlp.escape", _escape_unwritable)  # the same name each time: registered once
     changed = []
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) in ("strict", "surrogateescape"):
             changed.append((stream, stream.errors))  # surrogateescape would write a name's stray bytes raw
-            stream.reconfigure(errors="mnist_mlp.escape")
+            stream.reconfigure(errors="backslashreplace")  # a stray byte shows as \udcff, a missing glyph as \uXXXX
     try:
         yield
     finally:
         for stream, errors in changed:
             with contextlib.suppress(ValueError, OSError):
                 stream.reconfigure(errors=errors)
-
-
-def _escape_unwritable(error):
-    """An encoding error handler: what the stream cannot write, as printable() shows it (a name's stray
-    byte as \\xff), or as \\uXXXX where the text is printable but the stream's encoding lacks it."""
-    text = error.object[error.start:error.end]
-    shown = printable(text)
-    return (shown if shown != text else "".join(f"\\u{ord(character):04x}" for character in text)), error.end
 
 
 def silence_stdout():

@@ -139,6 +139,7 @@ PICTURE_NAMES = {"--save-errors": "misclassified examples", "--save-weights": "f
 
 
 def print_results(results, args, saved):
+    results = [{**result, "checkpoint": commands.printable(result["checkpoint"])} for result in results]
     if len(results) == 1:
         result = results[0]
         print(f"{result['checkpoint']} (epoch {result['epoch']}, {result['dataset']} test set): "
