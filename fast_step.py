@@ -426,6 +426,8 @@ def optimizer_config(optimizer):
     group = optimizer.param_groups[0]
     if isinstance(optimizer, (torch.optim.SGD, FlatSGD)):
         name = "sgd"
+    elif isinstance(optimizer, torch.optim.AdamW):  # decoupled decay: another optimizer than Adam's L2 (the study's)
+        name = "adamw"
     else:
         name = "adam-no-bias-correction" if group.get("bias_correction") is False else "adam"
     keys = ("lr", "momentum", "weight_decay") if name == "sgd" else ("lr", "betas", "eps", "weight_decay")

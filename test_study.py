@@ -75,3 +75,16 @@ def test_study_needs_an_output_folder(tmp_path, capsys):
     assert_usage_error(*run_main(study, [], capsys)[::2], "--out")
     (tmp_path / "a-file").write_text("not a folder")
     assert_usage_error(*run_main(study, ["--out", tmp_path / "a-file", "--quick"], capsys)[::2], "--out", "a-file")
+
+
+def test_the_optimizers_a_study_run_records_are_what_trained(tmp_path):
+    """AdamW is recorded as itself, not as the Adam whose L2 decay it is compared with."""
+    import torch
+    import fast_step
+    import mnist_mlp
+    model = mnist_mlp.NoteModel(8, 8)
+    recorded = {kind: fast_step.optimizer_config(optimizer)["optimizer"] for kind, optimizer in (
+        ("adamw", torch.optim.AdamW(model.parameters(), weight_decay=0.01)),
+        ("adam", torch.optim.Adam(model.parameters(), weight_decay=0.01)),
+        ("sgd", fast_step.make_optimizer("sgd", model.parameters(), 0.01)))}
+    assert recorded == {"adamw": "adamw", "adam": "adam", "sgd": "sgd"}
