@@ -142,3 +142,12 @@ def tiny_run(tmp_path, *extra):
     if not root.exists():
         make_tiny_mnist(root)
     return ["--data-dir", root, "--device", "cpu", "--batch-size", "32", *extra]
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the browser tests (those that draw on the page) and the CUDA tests, by what they use."""
+    for item in items:
+        if "page" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
+        if item.module.__name__ == "test_cuda":
+            item.add_marker(pytest.mark.cuda)

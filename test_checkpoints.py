@@ -100,6 +100,7 @@ torch.save(model, sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_the_tutorials_pickled_model_loads_only_with_trust_pickle(trained, tmp_path, capsys):
     script = tmp_path / "tutorial.py"
     script.write_text(TUTORIAL_SCRIPT)

@@ -158,6 +158,7 @@ def test_without_a_checkpoint_it_says_how_to_make_one(tmp_path, monkeypatch, cap
     assert draw.is_loopback("127.0.0.1") and draw.is_loopback("localhost") and not draw.is_loopback("0.0.0.0")
 
 
+@pytest.mark.slow
 def test_it_takes_the_newest_checkpoint_and_stops_on_ctrl_c_with_130(trained, tmp_path):
     for epoch in (1, 2):  # the later epoch is the one served
         shutil.copy(trained[0] / "noteLearning_1.pth", tmp_path / f"noteLearning_{epoch}.pth")
@@ -344,6 +345,7 @@ def peak_memory(pid):
         return next(int(line.split()[1]) * 1024 for line in file if line.startswith("VmHWM:"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak memory from Linux's /proc")
 def test_big_drawings_at_once_keep_the_servers_memory_bounded(bounded_server, mnist):
     from PIL import ImageDraw
@@ -373,6 +375,7 @@ def test_big_drawings_at_once_keep_the_servers_memory_bounded(bounded_server, mn
     assert status == 400 and "8,000,000" in answer["error"]
 
 
+@pytest.mark.slow
 def test_a_flood_of_slow_connections_does_not_starve_real_requests(bounded_server):
     address, _ = bounded_server
     slow, stop = [], threading.Event()

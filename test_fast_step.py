@@ -160,6 +160,7 @@ def test_flat_adam_steps_aside_where_the_kernels_are_not_position_independent(mo
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
+@pytest.mark.slow
 def test_flushing_denormals_keeps_the_weights_bit_identical_over_two_real_epochs(mnist, one_thread):
     train_split, _ = mnist
     runs = []
@@ -247,6 +248,7 @@ print("torch._dynamo imported:", "torch._dynamo" in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_the_default_paths_never_import_torch_dynamo(tmp_path):
     """torch.optim.Optimizer's methods import torch._dynamo (about 2 s of start-up) on first use:
     the default optimizers, resume, saving, evaluate, predict and draw do without them."""

@@ -57,6 +57,7 @@ def test_no_function_takes_more_than_six_parameters():
     assert too_many == []
 
 
+@pytest.mark.slow
 def test_the_lesson_copied_alone_trains_with_the_program_in_its_docstring(tmp_path):
     """A student copies mnist_mlp.py and the data into an empty folder and runs the docstring's program
     (one epoch of it here): it trains, reading the .gz files itself."""

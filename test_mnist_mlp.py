@@ -229,6 +229,7 @@ def test_fast_and_autograd_steps_give_bit_identical_weights(mnist, optimizer):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_train_py_gives_the_weights_of_tutorial_py_bit_for_bit_after_a_real_epoch(tmp_path, capsys):
     """The default `python train.py` (fast step, flat Adam, denormals flushed) against the blog's own
     program (DataLoader, transforms, autograd, torch.optim.Adam), one thread each, a whole epoch; and

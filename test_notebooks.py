@@ -34,6 +34,7 @@ def test_both_notebooks_hold_the_same_code_and_no_outputs():
     assert any("的" in "".join(cell["source"]) for cell in cells(NOTEBOOKS[1], "markdown"))
 
 
+@pytest.mark.slow
 def test_the_notebooks_run_top_to_bottom(tmp_path):
     for module in ("nbclient", "ipykernel", "matplotlib"):
         if os.environ.get("MNIST_MLP_REQUIRE_NOTEBOOKS") != "1":

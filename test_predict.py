@@ -176,6 +176,7 @@ def test_predict_reads_one_picture_at_a_time_and_keeps_none_unless_shown(trained
     assert shown["_thumbnail"].size[0] <= 84 and shown["_thumbnail"].size[1] <= 84 and shown["_pixels"].shape == (28, 28)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="peak memory from ru_maxrss of a child, in KiB on Linux")
 def test_predicts_peak_memory_does_not_grow_with_the_number_of_pictures(trained, tmp_path):
     from PIL import Image, ImageDraw

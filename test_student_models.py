@@ -295,6 +295,7 @@ print("every path ran")
 """
 
 
+@pytest.mark.slow
 def test_the_user_paths_run_with_the_posix_only_apis_hidden(tmp_path):
     """As on Windows: no fcntl, O_NOFOLLOW, O_NONBLOCK, O_CLOEXEC, pread/pwrite, sysconf, fchmod or POSIX-only
     signals, hidden before anything is imported: train, resume, evaluate, predict, draw's API, plot, the lock."""
@@ -399,6 +400,7 @@ def test_predict_reads_on_one_thread_and_gives_the_threads_back(trained, monkeyp
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_python_mnist_mlp_py_runs_the_docstrings_program(tmp_path):
     shutil.copy(os.path.join(HERE, "mnist_mlp.py"), tmp_path)
     make_tiny_mnist(tmp_path / "data", n_train=128, n_test=32)

@@ -9,6 +9,7 @@ import study
 from conftest import assert_usage_error, make_tiny_mnist, run_main
 
 
+@pytest.mark.slow
 def test_the_quick_study_writes_its_tables_and_reuses_its_runs(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     data = make_tiny_mnist(tmp_path / "data")

@@ -183,6 +183,7 @@ sys.exit(train.main(sys.argv[3:]))
     ("metrics", 2, [1, 2]),   # killed halfway through rewriting metrics.csv
     ("step", 20, [1, 2]),     # killed in the middle of epoch 3 (8 steps an epoch)
 ])
+@pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_only_complete_files(tmp_path, moment, epoch, survivors):
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(here=HERE))
@@ -215,6 +216,7 @@ def start_training(tmp_path, argv, wait_for, stdout=subprocess.DEVNULL):
     return process
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
     process = start_training(tmp_path, argv, "ck/noteLearning_2.pth", stdout=subprocess.PIPE)
@@ -324,6 +326,7 @@ def test_resuming_refuses_later_checkpoints_of_another_continuation(tmp_path, ca
     assert [row.split(",")[0] for row in (folder / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_a_second_run_at_the_same_time_is_told_who_holds_the_folder(tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
     first = start_training(tmp_path, argv, "ck/noteLearning_1.pth")
@@ -339,6 +342,7 @@ def test_a_second_run_at_the_same_time_is_told_who_holds_the_folder(tmp_path):
     assert (tmp_path / "ck" / "noteLearning_1.pth").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_between_steps_and_says_how_to_resume(tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
     process = start_training(tmp_path, argv, "ck/noteLearning_2.pth")
@@ -431,6 +435,7 @@ def test_a_failed_write_mid_run_is_one_error_line_with_the_resume_command(tmp_pa
     assert lines[1].endswith("noteLearning_1.pth") and lines[2].startswith("resume with: python ")
 
 
+@pytest.mark.slow
 def test_output_into_a_closed_pipe_neither_crashes_nor_loses_checkpoints(tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", "ck", "--log-interval", "1")]
     result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'train.py'))} "
@@ -509,6 +514,7 @@ def test_a_divergence_right_after_a_resume_points_at_the_checkpoint(tmp_path, ca
     assert "smaller --lr" not in err
 
 
+@pytest.mark.slow
 def test_two_ctrl_cs_at_any_gap_report_the_stop_once(tmp_path):
     """The second Ctrl-C may land while the first is being reported, during the clean-up after, or
     as the program exits: whatever the gap, one report, exit 130, no traceback (five runs at once)."""
@@ -538,6 +544,7 @@ def test_two_ctrl_cs_at_any_gap_report_the_stop_once(tmp_path):
             process.kill()
 
 
+@pytest.mark.slow
 def test_a_file_name_that_is_not_utf8_is_printed_escaped_and_never_stops_a_command(tmp_path):
     """In a UTF-8 locale a name's stray bytes cannot be printed as they are: they are escaped (\\xff)."""
     make_tiny_mnist(tmp_path / "data")
@@ -563,6 +570,7 @@ def test_an_output_name_as_long_as_the_filesystem_allows_is_written(tmp_path):
     assert path.read_bytes() == b"ok" and os.listdir(tmp_path) == [path.name]
 
 
+@pytest.mark.slow
 def test_a_full_or_closed_stdout_neither_stops_training_nor_makes_a_traceback(tmp_path):
     """train.py keeps training and saving with stdout on a full device or closed; evaluate.py and
     predict.py say in one line that they could not write (exit 1), or print nothing to a closed one."""
@@ -641,6 +649,7 @@ def test_a_disk_already_full_when_the_lock_is_taken_leaves_no_lock_file(tmp_path
     assert os.listdir(folder) == []
 
 
+@pytest.mark.slow
 def test_predict_into_a_closed_pipe_exits_quietly(trained, tmp_path):
     folder = os.path.join(HERE, "data", "digits")
     command = (f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'predict.py'))} "
