@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -127,18 +126,19 @@ class Study:
                 "--checkpoint-dir", folder, "--overwrite", "--device", "cpu"]
         if setting.val_size:
             argv += ["--val-size", setting.val_size]
-        if setting.step_losses:
-            argv += ["--log-interval", 1]
-        output, started = io.StringIO(), time.perf_counter()
+        losses = []  # the first 1,000 steps' losses, as train.py hands each epoch's over (not read from its log)
+
+        def keep_step_losses(epoch, result):
+            losses.extend(result.step_losses.tolist()[:1000 - len(losses)])
+        started = time.perf_counter()
         with zero_one_inputs(setting.zero_one_inputs), decayed_adam(setting.weight_decay), \
-                contextlib.redirect_stdout(output):
-            code = train.main(argv)
+                contextlib.redirect_stdout(io.StringIO()):
+            code = train.main(argv, on_epoch=keep_step_losses if setting.step_losses else None)
         if code == 1:  # a failed write (a full disk): exit 1, as every script's
             raise run_folder.WriteFailed(f"{label}: train.py could not write its files (exit code 1)")
         if code != 0:
             raise UsageError(f"{label}: train.py stopped with exit code {code}")
         if setting.step_losses:
-            losses = [float(match) for match in re.findall(r"step \d+/\d+  loss (\S+)", output.getvalue())][:1000]
             write_json(os.path.join(folder, "steps.json"), losses)
         last = run_folder.read_metrics(os.path.join(folder, run_folder.METRICS_NAME))[-1]
         print(f"{label}: {setting.epochs} epochs, test accuracy {last['test_accuracy']}%, "

@@ -58,7 +58,7 @@ def test_the_quick_study_writes_its_tables_and_reuses_its_runs(tmp_path, capsys)
 
 def test_a_failed_write_under_out_is_exit_1(tmp_path, capsys, monkeypatch):
     import train
-    monkeypatch.setattr(train, "main", lambda argv: 1)  # train.py's answer to a full disk
+    monkeypatch.setattr(train, "main", lambda argv, on_epoch=None: 1)  # train.py's answer to a full disk
     code, _, err = run_main(study, ["--quick", "--out", tmp_path / "study"], capsys)
     assert code == 1 and err.startswith("error: ") and "could not write" in err
 

@@ -657,3 +657,13 @@ def test_predict_into_a_closed_pipe_exits_quietly(trained, tmp_path):
                + " | head -1; echo \"exit ${PIPESTATUS[0]}\"")
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=tmp_path)
     assert result.stdout.splitlines()[-1] == "exit 141" and result.stderr == ""
+
+
+def test_a_caller_sees_each_epochs_step_losses_through_on_epoch(tmp_path, capsys):
+    """study.py takes the step losses from train.main's on_epoch, not from the printed log."""
+    seen = []
+    code = train.main([str(arg) for arg in tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "out")],
+                      on_epoch=lambda epoch, result: seen.append((epoch, result.step_losses.tolist(), result.mean_loss)))
+    printed = capsys.readouterr().out
+    assert code == 0 and [epoch for epoch, _, _ in seen] == [1, 2] and all(len(losses) == 8 for _, losses, _ in seen)
+    assert f"epoch 2/2  train loss {seen[1][2]:.4f}" in printed  # the epoch's mean, as printed

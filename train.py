@@ -119,7 +119,6 @@ class Run:
         """mnist_mlp.train_epoch over this epoch's shuffled batches; None if a stop was asked for."""
         def log(step_number, steps, loss):
             run_folder.say(f"epoch {epoch}/{self.args.epochs}  step {step_number}/{steps}  loss {loss:.4f}")
-
         order = mnist_mlp.epoch_order(len(self.train_split), self.order_generator).to(self.device)
         try:
             return mnist_mlp.train_epoch(self.step, self.train_split, order.split(self.args.batch_size),
@@ -129,8 +128,8 @@ class Run:
 
     def diverged(self, what, epoch):
         """The error for a run gone non-finite; right after a resume, the checkpoint is the likelier cause."""
-        advice = f"resume from before {self.args.resume}" if self.args.resume and epoch == self.start_epoch + 1 \
-            else "try a smaller --lr"
+        first = self.args.resume and epoch == self.start_epoch + 1
+        advice = f"resume from before {self.args.resume}" if first else "try a smaller --lr"
         return UsageError(f"{what} (--lr {self.args.lr} with {self.args.optimizer}); nothing of it was saved; {advice}")
 
     def evaluate(self, train_loss, seconds):
@@ -160,11 +159,11 @@ class Run:
         return path
 
 
-def train_loop(run, stop):
+def train_loop(run, stop, on_epoch=None):
     """The tutorial's loop: for each epoch, train, evaluate, save. Returns the exit code."""
     args = run.args
     run_folder.say(f"training with the {run.step_description}")
-    threads = f" ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})" if run.device.type == "cpu" else ""
+    threads = f" ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})" * (run.device.type == "cpu")
     run_folder.say(f"on {run.device}{threads}, {len(run.train_split)} {args.dataset} images, epochs {run.start_epoch + 1}..{args.epochs}")
     with fast_step.denormals_flushed():
         for epoch in range(run.start_epoch + 1, args.epochs + 1):
@@ -176,9 +175,10 @@ def train_loop(run, stop):
                 stop.finishing = True  # a second one now is not reported again, nor cuts the clean-up short
                 run.progress.report_stop("stopped by SIGTERM" if stop.signal == signal.SIGTERM else "interrupted")
                 return 143 if stop.signal == signal.SIGTERM else 130
-            train_loss = result.mean_loss  # waits for the device: the epoch's time is now real
-            # evaluate on the test set (and on the held-out images, with --val-size)
-            metrics = run.evaluate(train_loss, time.perf_counter() - started)
+            # evaluate on the test set (and held-out images); the mean loss waits for the device, then the time
+            metrics = run.evaluate(result.mean_loss, time.perf_counter() - started)
+            if on_epoch is not None:  # a caller's look at the epoch's step losses (study.py)
+                on_epoch(epoch, result)
             # save the checkpoint and its metrics row; a Ctrl-C now waits until both are written
             with stop.save():
                 path = run.save(epoch, metrics)
@@ -187,7 +187,7 @@ def train_loop(run, stop):
     return 0
 
 
-def train(args, progress):
+def train(args, progress, on_epoch=None):
     """Train as the flags say, leaving torch's threads and random generators as they were."""
     device = commands.resolve_device(args.device)  # GracefulStop first: its handlers cover the clean-up too
     with run_folder.GracefulStop() as stop, \
@@ -197,16 +197,16 @@ def train(args, progress):
         run = Run(args, device, progress)
         with run_folder.FolderLock(args.checkpoint_dir):
             run.open()
-            return train_loop(run, stop)
+            return train_loop(run, stop, on_epoch)
 
 
-def main(argv=None):
-    """train.py's program: main(["--epochs", "3"]) in a notebook; main() alone runs with the defaults."""
+def main(argv=None, on_epoch=None):
+    """train.py's program: main(["--epochs", "3"]) in a notebook, main() with the defaults; on_epoch(epoch, result)."""
     def body(argv):
         args = parse_args(argv)
         progress = run_folder.Progress(__file__, argv, args.resume, args.epochs)
         try:
-            return train(args, progress)
+            return train(args, progress, on_epoch)
         except run_folder.WriteFailed as error:
             progress.report_stop(f"error: {error}", where=False)
             return 1
