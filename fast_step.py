@@ -223,11 +223,11 @@ class FlatOptimizer:
 
     def __init__(self, parameters, **options):
         parameters = list(parameters)
-        defaults = {**torch_defaults(self.torch_class), **options}
-        unknown = set(options) - set(torch_defaults(self.torch_class))
+        torch_options = torch_defaults(self.torch_class)
+        unknown = set(options) - set(torch_options)
         if unknown:
             raise TypeError(f"{type(self).__name__} takes no {sorted(unknown)}")
-        self.defaults = defaults
+        self.defaults = defaults = {**torch_options, **options}
         self.param_groups = [{"params": parameters, **defaults}]
         self.state = {}
         self.flat_params = torch.cat([parameter.detach().reshape(-1) for parameter in parameters])
