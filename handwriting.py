@@ -81,8 +81,17 @@ def digit_pixels(image):
     this inverts it if its border is light, lifts the paper to black (transparent counts as
     paper), crops the ink with a margin that ignores specks and shadows, scales and centres it.
     A 28x28 image that is already light on dark passes through unchanged. ValueError if the
-    image holds no ink.
+    image holds no ink, or PIL cannot convert it (an odd mode): that picture's error, never the program's.
     """
+    try:
+        return _digit_pixels(image)
+    except ValueError:
+        raise
+    except Exception as error:  # PIL's conversions raise other kinds on odd modes
+        raise ValueError(f"cannot read it ({reason(error)})") from None
+
+
+def _digit_pixels(image):
     orientation = image.getexif().get(0x0112, 1)  # phone photos store their rotation apart (EXIF)
     image = _reduced(image)  # first: turning a huge picture would copy it whole
     if orientation in ORIENTATIONS:

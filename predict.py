@@ -89,10 +89,8 @@ def predictions(model, classes, paths, keep_pictures=False):
         try:
             image = read_image(path)
             pixels = handwriting.digit_pixels(image)
-        except ValueError as error:
+        except ValueError as error:  # any failure to read one file (handwriting's rule): its error line, not the run's
             result["error"] = str(error)
-        except Exception as error:  # a decoder's own failure on one file: that file's error line, not the run's
-            result["error"] = f"cannot read it ({commands.reason(error)})"
         if "error" in result:
             yield result
             continue
