@@ -31,9 +31,11 @@ INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8
 def brief(value, limit=30):
     """`value` for a one-line message, at most `limit` characters, without recursing into it: the repr
     of a list nested thousands deep is a RecursionError."""
-    if isinstance(value, (list, tuple, dict, set)):
-        text = f"a {type(value).__name__} of {len(value)}" + (f" starting {brief(next(iter(value)), limit)}"
-                                                              if value and not isinstance(next(iter(value)), (list, tuple, dict, set)) else "")
+    containers = (list, tuple, dict, set)
+    if isinstance(value, containers):
+        text, first = f"a {type(value).__name__} of {len(value)}", next(iter(value), None)
+        if value and not isinstance(first, containers):  # one level shown, never more
+            text += f" starting {brief(first, limit)}"
         return text[:limit]
     if isinstance(value, torch.Tensor):
         return f"a {tuple(value.shape)} {value.dtype} tensor"[:limit]

@@ -252,10 +252,16 @@ def run_main(body, argv):
 def printable(text):
     """`text` with what a terminal cannot show as itself escaped: the bytes of a file name that is not
     valid UTF-8 (surrogates), and control characters (a newline in a name must not split a line)."""
-    return "".join(character if character.isprintable() or character == " " else
-                   character.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   if not 0xDC80 <= ord(character) <= 0xDCFF else f"\\x{ord(character) - 0xDC00:02x}"
-                   for character in text) if not text.isprintable() else text
+    if text.isprintable():
+        return text
+
+    def shown(character):
+        if character.isprintable():
+            return character
+        if 0xDC80 <= ord(character) <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+            return f"\\x{ord(character) - 0xDC00:02x}"
+        return character.encode("unicode_escape").decode("ascii")  # \n, \t, \u200b ...
+    return "".join(map(shown, text))
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ def parse_args(argv):
         if len(args.checkpoints) != 1:
             parser.error(f"{flag} takes exactly one checkpoint")
         commands.png_path(parser, flag, path)  # checked before the evaluation, so a bad path costs nothing computed
-    if [path for _, path in picture_flags(args)] != list(dict.fromkeys(path for _, path in picture_flags(args))):
+    paths = [path for _, path in picture_flags(args)]
+    if len(set(paths)) < len(paths):
         parser.error("each picture needs a file of its own")
     for path in args.checkpoints:
         commands.existing_file(path, "checkpoint")
@@ -179,9 +180,9 @@ def print_results(results, args, saved):
 def main(argv=None):
     def body(argv):
         args = parse_args(argv)
-        if picture_flags(args) != [("--save-errors", args.save_errors)] * bool(args.save_errors):
-            commands.require_matplotlib("evaluate.py " + " and ".join(flag for flag, _ in picture_flags(args)
-                                                                     if flag != "--save-errors"))
+        drawn = [flag for flag, _ in picture_flags(args) if flag != "--save-errors"]  # --save-errors needs PIL only
+        if drawn:
+            commands.require_matplotlib("evaluate.py " + " and ".join(drawn))
         results, failures = evaluate_checkpoints(args)
         failed = {flag for flag, _, _ in failures}
         if args.json:
