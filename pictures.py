@@ -114,15 +114,12 @@ def error_grid(model, split, class_names, title, limit=64):
     'true → predicted (confidence)', under a title that says how many there are in all."""
     from PIL import Image, ImageDraw, ImageFont
 
-    indices, predictions = mnist_mlp.misclassified(model, split, limit)
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
-        probabilities = torch.softmax(model(mnist_mlp.normalize(split.pixels[indices.to(split.pixels.device)])), 1)
-        model.train(was_training)
-    confidence = probabilities.cpu()[torch.arange(len(indices)), predictions]
-    wrong_total = int(sum(int((logits.argmax(1) != labels).sum())
-                          for labels, logits in mnist_mlp.logits_in_batches(model, split)))
+    wrong, predicted = mnist_mlp.misclassified(model, split, limit=len(split))  # every error, in one pass
+    wrong_total, indices, predictions = len(wrong), wrong[:limit], predicted[:limit]
+    shown = split.subset(indices.to(split.pixels.device))  # eval mode, as logits_in_batches gives it back
+    logits = [logits for _, logits in mnist_mlp.logits_in_batches(model, shown)]
+    probabilities = torch.softmax(torch.cat(logits), 1).cpu() if logits else torch.zeros(0, len(class_names))
+    confidence = probabilities[torch.arange(len(indices)), predictions]
     try:  # a font with an arrow where the system has one; PIL's built-in font has no "→"
         font, heading, arrow = ImageFont.truetype("DejaVuSans.ttf", 14), ImageFont.truetype("DejaVuSans.ttf", 16), "→"
     except OSError:
