@@ -39,6 +39,7 @@ import checkpoints  # noqa: E402
 import data_files  # noqa: E402
 import fast_step  # noqa: E402
 import mnist_mlp  # noqa: E402
+import pictures  # noqa: E402
 import run_folder  # noqa: E402
 import train  # noqa: E402
 
@@ -91,7 +92,7 @@ class Study:
     def __init__(self, out, data_dir):
         self.out, self.data_dir = out, data_dir
         self.done = self.total = 0
-        self.test_split = None  # read once, for every count of dead units
+        self.splits = None  # the data, read once for every measure of the runs
 
     def runs_folder(self, setting):
         """Runs of other lengths or held-out sizes are kept apart: a --quick study never cuts down a full one."""
@@ -113,15 +114,15 @@ class Study:
         folder = self.folder(setting, seed)
         self.done += 1
         label = f"[{self.done}/{self.total}] {setting.name} seed {seed}"
-        described = read_json(os.path.join(folder, RUN_DESCRIPTION))
-        if os.path.exists(folder) and os.listdir(folder) and described != self.description(setting, seed):
+        description = self.description(setting, seed)
+        if os.path.exists(folder) and os.listdir(folder) and read_json(os.path.join(folder, RUN_DESCRIPTION)) != description:
             raise UsageError(f"{folder} holds a run this study did not describe so (other flags, or not this study's): "
                              "move it away or choose another --out; nothing was changed")
         if self.complete(setting, folder):
             print(f"{label}: reused", flush=True)
             return
         os.makedirs(folder, exist_ok=True)
-        write_json(os.path.join(folder, RUN_DESCRIPTION), self.description(setting, seed))
+        write_json(os.path.join(folder, RUN_DESCRIPTION), description)
         argv = [*setting.flags, "--epochs", setting.epochs, "--seed", seed, "--data-dir", self.data_dir,
                 "--checkpoint-dir", folder, "--overwrite", "--device", "cpu"]
         if setting.val_size:
@@ -161,32 +162,31 @@ class Study:
             result.append({int(row["epoch"]): float(row[column]) for row in rows if row[column]})
         return result
 
+    def data(self):
+        """(train Split, test Split), read once for every measure below."""
+        if self.splits is None:
+            self.splits = data_files.load(self.data_dir)
+        return self.splits
+
+    def models(self, setting, epoch):
+        """(seed, the model its run saved after `epoch`) for each seed of a setting."""
+        for seed in setting.seeds:
+            path = os.path.join(self.folder(setting, seed), run_folder.CHECKPOINT_NAME.format(epoch=epoch))
+            yield seed, checkpoints.model_from_checkpoint(path, checkpoints.load_checkpoint(path))
+
     def train_accuracy(self, setting, epoch):
         """Accuracy (%) on the training images a run trained on (the held-out ones left out), eval mode,
         one per seed."""
-        train, _ = data_files.load(self.data_dir)
-        result = []
+        train, _ = self.data()
         with zero_one_inputs(setting.zero_one_inputs):
-            for seed in setting.seeds:
-                path = os.path.join(self.folder(setting, seed), run_folder.CHECKPOINT_NAME.format(epoch=epoch))
-                model = checkpoints.model_from_checkpoint(path, checkpoints.load_checkpoint(path))
-                trained_on, _ = mnist_mlp.split_validation(train, setting.val_size, seed)
-                result.append(mnist_mlp.evaluate(model, trained_on).accuracy)
-        return result
+            return [mnist_mlp.evaluate(model, mnist_mlp.split_validation(train, setting.val_size, seed)[0]).accuracy
+                    for seed, model in self.models(setting, epoch)]
 
     def dead_units(self, setting, epoch):
         """fc1 units that are zero after ReLU on every test image, one count per seed."""
-        if self.test_split is None:
-            self.test_split = data_files.load(self.data_dir)[1]
-        test, counts = self.test_split, []
-        with zero_one_inputs(setting.zero_one_inputs):
-            for seed in setting.seeds:
-                path = os.path.join(self.folder(setting, seed), run_folder.CHECKPOINT_NAME.format(epoch=epoch))
-                model = checkpoints.model_from_checkpoint(path, checkpoints.load_checkpoint(path))
-                with torch.no_grad():
-                    active = (model.fc1(mnist_mlp.normalize(test.pixels).flatten(1)) > 0).any(0)
-                counts.append(int((~active).sum()))
-        return counts
+        _, test = self.data()
+        with zero_one_inputs(setting.zero_one_inputs):  # pictures.silent_units reads the inputs as the run did
+            return [int(pictures.silent_units(model, test).sum()) for _, model in self.models(setting, epoch)]
 
 
 RUN_DESCRIPTION = "study-run.json"  # beside each run's checkpoints: what the run is
