@@ -1,7 +1,6 @@
 """study.py: the quick study runs end to end on a tiny dataset, writes its tables and figures, and a
 second run reuses every run of the first."""
 
-
 import pytest
 
 import study
