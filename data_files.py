@@ -92,12 +92,10 @@ def prepare_raw_file(folder, name):
             if left or compressed.read(1):
                 raise UsageError(f"{packed} does not hold the {size:,} bytes its header promises: truncated or corrupt")
 
-    if not os.access(folder, os.W_OK | os.X_OK):  # a read-only install: the lesson reads the .gz itself
-        return True
     try:
-        safe_files.atomic_write(path, gunzip)
+        safe_files.atomic_write(path, gunzip)  # its temp file is made first: a read-only folder fails at once
     except OSError as error:
-        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # read-only after all: read the .gz
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a read-only install: the lesson reads the .gz
             return True
         raise UsageError(f"cannot decompress {packed} ({reason(error)})") from None
     except (EOFError, zlib.error) as error:  # a corrupt .gz (BadGzipFile is an OSError: above)

@@ -151,18 +151,14 @@ def test_a_read_only_install_reads_the_gz_files_and_tutorial_py_says_what_to_do(
     import tutorial
     root = make_tiny_mnist(tmp_path / "data", compress=True)
     raw = os.path.join(root, "MNIST", "raw")
-    if how == "not writable":
-        real_access = os.access
-        monkeypatch.setattr(data_files.os, "access", lambda path, mode: False if os.path.abspath(path) == raw and
-                            mode & os.W_OK else real_access(path, mode))
-    else:
-        real_write = safe_files.atomic_write
+    real_write = safe_files.atomic_write
+    refusal = (errno.EACCES, "Permission denied") if how == "not writable" else (errno.EROFS, "Read-only file system")
 
-        def read_only(path, write):  # the data's mount is read-only; the checkpoints' folder is not
-            if os.path.dirname(os.path.abspath(path)) == raw:
-                raise OSError(errno.EROFS, "Read-only file system")
-            return real_write(path, write)
-        monkeypatch.setattr(safe_files, "atomic_write", read_only)
+    def read_only(path, write):  # the data's folder cannot be written (root could: simulated); the checkpoints' can
+        if os.path.dirname(os.path.abspath(path)) == raw:
+            raise OSError(*refusal)
+        return real_write(path, write)
+    monkeypatch.setattr(safe_files, "atomic_write", read_only)
     before = sorted(os.listdir(raw))
     code, out, err = run_main(train, ["--data-dir", root, "--epochs", "1", "--batch-size", "32", "--device", "cpu",
                                       "--checkpoint-dir", tmp_path / "out"], capsys)
