@@ -22,6 +22,7 @@ import mnist_mlp
 import predict
 import run_folder
 import train
+import tutorial
 from conftest import HERE, DropoutModel, SigmoidModel, assert_usage_error, make_tiny_mnist, run_main, tiny_run
 
 DIGITS = os.path.join(HERE, "data", "digits")
@@ -41,20 +42,8 @@ class AddedLayer(nn.Module):
         return self.fc4(F.relu(self.fc3(x)))
 
 
-class NoWidths(nn.Module):
-    """The blog's NoteModel exactly: __init__(self), the widths written inside."""
-
-    def __init__(self):
-        super(NoWidths, self).__init__()
-        self.fc1 = nn.Linear(28 * 28, 128)
-        self.fc2 = nn.Linear(128, 64)
-        self.fc3 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        out = x.view(-1, 28 * 28)
-        out = F.relu(self.fc1(out))
-        out = F.relu(self.fc2(out))
-        return self.fc3(out)
+class NoWidths(tutorial.NoteModel):
+    """The blog's NoteModel exactly (tutorial.py's): __init__(self), the widths written inside."""
 
 
 class OtherWidths(mnist_mlp.NoteModel):
