@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-import commands
+from mnist_mlp_tools import commands
 
 STEPS_PER_EPOCH = 938  # 60000 images in batches of 64: 937 full ones and one of 32
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,8 +69,8 @@ if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer
 import torch  # noqa: E402  (after the flags, on purpose)
 from torch import nn  # noqa: E402
 
-import data_files  # noqa: E402
-import fast_step  # noqa: E402
+from mnist_mlp_tools import data_files  # noqa: E402
+from mnist_mlp_tools import fast_step  # noqa: E402
 import mnist_mlp  # noqa: E402
 import tutorial  # noqa: E402
 

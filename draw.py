@@ -1,6 +1,6 @@
 """Draw a digit and see what the model reads: python draw.py [CHECKPOINT] [--port 8000]
 
-Serves draw.html, one self-contained page (no request leaves the machine): a canvas for mouse, pen or
+Serves mnist_mlp_tools/draw.html, one self-contained page (no request leaves the machine): a canvas for mouse, pen or
 finger, the model's guess, its ten probabilities and the 28x28 image it saw. Each drawing goes to
 POST /predict as a PNG and is prepared as predict.py prepares a picture (handwriting.py).
 Standard library server only; Ctrl-C stops it (exit code 130).
@@ -21,9 +21,9 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import commands
-import run_folder
-from commands import UsageError
+from mnist_mlp_tools import commands
+from mnist_mlp_tools import run_folder
+from mnist_mlp_tools.commands import UsageError
 
 
 def newest_checkpoint(folder="."):
@@ -52,10 +52,10 @@ if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file a
 
 from PIL import Image  # noqa: E402  (after the flags, on purpose)
 
-import checkpoints  # noqa: E402
-import handwriting  # noqa: E402
+from mnist_mlp_tools import checkpoints  # noqa: E402
+from mnist_mlp_tools import handwriting  # noqa: E402
 
-PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "draw.html")
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_mlp_tools", "draw.html")
 # What the server shares, bounded: a classroom's network must not exhaust the machine.
 MAX_BODY = 2 * 1024 * 1024  # a drawn digit is a few kilobytes; a photo of one, well under this
 MAX_DRAWING_PIXELS = 8_000_000  # decoded at most this large (a JPEG first shrunk on decode): ~32 MB
@@ -106,8 +106,8 @@ def read_page(reader):
         with open(PAGE, encoding="utf-8") as file:
             page = file.read()
     except OSError as error:
-        raise UsageError(f"cannot read the page {PAGE} ({error.strerror or error}): draw.html belongs beside "
-                         "draw.py") from None
+        raise UsageError(f"cannot read the page {PAGE} ({error.strerror or error}): draw.html belongs in "
+                         "mnist_mlp_tools/ beside draw.py") from None
     page = page.replace("__CLASSES__", in_script(reader.classes))
     return page.replace("__CHECKPOINT__", in_script(reader.checkpoint_text)).encode()
 

@@ -6,7 +6,7 @@ import os
 import re
 import sys
 
-import commands
+from mnist_mlp_tools import commands
 
 def parse_args(argv):
     parser = commands.ArgumentParser(description="Report test accuracy and loss of NoteModel checkpoints.")
@@ -48,10 +48,10 @@ def picture_flags(args):
 if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
     commands.flags_first(parse_args)
 
-import checkpoints  # noqa: E402  (after the flags, on purpose)
-import data_files  # noqa: E402
+from mnist_mlp_tools import checkpoints  # noqa: E402  (after the flags, on purpose)
+from mnist_mlp_tools import data_files  # noqa: E402
 import mnist_mlp  # noqa: E402
-import pictures  # noqa: E402
+from mnist_mlp_tools import pictures  # noqa: E402
 
 
 def evaluate_checkpoints(args):

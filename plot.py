@@ -16,10 +16,10 @@ if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quiet
 import os
 import re
 
-import commands
-import run_folder
-from commands import UsageError
-import safe_files
+from mnist_mlp_tools import commands
+from mnist_mlp_tools import run_folder
+from mnist_mlp_tools.commands import UsageError
+from mnist_mlp_tools import safe_files
 
 # The panels and their curves: (metrics.csv column, which images, line style); a run draws the
 # columns it has values in (validation only where it held images out).

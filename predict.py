@@ -11,9 +11,9 @@ import os
 import re
 import sys
 
-import commands
-from commands import UsageError
-from safe_files import atomic_write, is_regular_file
+from mnist_mlp_tools import commands
+from mnist_mlp_tools.commands import UsageError
+from mnist_mlp_tools.safe_files import atomic_write, is_regular_file
 
 IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
 
@@ -39,8 +39,8 @@ def parse_args(argv):
 if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
     commands.flags_first(parse_args)
 
-import checkpoints  # noqa: E402  (after the flags, on purpose)
-import handwriting  # noqa: E402
+from mnist_mlp_tools import checkpoints  # noqa: E402  (after the flags, on purpose)
+from mnist_mlp_tools import handwriting  # noqa: E402
 
 
 def image_paths(arguments):

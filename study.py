@@ -16,8 +16,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import commands
-from commands import UsageError
+from mnist_mlp_tools import commands
+from mnist_mlp_tools.commands import UsageError
 
 
 def parse_args(argv):
@@ -35,12 +35,12 @@ if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer
 
 import torch  # noqa: E402  (after the flags, on purpose)
 
-import checkpoints  # noqa: E402
-import data_files  # noqa: E402
-import fast_step  # noqa: E402
+from mnist_mlp_tools import checkpoints  # noqa: E402
+from mnist_mlp_tools import data_files  # noqa: E402
+from mnist_mlp_tools import fast_step  # noqa: E402
 import mnist_mlp  # noqa: E402
-import pictures  # noqa: E402
-import run_folder  # noqa: E402
+from mnist_mlp_tools import pictures  # noqa: E402
+from mnist_mlp_tools import run_folder  # noqa: E402
 import train  # noqa: E402
 
 BETAS = (0.9, 0.999)
@@ -194,7 +194,7 @@ RUN_DESCRIPTION = "study-run.json"  # beside each run's checkpoints: what the ru
 
 def write_json(path, value):
     """Write JSON whole or not at all (a kill or a full disk mid-write leaves the old file or none)."""
-    import safe_files
+    from mnist_mlp_tools import safe_files
     safe_files.atomic_write(path, lambda file: file.write(json.dumps(value).encode()))
 
 
@@ -381,7 +381,7 @@ def report(study, settings):
     for setting in settings["decay"]:
         accuracy = study.metrics(setting, "test_accuracy")
         lines.append(f"| {setting.name} | " + " | ".join(spread([run[e] for run in accuracy]) for e in shown) + " |")
-    import safe_files
+    from mnist_mlp_tools import safe_files
     safe_files.atomic_write(os.path.join(study.out, "study.md"), lambda file: file.write(("\n".join(lines) + "\n").encode()))
     return chosen
 
@@ -438,7 +438,7 @@ def figures(study, settings, chosen):
 
 
 def safe_save(figure, path):
-    from safe_files import atomic_write
+    from mnist_mlp_tools.safe_files import atomic_write
 
     atomic_write(path, lambda file: figure.savefig(file, format="png"))
 

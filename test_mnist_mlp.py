@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import datasets
 
-import checkpoints
-import commands
-import data_files
-import fast_step
+from mnist_mlp_tools import checkpoints
+from mnist_mlp_tools import commands
+from mnist_mlp_tools import data_files
+from mnist_mlp_tools import fast_step
 import mnist_mlp
 import train
 import bench
 import tutorial
-from conftest import HERE, TUTORIAL_TRANSFORM, DeeperModel, make_step, make_tiny_mnist, run_main
+from tests.conftest import ROOT, TUTORIAL_TRANSFORM, DeeperModel, make_step, make_tiny_mnist, mnist, run_main  # noqa: F401  (mnist: a fixture)
 
 
 def test_model_matches_the_tutorials_keys_and_shapes():
@@ -90,7 +90,7 @@ def test_bundled_data_has_the_canonical_mnist_checksums():
                 "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
                 "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"}
     for name, md5 in expected.items():
-        with gzip.open(os.path.join(HERE, "data", "MNIST", "raw", name + ".gz"), "rb") as file:
+        with gzip.open(os.path.join(ROOT, "data", "MNIST", "raw", name + ".gz"), "rb") as file:
             assert hashlib.md5(file.read()).hexdigest() == md5, name
 
 

@@ -8,8 +8,8 @@ import signal
 import time
 import uuid
 
-import commands
-from commands import UsageError
+from mnist_mlp_tools import commands
+from mnist_mlp_tools.commands import UsageError
 
 OPTIMIZERS = {"adam": "Adam, as the tutorial (torch.optim.Adam)", "sgd": "SGD with --momentum (torch.optim.SGD)",
               "adam-no-bias-correction": "Adam without dividing m and v by (1-beta^t) (mnist_mlp.adam_update)"}
@@ -62,13 +62,13 @@ if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer
 
 import torch  # noqa: E402  (after the flags, on purpose)
 
-import checkpoints  # noqa: E402
-import data_files  # noqa: E402
-import fast_step  # noqa: E402
+from mnist_mlp_tools import checkpoints  # noqa: E402
+from mnist_mlp_tools import data_files  # noqa: E402
+from mnist_mlp_tools import fast_step  # noqa: E402
 import mnist_mlp  # noqa: E402
-import models  # noqa: E402
-import run_folder  # noqa: E402
-import safe_files  # noqa: E402
+from mnist_mlp_tools import models  # noqa: E402
+from mnist_mlp_tools import run_folder  # noqa: E402
+from mnist_mlp_tools import safe_files  # noqa: E402
 
 
 class Run:

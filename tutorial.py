@@ -11,7 +11,7 @@ pickle the whole model: read them with `evaluate.py --trust-pickle`.
 
 import os  # added: the output folder
 
-import commands  # added: the flags answered before torch loads, errors as one line, Ctrl-C as exit 130
+from mnist_mlp_tools import commands  # added: the flags answered before torch loads, errors as one line, Ctrl-C as exit 130
 
 
 def parse_args(argv):  # added: the flags
@@ -35,7 +35,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torch  # noqa: E402
 
-import data_files  # noqa: E402  (added: the bundled MNIST, decompressed where torchvision looks for it)
+from mnist_mlp_tools import data_files  # noqa: E402  (added: the bundled MNIST, decompressed where torchvision looks for it)
 
 
 class NoteModel(nn.Module):

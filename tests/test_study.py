@@ -4,7 +4,7 @@ second run reuses every run of the first."""
 import pytest
 
 import study
-from conftest import assert_usage_error, make_tiny_mnist, run_main
+from tests.conftest import assert_usage_error, make_tiny_mnist, run_main
 
 
 @pytest.mark.slow
@@ -62,7 +62,7 @@ def test_a_failed_write_under_out_is_exit_1(tmp_path, capsys, monkeypatch):
 
 
 def test_the_study_runs_restore_what_they_change(tmp_path):
-    import fast_step
+    from mnist_mlp_tools import fast_step
     import mnist_mlp
     normalize, make_optimizer = mnist_mlp.normalize, fast_step.make_optimizer
     with study.zero_one_inputs(True), study.decayed_adam(("adamw", 0.01)):
@@ -79,7 +79,7 @@ def test_study_needs_an_output_folder(tmp_path, capsys):
 def test_the_optimizers_a_study_run_records_are_what_trained(tmp_path):
     """AdamW is recorded as itself, not as the Adam whose L2 decay it is compared with."""
     import torch
-    import fast_step
+    from mnist_mlp_tools import fast_step
     import mnist_mlp
     model = mnist_mlp.NoteModel(8, 8)
     recorded = {kind: fast_step.optimizer_config(optimizer)["optimizer"] for kind, optimizer in (

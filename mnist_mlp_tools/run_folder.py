@@ -12,10 +12,10 @@ import signal
 import stat
 import sys
 
-import safe_files
-import commands
-from commands import UsageError, reason, silence_stdout
-from safe_files import is_regular_file
+from . import safe_files
+from . import commands
+from .commands import UsageError, reason, silence_stdout
+from .safe_files import is_regular_file
 
 try:  # POSIX: a lock the system frees when the process dies, however it dies
     import fcntl
@@ -129,7 +129,7 @@ def claim_folder(folder, start_epoch, progress, overwrite, run_id):
     from before, which a resume from an earlier epoch would replace). Returns the metrics rows to
     keep (this run's, up to start_epoch).
     """
-    import checkpoints  # here, not above: plot.py reads metrics.csv without needing torch
+    from . import checkpoints  # here, not above: plot.py reads metrics.csv without needing torch
 
     metrics_path = os.path.join(folder, METRICS_NAME)
     resume_path = os.path.abspath(progress.last_checkpoint) if progress.last_checkpoint else None
@@ -244,7 +244,7 @@ def add_metrics_row(folder, rows, epoch, metrics, run_id):
 def write_metrics(folder, rows):
     """Write metrics.csv atomically from `rows`, adding any row a checkpoint in `folder` has and
     `rows` lacks (a stop between a checkpoint's save and this write would otherwise lose it)."""
-    import checkpoints  # here, not above: plot.py reads metrics.csv without needing torch
+    from . import checkpoints  # here, not above: plot.py reads metrics.csv without needing torch
 
     by_epoch = {int(row["epoch"]): row for row in rows}
     newest = max(by_epoch)

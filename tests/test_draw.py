@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import draw
-from conftest import HERE, assert_usage_error, run_main
+from tests.conftest import ROOT, assert_usage_error, run_main
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_without_a_checkpoint_it_says_how_to_make_one(tmp_path, monkeypatch, cap
 def test_it_takes_the_newest_checkpoint_and_stops_on_ctrl_c_with_130(trained, tmp_path):
     for epoch in (1, 2):  # the later epoch is the one served
         shutil.copy(trained[0] / "noteLearning_1.pth", tmp_path / f"noteLearning_{epoch}.pth")
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "draw.py"), "--port", "0", "--host", "0.0.0.0"],
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "draw.py"), "--port", "0", "--host", "0.0.0.0"],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
@@ -328,7 +328,7 @@ def bounded_server(trained):
 
     def limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "draw.py"), str(trained[0] / "noteLearning_1.pth"),
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "draw.py"), str(trained[0] / "noteLearning_1.pth"),
                                 "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=limit)
     try:

@@ -9,9 +9,9 @@ import struct
 import zlib
 
 import mnist_mlp
-from commands import UsageError, reason
-import safe_files
-from safe_files import is_regular_file
+from .commands import UsageError, reason
+from . import safe_files
+from .safe_files import is_regular_file
 
 MAX_IMAGES = 1_000_000  # MNIST has 70,000; a header claiming more than this is refused
 

@@ -14,9 +14,9 @@ import sys
 import textwrap
 
 import mnist_mlp
-from conftest import HERE
+from tests.conftest import ROOT
 
-LESSON = os.path.join(HERE, "mnist_mlp.py")
+LESSON = os.path.join(ROOT, "mnist_mlp.py")
 # Signatures that mirror torch's own (optimizer constructors, Adam's update) may take more.
 MIRRORS_TORCH = {"adam_update", "AdamByHand.__init__", "FlatAdam.__init__"}
 
@@ -24,7 +24,7 @@ MIRRORS_TORCH = {"adam_update", "AdamByHand.__init__", "FlatAdam.__init__"}
 def test_the_lesson_is_at_most_320_lines_and_train_py_at_most_220():
     with open(LESSON) as file:
         assert len(file.readlines()) <= 320
-    with open(os.path.join(HERE, "train.py")) as file:
+    with open(os.path.join(ROOT, "train.py")) as file:
         assert len(file.readlines()) <= 220
 
 
@@ -43,7 +43,7 @@ def test_the_lesson_imports_only_torch_and_the_standard_library():
 
 def test_no_function_takes_more_than_six_parameters():
     too_many = []
-    for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
         with open(path) as file:
             tree = ast.parse(file.read())
         for parent in ast.walk(tree):
@@ -65,7 +65,7 @@ def test_the_lesson_copied_alone_trains_with_the_program_in_its_docstring(tmp_pa
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in mnist_mlp.RAW_FILES:
-        shutil.copy(os.path.join(HERE, "data", "MNIST", "raw", name + ".gz"), raw)
+        shutil.copy(os.path.join(ROOT, "data", "MNIST", "raw", name + ".gz"), raw)
     program = textwrap.dedent(mnist_mlp.__doc__.split("data/MNIST/raw/):\n")[1])
     assert program.strip().startswith("import torch") and "for epoch in range(1, 21):" in program
     program = "import torch\ntorch.set_num_threads(1)\n" + program.replace("range(1, 21)", "range(1, 2)")
@@ -82,15 +82,15 @@ def test_every_number_of_the_chinese_readme_is_the_english_ones():
     """README.zh-CN.md carries the same numbers as README.md: each decimal in it (a figure with a
     point, such as 97.52 or 0.0288) appears in README.md too."""
     import re
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as file:
         english = set(re.findall(r"\d+\.\d+", file.read()))
-    with open(os.path.join(HERE, "README.zh-CN.md"), encoding="utf-8") as file:
+    with open(os.path.join(ROOT, "README.zh-CN.md"), encoding="utf-8") as file:
         chinese = set(re.findall(r"\d+\.\d+", file.read()))
     assert chinese - english == set()
 
 
 def study_section(name, start, end):
-    with open(os.path.join(HERE, name), encoding="utf-8") as file:
+    with open(os.path.join(ROOT, name), encoding="utf-8") as file:
         text = file.read()
     return text[text.index(start):text.index(end)]
 
@@ -102,7 +102,7 @@ def test_the_readmes_study_numbers_are_study_mds(name, start, end):
     """Every table of the study section is one of docs/study.md's (this round's study.py), in its order,
     and every decimal quoted is one of its figures, or a constant of the maths (3.16, 0.99, ...)."""
     import re
-    with open(os.path.join(HERE, "docs", "study.md"), encoding="utf-8") as file:
+    with open(os.path.join(ROOT, "docs", "study.md"), encoding="utf-8") as file:
         study = file.read()
     section = study_section(name, start, end).split("## 逐条检验")[0].split("## The blog's sentences")[0]
     tables = re.findall(r"(?:^\|.*\n)+", section, re.MULTILINE)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import assert_usage_error, run_main
+from tests.conftest import assert_usage_error, run_main
 
 
 def write_metrics_csv(folder, accuracies, losses=None, validation=False):
@@ -53,7 +53,7 @@ def test_plot_bad_input_is_one_line_errors(tmp_path, capsys, monkeypatch):
 def test_plot_odd_runs_titles_and_failures(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     import plot
-    import safe_files
+    from mnist_mlp_tools import safe_files
     apart = [write_metrics_csv(tmp_path / "a-1", [90, 91]), tmp_path / "a-2"]
     (tmp_path / "a-2").mkdir()
     (tmp_path / "a-2" / "metrics.csv").write_text(

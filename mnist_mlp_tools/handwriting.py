@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 import mnist_mlp
-from commands import reason
+from .commands import reason
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is larger than any phone's; more is refused, not decoded
 # EXIF orientation -> the turn that shows the picture upright (ImageOps.exif_transpose's table)

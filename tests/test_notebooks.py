@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from conftest import HERE
+from tests.conftest import ROOT
 
-NOTEBOOKS = [os.path.join(HERE, "notebooks", name) for name in ("lesson.ipynb", "lesson.zh-CN.ipynb")]
+NOTEBOOKS = [os.path.join(ROOT, "notebooks", name) for name in ("lesson.ipynb", "lesson.zh-CN.ipynb")]
 RUNNER = """
 import sys, nbclient, nbformat
 notebook = nbformat.read(sys.argv[1], as_version=4)

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-import commands
+from mnist_mlp_tools import commands
 import evaluate
 import mnist_mlp
 import train
 import tutorial
-from conftest import assert_usage_error, run_main, tiny_run
+from tests.conftest import assert_usage_error, run_main, tiny_run
 
 
 def test_checkpoint_is_plain_data_and_loads_on_the_cpu(trained):

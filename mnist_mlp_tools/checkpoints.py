@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 import mnist_mlp
-import models
-import safe_files
-from commands import MAX_WIDTH, UsageError, existing_file, reason
+from . import models
+from . import safe_files
+from .commands import MAX_WIDTH, UsageError, existing_file, reason
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)

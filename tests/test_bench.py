@@ -1,6 +1,6 @@
 """bench.py's flags (its timings are figures, not assertions; the CUDA run is in test_cuda.py)."""
 
-from conftest import assert_usage_error, run_main
+from tests.conftest import assert_usage_error, run_main
 
 
 def test_bench_refuses_absurd_warmups(capsys):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torchvision import datasets
 
-import commands
-import data_files
+from mnist_mlp_tools import commands
+from mnist_mlp_tools import data_files
 import evaluate
 import mnist_mlp
 import train
-from conftest import assert_usage_error, make_tiny_mnist, run_main, tiny_run
+from tests.conftest import assert_usage_error, make_tiny_mnist, run_main, tiny_run
 
 
 def test_gz_files_are_decompressed_atomically_and_read_by_torchvision(tmp_path):
@@ -147,7 +147,7 @@ def test_a_read_only_install_reads_the_gz_files_and_tutorial_py_says_what_to_do(
     decompressed files) says in one line to pass --data-dir to a writable copy."""
     import errno
 
-    import safe_files
+    from mnist_mlp_tools import safe_files
     import tutorial
     root = make_tiny_mnist(tmp_path / "data", compress=True)
     raw = os.path.join(root, "MNIST", "raw")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import mnist_mlp
-from safe_files import atomic_write
+from .safe_files import atomic_write
 
 MAX_TILES = 256  # a wide first layer shows its first 256 units: more would be too small to see
 

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import checkpoints
-import commands
-import fast_step
+from mnist_mlp_tools import checkpoints
+from mnist_mlp_tools import commands
+from mnist_mlp_tools import fast_step
 import mnist_mlp
 import train
-from conftest import HERE, DeeperModel, DropoutModel, SigmoidModel, assert_usage_error, make_step, make_tiny_mnist, run_main, tiny_run
+from tests.conftest import ROOT, DeeperModel, DropoutModel, SigmoidModel, assert_usage_error, make_step, make_tiny_mnist, run_main, tiny_run
 
 
 def test_the_plain_model_takes_the_fast_step_and_edited_models_the_autograd_step():
@@ -253,8 +253,8 @@ def test_the_default_paths_never_import_torch_dynamo(tmp_path):
     """torch.optim.Optimizer's methods import torch._dynamo (about 2 s of start-up) on first use:
     the default optimizers, resume, saving, evaluate, predict and draw do without them."""
     data = make_tiny_mnist(tmp_path / "data")
-    script = NO_DYNAMO.format(here=HERE, folder=str(tmp_path / "run"), data=str(data),
-                              image=os.path.join(HERE, "draw_example.png"))
+    script = NO_DYNAMO.format(here=ROOT, folder=str(tmp_path / "run"), data=str(data),
+                              image=os.path.join(ROOT, "docs", "figures", "draw_example.png"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     bare = subprocess.run([sys.executable, "-c", "import sys, torch; print('torch._dynamo' in sys.modules)"],

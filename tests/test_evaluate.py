@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-import checkpoints
-import commands
-import data_files
+from mnist_mlp_tools import checkpoints
+from mnist_mlp_tools import commands
+from mnist_mlp_tools import data_files
 import evaluate
 import mnist_mlp
-import pictures
+from mnist_mlp_tools import pictures
 import train
-from conftest import DropoutModel, assert_usage_error, run_main, tiny_run
+from tests.conftest import DropoutModel, assert_usage_error, run_main, tiny_run
 
 
 def test_evaluate_reports_the_accuracy_train_printed(trained, capsys):

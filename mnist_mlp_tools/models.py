@@ -11,7 +11,7 @@ import sys
 import torch
 
 import mnist_mlp
-from commands import MAX_WIDTH, UsageError, reason
+from .commands import MAX_WIDTH, UsageError, reason
 
 
 def width_parameters():

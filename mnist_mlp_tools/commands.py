@@ -15,7 +15,7 @@ import signal
 import sys
 
 # The bundled data lives beside the scripts, so `python train.py` works from any folder, offline.
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # the repository's
 # mnist_mlp.DATASETS' names, here so that the flags are parsed before torch loads (a test holds them equal).
 DATASET_NAMES = ("mnist", "fashion-mnist")
 MAX_WIDTH = 1 << 16  # units in one layer that --hidden or a checkpoint's config may ask for

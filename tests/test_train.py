@@ -11,13 +11,13 @@ import time
 import pytest
 import torch
 
-import checkpoints
-import data_files
+from mnist_mlp_tools import checkpoints
+from mnist_mlp_tools import data_files
 import evaluate
 import mnist_mlp
-import models
+from mnist_mlp_tools import models
 import train
-from conftest import HERE, assert_usage_error, make_tiny_mnist, run_main, tiny_run
+from tests.conftest import ROOT, assert_usage_error, make_tiny_mnist, run_main, tiny_run
 
 
 def test_same_seed_twice_gives_identical_weights(tmp_path, capsys):
@@ -88,7 +88,7 @@ def test_unavailable_device_is_an_error_not_a_fallback(tmp_path, capsys):
 
 def test_scripts_exit_2_with_one_line_in_a_real_process(tmp_path):
     for argv in (["train.py", "--epochs", "0"], ["evaluate.py", str(tmp_path / "missing.pth")]):
-        result = subprocess.run([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]],
+        result = subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]],
                                 capture_output=True, text=True, cwd=tmp_path)
         assert result.returncode == 2
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
@@ -143,7 +143,8 @@ def test_resume_refuses_other_hidden_sizes_and_finished_runs(tmp_path, capsys):
 KILLER = """
 import io, os, signal, sys
 sys.path.insert(0, {here!r})
-import torch, fast_step, safe_files, train
+import torch, train
+from mnist_mlp_tools import fast_step, safe_files
 
 moment, epoch = sys.argv[1], int(sys.argv[2])
 real_atomic_write = safe_files.atomic_write
@@ -186,7 +187,7 @@ sys.exit(train.main(sys.argv[3:]))
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_only_complete_files(tmp_path, moment, epoch, survivors):
     script = tmp_path / "killer.py"
-    script.write_text(KILLER.format(here=HERE))
+    script.write_text(KILLER.format(here=ROOT))
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "4", "--checkpoint-dir", ".")]
     result = subprocess.run([sys.executable, str(script), moment, str(epoch), *argv],
                             cwd=tmp_path, capture_output=True, text=True)
@@ -207,7 +208,7 @@ def test_sigkill_at_any_moment_leaves_only_complete_files(tmp_path, moment, epoc
 
 def start_training(tmp_path, argv, wait_for, stdout=subprocess.DEVNULL):
     """Start train.py in its own process in tmp_path; return it once tmp_path/wait_for exists."""
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=tmp_path,
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=tmp_path,
                                stdout=stdout, stderr=subprocess.PIPE, text=True)
     for _ in range(600):
         if (tmp_path / wait_for).exists():
@@ -229,7 +230,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert "Traceback" not in err
     last = max(int(name.split("_")[1].split(".")[0]) for name in os.listdir(tmp_path / "ck") if name.endswith(".pth"))
     assert f"last complete checkpoint: ck/noteLearning_{last}.pth" in err
-    script = os.path.join(HERE, "train.py")  # run from another folder: the hint names the script's path
+    script = os.path.join(ROOT, "train.py")  # run from another folder: the hint names the script's path
     assert f"resume with: python {script} {' '.join(argv)} --resume ck/noteLearning_{last}.pth" in err
     checkpoints.load_checkpoint(str(tmp_path / "ck" / f"noteLearning_{last}.pth"))
 
@@ -331,7 +332,7 @@ def test_a_second_run_at_the_same_time_is_told_who_holds_the_folder(tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
     first = start_training(tmp_path, argv, "ck/noteLearning_1.pth")
     try:
-        second = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--overwrite"], cwd=tmp_path,
+        second = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv, "--overwrite"], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
     finally:
         first.terminate()
@@ -438,11 +439,11 @@ def test_a_failed_write_mid_run_is_one_error_line_with_the_resume_command(tmp_pa
 @pytest.mark.slow
 def test_output_into_a_closed_pipe_neither_crashes_nor_loses_checkpoints(tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", "ck", "--log-interval", "1")]
-    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'train.py'))} "
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'train.py'))} "
                             f"{shlex.join(argv)} | head -1", shell=True, cwd=tmp_path, capture_output=True, text=True)
     assert result.stdout.startswith("training with the") and "Traceback" not in result.stderr
     assert (tmp_path / "ck" / "noteLearning_3.pth").exists()
-    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'evaluate.py'))} "
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'evaluate.py'))} "
                             f"ck/noteLearning_1.ck ck/noteLearning_1.pth ck/noteLearning_2.pth --data-dir data "
                             f"--per-class --confusion | head -c 10", shell=True, cwd=tmp_path, capture_output=True,
                             text=True)
@@ -482,7 +483,7 @@ def test_the_lock_file_is_never_followed_through_a_symlink_nor_waited_on(tmp_pat
 
 def test_a_disk_that_fills_while_a_checkpoint_is_written_leaves_no_file_and_says_how_to_resume(
         tmp_path, monkeypatch, capsys):
-    import safe_files
+    from mnist_mlp_tools import safe_files
     real_write = safe_files.atomic_write
 
     def full_disk(path, write):
@@ -524,7 +525,7 @@ def test_two_ctrl_cs_at_any_gap_report_the_stop_once(tmp_path):
         folder = tmp_path / f"run{number}"
         folder.mkdir()
         argv = [str(arg) for arg in tiny_run(folder, "--epochs", "100000", "--checkpoint-dir", "ck")]
-        processes.append((gap, subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=folder,
+        processes.append((gap, subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=folder,
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), folder))
     try:
         for gap, process, folder in processes:
@@ -555,8 +556,8 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped_and_never_stops_a_comma
               b"code = train.main(['--epochs', '1', '--data-dir', d(%r), '--device', 'cpu', '--checkpoint-dir', folder]);"
               b"code += evaluate.main([os.path.join(folder, 'noteLearning_1.pth'), '--data-dir', d(%r)]);"
               b"code += predict.main([os.path.join(folder, 'noteLearning_1.pth'), d(%r)]);"
-              b"print('codes', code)") % (os.fsencode(HERE), folder, os.fsencode(tmp_path / "data"),
-                                          os.fsencode(tmp_path / "data"), os.fsencode(os.path.join(HERE, "data", "digits")))
+              b"print('codes', code)") % (os.fsencode(ROOT), folder, os.fsencode(tmp_path / "data"),
+                                          os.fsencode(tmp_path / "data"), os.fsencode(os.path.join(ROOT, "data", "digits")))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, env=environment, timeout=300)
     out, err = result.stdout.decode("utf-8"), result.stderr.decode("utf-8")  # valid UTF-8 throughout
     assert result.returncode == 0 and "Traceback" not in err, err[-2000:]
@@ -564,7 +565,7 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped_and_never_stops_a_comma
 
 
 def test_an_output_name_as_long_as_the_filesystem_allows_is_written(tmp_path):
-    import safe_files
+    from mnist_mlp_tools import safe_files
     path = tmp_path / ("x" * 251 + ".png")  # 255 bytes: the longest name most filesystems take
     safe_files.atomic_write(str(path), lambda file: file.write(b"ok"))
     assert path.read_bytes() == b"ok" and os.listdir(tmp_path) == [path.name]
@@ -575,7 +576,7 @@ def test_a_full_or_closed_stdout_neither_stops_training_nor_makes_a_traceback(tm
     """train.py keeps training and saving with stdout on a full device or closed; evaluate.py and
     predict.py say in one line that they could not write (exit 1), or print nothing to a closed one."""
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", "ck")]
-    script = os.path.join(HERE, "train.py")
+    script = os.path.join(ROOT, "train.py")
     with open("/dev/full", "w") as full:
         result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, stdout=full, stderr=subprocess.PIPE,
                                 text=True)
@@ -583,12 +584,12 @@ def test_a_full_or_closed_stdout_neither_stops_training_nor_makes_a_traceback(tm
     assert result.stderr.startswith("warning: cannot write to stdout") and result.stderr.count("\n") == 1
     assert (tmp_path / "ck" / "noteLearning_2.pth").exists()
     checkpoint = str(tmp_path / "ck" / "noteLearning_2.pth")
-    for name, extra in (("evaluate.py", ["--data-dir", "data"]), ("predict.py", [os.path.join(HERE, "data", "digits")])):
+    for name, extra in (("evaluate.py", ["--data-dir", "data"]), ("predict.py", [os.path.join(ROOT, "data", "digits")])):
         with open("/dev/full", "w") as full:
-            result = subprocess.run([sys.executable, os.path.join(HERE, name), checkpoint, *extra], cwd=tmp_path,
+            result = subprocess.run([sys.executable, os.path.join(ROOT, name), checkpoint, *extra], cwd=tmp_path,
                                     stdout=full, stderr=subprocess.PIPE, text=True)
         assert result.returncode == 1 and result.stderr == "error: cannot write the output (No space left on device)\n"
-        result = subprocess.run([sys.executable, os.path.join(HERE, name), checkpoint, *extra], cwd=tmp_path,
+        result = subprocess.run([sys.executable, os.path.join(ROOT, name), checkpoint, *extra], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
         assert result.returncode == 0 and result.stderr == ""
 
@@ -618,7 +619,7 @@ def test_a_resume_into_a_folder_of_another_run_is_refused_unless_overwrite(tmp_p
 
 
 def test_small_messages_a_newcomer_meets(tmp_path, capsys):
-    import commands
+    from mnist_mlp_tools import commands
     code, out, _ = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", tmp_path / "out"), capsys)
     assert code == 0 and "on cpu (1 thread)," in out.splitlines()[1]
     long = commands.reason(ValueError("word " * 100), limit=30)
@@ -632,7 +633,7 @@ def test_small_messages_a_newcomer_meets(tmp_path, capsys):
 
 
 def test_a_disk_already_full_when_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch, capsys):
-    import run_folder
+    from mnist_mlp_tools import run_folder
 
     write = os.write
 
@@ -651,8 +652,8 @@ def test_a_disk_already_full_when_the_lock_is_taken_leaves_no_lock_file(tmp_path
 
 @pytest.mark.slow
 def test_predict_into_a_closed_pipe_exits_quietly(trained, tmp_path):
-    folder = os.path.join(HERE, "data", "digits")
-    command = (f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'predict.py'))} "
+    folder = os.path.join(ROOT, "data", "digits")
+    command = (f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'predict.py'))} "
                f"{shlex.quote(str(trained[0] / 'noteLearning_1.pth'))} " + " ".join([shlex.quote(folder)] * 150)
                + " | head -1; echo \"exit ${PIPESTATUS[0]}\"")
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=tmp_path)

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms
 
-import commands
-import data_files
-import fast_step
+from mnist_mlp_tools import commands
+from mnist_mlp_tools import data_files
+from mnist_mlp_tools import fast_step
 import mnist_mlp
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 TUTORIAL_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])

@@ -9,10 +9,10 @@ import pytest
 
 import torch
 
-import checkpoints
-import handwriting
+from mnist_mlp_tools import checkpoints
+from mnist_mlp_tools import handwriting
 import mnist_mlp
-from conftest import HERE, assert_usage_error, run_main
+from tests.conftest import ROOT, assert_usage_error, run_main
 
 
 def as_user_would_have_it(pixels, rng):
@@ -123,7 +123,7 @@ def test_predict_uses_the_checkpoints_class_names(tmp_path, capsys):
 def test_the_bundled_sample_digits_are_read(trained, capsys):
     """Quick start's first predict.py run has pictures to read: eight digits drawn with PIL."""
     import predict
-    folder = os.path.join(HERE, "data", "digits")
+    folder = os.path.join(ROOT, "data", "digits")
     code, out, err = run_main(predict, [trained[0] / "noteLearning_1.pth", folder, "--json"], capsys)
     report = json.loads(out)
     assert code == 0 and err == "" and report["labelled"] == 8
@@ -168,7 +168,7 @@ def test_predict_reads_one_picture_at_a_time_and_keeps_none_unless_shown(trained
     monkeypatch.setattr(predict, "read_image", lambda path: read.append(path) or real(path))
     checkpoint = checkpoints.load_checkpoint(str(trained[0] / "noteLearning_1.pth"))
     model = checkpoints.model_from_checkpoint("x", checkpoint)
-    digits = sorted(os.path.join(HERE, "data", "digits", name) for name in os.listdir(os.path.join(HERE, "data", "digits")))
+    digits = sorted(os.path.join(ROOT, "data", "digits", name) for name in os.listdir(os.path.join(ROOT, "data", "digits")))
     stream = predict.predictions(model, [str(d) for d in range(10)], digits)
     first = next(stream)
     assert read == digits[:1] and not any(key.startswith("_") for key in first)  # nothing kept without --show
@@ -189,7 +189,7 @@ def test_predicts_peak_memory_does_not_grow_with_the_number_of_pictures(trained,
     def peak(paths):
         code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-        result = subprocess.run([sys.executable, "-c", code, sys.executable, os.path.join(HERE, "predict.py"),
+        result = subprocess.run([sys.executable, "-c", code, sys.executable, os.path.join(ROOT, "predict.py"),
                                  str(trained[0] / "noteLearning_1.pth"), *map(str, paths)],
                                 capture_output=True, text=True, timeout=300)
         return int(result.stdout) * 1024

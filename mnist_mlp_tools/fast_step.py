@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mnist_mlp
-from commands import UsageError, reason
+from .commands import UsageError, reason
 
 
 class FastStep:

@@ -15,17 +15,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-import commands
+from mnist_mlp_tools import commands
 import draw
 import evaluate
 import mnist_mlp
 import predict
-import run_folder
+from mnist_mlp_tools import run_folder
 import train
 import tutorial
-from conftest import HERE, DropoutModel, SigmoidModel, assert_usage_error, make_tiny_mnist, run_main, tiny_run
+from tests.conftest import ROOT, DropoutModel, SigmoidModel, assert_usage_error, make_tiny_mnist, run_main, tiny_run
 
-DIGITS = os.path.join(HERE, "data", "digits")
+DIGITS = os.path.join(ROOT, "data", "digits")
 
 
 class AddedLayer(nn.Module):
@@ -260,8 +260,9 @@ for name in ("SIGKILL", "SIGPIPE", "SIGHUP", "SIGQUIT", "SIGALRM", "SIGUSR1", "S
 USER_PATHS = """
 import json, os, sys
 sys.path.insert(0, {here!r})
-import draw, evaluate, plot, predict, run_folder, train
-from commands import UsageError
+import draw, evaluate, plot, predict, train
+from mnist_mlp_tools import run_folder
+from mnist_mlp_tools.commands import UsageError
 assert run_folder.fcntl is None and not hasattr(os, "pwrite")
 data, out = {data!r}, {out!r}
 tiny = ["--data-dir", data, "--device", "cpu", "--batch-size", "32", "--checkpoint-dir", out]
@@ -290,7 +291,7 @@ def test_the_user_paths_run_with_the_posix_only_apis_hidden(tmp_path):
     signals, hidden before anything is imported: train, resume, evaluate, predict, draw's API, plot, the lock."""
     pytest.importorskip("matplotlib")
     make_tiny_mnist(tmp_path / "data")
-    program = HIDE_POSIX + USER_PATHS.format(here=HERE, data=str(tmp_path / "data"), out=str(tmp_path / "out"),
+    program = HIDE_POSIX + USER_PATHS.format(here=ROOT, data=str(tmp_path / "data"), out=str(tmp_path / "out"),
                                              digits=DIGITS)
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "every path ran" in result.stdout, result.stderr[-3000:]
@@ -328,8 +329,8 @@ SCRIPTS = ["train", "evaluate", "predict", "draw", "plot", "bench", "study", "tu
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_a_bad_flag_and_a_missing_file_answer_before_torch_loads(script, tmp_path):
     def run(*argv):
-        program = (f"import runpy, sys\nsys.path.insert(0, {HERE!r})\nsys.argv = {[script + '.py', *argv]!r}\n"
-                   f"try:\n    runpy.run_path({os.path.join(HERE, script + '.py')!r}, run_name='__main__')\n"
+        program = (f"import runpy, sys\nsys.path.insert(0, {ROOT!r})\nsys.argv = {[script + '.py', *argv]!r}\n"
+                   f"try:\n    runpy.run_path({os.path.join(ROOT, script + '.py')!r}, run_name='__main__')\n"
                    "except SystemExit as stop:\n    print('exit', stop.code)\n"
                    "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
         return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=tmp_path)
@@ -375,7 +376,7 @@ def test_a_relative_path_that_is_not_there_says_where_it_was_looked_for(trained,
 
 
 def test_predict_reads_on_one_thread_and_gives_the_threads_back(trained, monkeypatch, capsys):
-    import handwriting
+    from mnist_mlp_tools import handwriting
 
     seen, probabilities = [], handwriting.class_probabilities
     monkeypatch.setattr(handwriting, "class_probabilities",
@@ -391,7 +392,7 @@ def test_predict_reads_on_one_thread_and_gives_the_threads_back(trained, monkeyp
 
 @pytest.mark.slow
 def test_python_mnist_mlp_py_runs_the_docstrings_program(tmp_path):
-    shutil.copy(os.path.join(HERE, "mnist_mlp.py"), tmp_path)
+    shutil.copy(os.path.join(ROOT, "mnist_mlp.py"), tmp_path)
     make_tiny_mnist(tmp_path / "data", n_train=128, n_test=32)
     result = subprocess.run([sys.executable, "mnist_mlp.py"], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": ""})

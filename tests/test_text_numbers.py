@@ -6,11 +6,11 @@ import http.client
 
 import pytest
 
-import commands
+from mnist_mlp_tools import commands
 import evaluate
 import predict
-import run_folder
-from conftest import assert_usage_error, run_main
+from mnist_mlp_tools import run_folder
+from tests.conftest import assert_usage_error, run_main
 
 NOT_ASCII = ["٣", "３", "²", "3²", "໓"]  # Arabic-Indic, fullwidth, superscript, Lao
 

@@ -8,7 +8,7 @@ import torch
 import evaluate
 import mnist_mlp
 import train
-from conftest import make_step, run_main, tiny_run
+from tests.conftest import make_step, run_main, tiny_run
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
