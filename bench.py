@@ -69,10 +69,9 @@ if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer
 import torch  # noqa: E402  (after the flags, on purpose)
 from torch import nn  # noqa: E402
 
-from mnist_mlp_tools import data_files  # noqa: E402
-from mnist_mlp_tools import fast_step  # noqa: E402
 import mnist_mlp  # noqa: E402
 import tutorial  # noqa: E402
+from mnist_mlp_tools import data_files, fast_step, optimizers  # noqa: E402
 
 
 def synchronize(device):
@@ -133,7 +132,7 @@ def train_py_runner(data_dir, device, step_choice, fused=False, graph=False, opt
     train_split = train_split.to(device)
     torch.manual_seed(1)
     model = mnist_mlp.NoteModel().to(device)
-    optimizer = fast_step.make_optimizer(optimizer_name, model.parameters(), 0.001 if optimizer_name == "adam" else 0.01,
+    optimizer = optimizers.make_optimizer(optimizer_name, model.parameters(), 0.001 if optimizer_name == "adam" else 0.01,
                                          fused=fused)
     step, _ = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, step_choice, cuda_graph=graph)
     generator = torch.Generator().manual_seed(1)

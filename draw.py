@@ -21,8 +21,7 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from mnist_mlp_tools import commands
-from mnist_mlp_tools import run_folder
+from mnist_mlp_tools import commands, run_folder
 from mnist_mlp_tools.commands import UsageError
 
 
@@ -52,8 +51,7 @@ if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file a
 
 from PIL import Image  # noqa: E402  (after the flags, on purpose)
 
-from mnist_mlp_tools import checkpoints  # noqa: E402
-from mnist_mlp_tools import handwriting  # noqa: E402
+from mnist_mlp_tools import checkpoints, handwriting  # noqa: E402
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_mlp_tools", "draw.html")
 # What the server shares, bounded: a classroom's network must not exhaust the machine.
@@ -72,7 +70,7 @@ class Reader:
     def __init__(self, path, device="cpu"):
         checkpoint = checkpoints.load_checkpoint(path)
         self.model = checkpoints.model_from_checkpoint(path, checkpoint, device).eval()
-        self.classes = checkpoints.dataset_classes(checkpoint)
+        self.classes, self.scaling = checkpoints.dataset_classes(checkpoint), checkpoints.input_scaling(checkpoint)
         self.checkpoint_text = f"reading with {os.path.basename(path)} (epoch {checkpoint['epoch']})"
 
     def read(self, body):
@@ -84,7 +82,7 @@ class Reader:
                 raise ValueError("the data URL's base64 is not valid") from None
         image = handwriting.decode_image(io.BytesIO(body), MAX_DRAWING_PIXELS)
         pixels = handwriting.digit_pixels(image)
-        probabilities = handwriting.class_probabilities(self.model, pixels)
+        probabilities = handwriting.class_probabilities(self.model, pixels, self.scaling)
         seen = io.BytesIO()
         Image.frombytes("L", (28, 28), bytes(pixels.flatten().tolist())).save(seen, format="PNG")
         top = probabilities.argsort(descending=True, stable=True)[:3]  # ties: the lower class first

@@ -1,5 +1,6 @@
 """Test accuracy of saved checkpoints: python evaluate.py noteLearning_20.pth [more.pth ...]"""
 
+import dataclasses
 import json
 import math
 import os
@@ -48,10 +49,8 @@ def picture_flags(args):
 if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
     commands.flags_first(parse_args)
 
-from mnist_mlp_tools import checkpoints  # noqa: E402  (after the flags, on purpose)
-from mnist_mlp_tools import data_files  # noqa: E402
 import mnist_mlp  # noqa: E402
-from mnist_mlp_tools import pictures  # noqa: E402
+from mnist_mlp_tools import checkpoints, data_files, pictures  # noqa: E402
 
 
 def evaluate_checkpoints(args):
@@ -72,8 +71,9 @@ def evaluate_checkpoints(args):
         if dataset not in splits:
             train_split, test_split = data_files.load(args.data_dir, dataset)
             splits[dataset] = (train_split, test_split.to(device))
-        classes = mnist_mlp.DATASETS[dataset][1]
-        evaluation = mnist_mlp.evaluate(model, splits[dataset][1], args.batch_size, len(classes))
+        classes, scaling = mnist_mlp.DATASETS[dataset][1], checkpoints.input_scaling(checkpoint)  # as it was trained
+        test_split = dataclasses.replace(splits[dataset][1], scaling=scaling)
+        evaluation = mnist_mlp.evaluate(model, test_split, args.batch_size, len(classes))
         result = {
             "checkpoint": path, "epoch": checkpoint["epoch"], "dataset": dataset,
             **summary(evaluation),
@@ -87,9 +87,10 @@ def evaluate_checkpoints(args):
             except ValueError:
                 raise commands.UsageError(f"{path}: its config holds out {config['val_size']} validation images, "
                                           f"but the training set has {len(splits[dataset][0])}") from None
-            result["validation"] = summary(mnist_mlp.evaluate(model, val_split.to(device), args.batch_size, len(classes)))
+            val_split = dataclasses.replace(val_split.to(device), scaling=scaling)
+            result["validation"] = summary(mnist_mlp.evaluate(model, val_split, args.batch_size, len(classes)))
         results.append(result)
-    return results, save_pictures(args, model, splits[results[0]["dataset"]][1], results[0])
+    return results, save_pictures(args, model, test_split, results[0])  # pictures: one checkpoint only
 
 
 def save_pictures(args, model, test_split, result):

@@ -16,8 +16,7 @@ if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quiet
 import os
 import re
 
-from mnist_mlp_tools import commands
-from mnist_mlp_tools import run_folder
+from mnist_mlp_tools import commands, run_folder
 from mnist_mlp_tools.commands import UsageError
 from mnist_mlp_tools import safe_files
 

@@ -39,8 +39,7 @@ def parse_args(argv):
 if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
     commands.flags_first(parse_args)
 
-from mnist_mlp_tools import checkpoints  # noqa: E402  (after the flags, on purpose)
-from mnist_mlp_tools import handwriting  # noqa: E402
+from mnist_mlp_tools import checkpoints, handwriting  # noqa: E402
 
 
 def image_paths(arguments):
@@ -78,9 +77,10 @@ def read_image(path):
     return handwriting.decode_image(path)
 
 
-def predictions(model, classes, paths, keep_pictures=False):
+def predictions(model, classes, paths, keep_pictures=False, scaling="tutorial"):
     """Yield one result dict per path as it is read (a prediction or an error). The decoded picture is
-    dropped at once; with keep_pictures, for --show, its small copy and the 28x28 the model saw are kept."""
+    dropped at once; with keep_pictures, for --show, its small copy and the 28x28 the model saw are kept.
+    scaling: the checkpoint's input scaling (checkpoints.input_scaling)."""
     for path in paths:
         result = {"image": path}
         label = true_label(path, classes)
@@ -94,7 +94,7 @@ def predictions(model, classes, paths, keep_pictures=False):
         if "error" in result:
             yield result
             continue
-        top = handwriting.class_probabilities(model, pixels).topk(3)
+        top = handwriting.class_probabilities(model, pixels, scaling).topk(3)
         result.update(prediction=classes[int(top.indices[0])], probability=round(float(top.values[0]), 4),
                       top3=[[classes[int(index)], round(float(value), 4)] for value, index in zip(*top)])
         if label is not None:
@@ -192,7 +192,8 @@ def main(argv=None):
         if not paths:
             raise UsageError(f"no images in {', '.join(args.images)} (looked for {', '.join(IMAGE_ENDINGS)})")
         with commands.torch_threads(1):  # one picture is tiny work: more threads only wait for each other
-            kept, failed = report(predictions(model, classes, paths, keep_pictures=bool(args.show)), args.json)
+            results = predictions(model, classes, paths, bool(args.show), checkpoints.input_scaling(checkpoint))
+            kept, failed = report(results, args.json)
         if args.show:
             try:
                 save_picture(args.show, kept)

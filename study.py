@@ -8,6 +8,7 @@ matplotlib, the figures OUT/study_*.png. --quick: one epoch, one seed, a reduced
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -33,15 +34,10 @@ def parse_args(argv):
 if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer before torch loads
     commands.flags_first(parse_args)
 
-import torch  # noqa: E402  (after the flags, on purpose)
-
-from mnist_mlp_tools import checkpoints  # noqa: E402
-from mnist_mlp_tools import data_files  # noqa: E402
-from mnist_mlp_tools import fast_step  # noqa: E402
-import mnist_mlp  # noqa: E402
-from mnist_mlp_tools import pictures  # noqa: E402
-from mnist_mlp_tools import run_folder  # noqa: E402
+import mnist_mlp  # noqa: E402  (torch loads here, after the flags, on purpose)
+import plot  # noqa: E402
 import train  # noqa: E402
+from mnist_mlp_tools import checkpoints, data_files, pictures, run_folder, safe_files  # noqa: E402
 
 BETAS = (0.9, 0.999)
 
@@ -52,38 +48,14 @@ class Setting:
     name: str
     flags: list
     epochs: int = 20
-    zero_one_inputs: bool = False  # inputs p/255 in [0, 1] instead of the tutorial's [-1, 1]
-    weight_decay: tuple = None     # ("adam" or "adamw", decay): the optimizer train.py builds is replaced
     step_losses: bool = False      # keep each step's loss of the first 1,000 steps
     val_size: int = 0              # training images held out (train.py --val-size)
     seeds: tuple = field(default=(1, 2, 3))
 
-
-@contextlib.contextmanager
-def zero_one_inputs(active):
-    """Train and evaluate on p/255 instead of the tutorial's p/127.5 - 1 (the dead-unit experiment)."""
-    real = mnist_mlp.normalize
-    if active:
-        mnist_mlp.normalize = lambda pixels: pixels.div(255.0).view(-1, 1, 28, 28)
-    try:
-        yield
-    finally:
-        mnist_mlp.normalize = real
-
-
-@contextlib.contextmanager
-def decayed_adam(choice):
-    """train.py with torch.optim.Adam(weight_decay=d) or AdamW(weight_decay=d) instead of its Adam."""
-    real = fast_step.make_optimizer
-    if choice is not None:
-        kind, decay = choice
-        optimizer_class = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-        fast_step.make_optimizer = lambda name, parameters, lr, momentum=0.9, fused=False: optimizer_class(
-            parameters, lr=lr, weight_decay=decay)
-    try:
-        yield
-    finally:
-        fast_step.make_optimizer = real
+    @property
+    def inputs(self):
+        """The input scaling its flags choose (train.py --inputs)."""
+        return self.flags[self.flags.index("--inputs") + 1] if "--inputs" in self.flags else "tutorial"
 
 
 class Study:
@@ -104,9 +76,7 @@ class Study:
     def description(self, setting, seed):
         """Everything that makes a run what it is: reused only where all of it matches."""
         return {"flags": [str(flag) for flag in setting.flags], "epochs": setting.epochs, "seed": seed,
-                "val_size": setting.val_size, "zero_one_inputs": setting.zero_one_inputs,
-                "weight_decay": list(setting.weight_decay) if setting.weight_decay else None,
-                "step_losses": setting.step_losses}
+                "val_size": setting.val_size, "step_losses": setting.step_losses}
 
     def run(self, setting, seed):
         """Train one seed of a setting with train.main, unless a complete run of the same description is
@@ -132,8 +102,7 @@ class Study:
         def keep_step_losses(epoch, result):
             losses.extend(result.step_losses.tolist()[:1000 - len(losses)])
         started = time.perf_counter()
-        with zero_one_inputs(setting.zero_one_inputs), decayed_adam(setting.weight_decay), \
-                contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()):  # train.py's log: the study prints a line a run
             code = train.main(argv, on_epoch=keep_step_losses if setting.step_losses else None)
         if code == 1:  # a failed write (a full disk): exit 1, as every script's
             raise run_folder.WriteFailed(f"{label}: train.py could not write its files (exit code 1)")
@@ -169,24 +138,27 @@ class Study:
         return self.splits
 
     def models(self, setting, epoch):
-        """(seed, the model its run saved after `epoch`) for each seed of a setting."""
+        """(seed, the model its run saved after `epoch`, its input scaling) for each seed of a setting."""
         for seed in setting.seeds:
             path = os.path.join(self.folder(setting, seed), run_folder.CHECKPOINT_NAME.format(epoch=epoch))
-            yield seed, checkpoints.model_from_checkpoint(path, checkpoints.load_checkpoint(path))
+            checkpoint = checkpoints.load_checkpoint(path)
+            yield seed, checkpoints.model_from_checkpoint(path, checkpoint), checkpoints.input_scaling(checkpoint)
 
     def train_accuracy(self, setting, epoch):
         """Accuracy (%) on the training images a run trained on (the held-out ones left out), eval mode,
         one per seed."""
         train, _ = self.data()
-        with zero_one_inputs(setting.zero_one_inputs):
-            return [mnist_mlp.evaluate(model, mnist_mlp.split_validation(train, setting.val_size, seed)[0]).accuracy
-                    for seed, model in self.models(setting, epoch)]
+        accuracies = []
+        for seed, model, scaling in self.models(setting, epoch):
+            trained_on = mnist_mlp.split_validation(train, setting.val_size, seed)[0]
+            accuracies.append(mnist_mlp.evaluate(model, dataclasses.replace(trained_on, scaling=scaling)).accuracy)
+        return accuracies
 
     def dead_units(self, setting, epoch):
-        """fc1 units that are zero after ReLU on every test image, one count per seed."""
+        """fc1 units that are zero after ReLU on every test image, one count per seed (inputs scaled as trained)."""
         _, test = self.data()
-        with zero_one_inputs(setting.zero_one_inputs):  # pictures.silent_units reads the inputs as the run did
-            return [int(pictures.silent_units(model, test).sum()) for _, model in self.models(setting, epoch)]
+        return [int(pictures.silent_units(model, dataclasses.replace(test, scaling=scaling)).sum())
+                for _, model, scaling in self.models(setting, epoch)]
 
 
 RUN_DESCRIPTION = "study-run.json"  # beside each run's checkpoints: what the run is
@@ -194,7 +166,6 @@ RUN_DESCRIPTION = "study-run.json"  # beside each run's checkpoints: what the ru
 
 def write_json(path, value):
     """Write JSON whole or not at all (a kill or a full disk mid-write leaves the old file or none)."""
-    from mnist_mlp_tools import safe_files
     safe_files.atomic_write(path, lambda file: file.write(json.dumps(value).encode()))
 
 
@@ -255,10 +226,10 @@ def plan(quick, val_size=5000):
                                                      "0.9" if "momentum" in name else "0"], val_size=val_size)
                    for lr in lrs]
             for name, lrs in grid.items()}
-    scaling = [setting("inputs01-adam-lr0.001", [*adam, "--lr", "0.001"], zero_one_inputs=True),
-               setting("inputs01-sgd-momentum0.9-lr0.01", ["--optimizer", "sgd", "--lr", "0.01"], zero_one_inputs=True)]
-    decay = [setting("adam-l2-0.01", [*adam, "--lr", "0.001"], weight_decay=("adam", 0.01)),
-             setting("adamw-0.01", [*adam, "--lr", "0.001"], weight_decay=("adamw", 0.01))]
+    scaling = [setting("inputs01-adam-lr0.001", [*adam, "--lr", "0.001", "--inputs", "zero-one"]),
+               setting("inputs01-sgd-momentum0.9-lr0.01", ["--optimizer", "sgd", "--lr", "0.01", "--inputs", "zero-one"])]
+    decay = [setting("adam-l2-0.01", [*adam, "--lr", "0.001", "--weight-decay", "0.01"]),
+             setting("adamw-0.01", ["--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01"])]
     return {"optimizers": optimizers, "bias": bias, "fair": fair, "scaling": scaling, "decay": decay}
 
 
@@ -372,7 +343,7 @@ def report(study, settings):
     lines += ["", "## Dead ReLU units", "", "fc1 units (of 128) that are zero on every test image.", "",
               "| setting | inputs | after epoch 1 | after the last epoch |", "|---|---|---|---|"]
     for setting in [*settings["optimizers"], *settings["scaling"]]:
-        inputs = "[0, 1]" if setting.zero_one_inputs else "[−1, 1]"
+        inputs = "[0, 1]" if setting.inputs == "zero-one" else "[−1, 1]"
         lines.append(f"| {setting.name} | {inputs} | {spread(study.dead_units(setting, 1), 0)} | "
                      f"{spread(study.dead_units(setting, setting.epochs), 0)} |")
 
@@ -381,7 +352,6 @@ def report(study, settings):
     for setting in settings["decay"]:
         accuracy = study.metrics(setting, "test_accuracy")
         lines.append(f"| {setting.name} | " + " | ".join(spread([run[e] for run in accuracy]) for e in shown) + " |")
-    from mnist_mlp_tools import safe_files
     safe_files.atomic_write(os.path.join(study.out, "study.md"), lambda file: file.write(("\n".join(lines) + "\n").encode()))
     return chosen
 
@@ -389,10 +359,8 @@ def report(study, settings):
 def figures(study, settings, chosen):
     """The PNGs: the optimizers' curves (plot.py's picture), bias correction (step losses, the
     multiplier), and the fair comparison's test accuracy and test loss."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: matplotlib is optional (figures only)
     from matplotlib.figure import Figure
-
-    import plot
 
     runs = [plot.read_run(study.folder(setting, seed)) for setting in settings["optimizers"] for seed in setting.seeds]
     plot.draw(plot.group_by_setting(runs), os.path.join(study.out, "study_curves.png"),
@@ -438,9 +406,7 @@ def figures(study, settings, chosen):
 
 
 def safe_save(figure, path):
-    from mnist_mlp_tools.safe_files import atomic_write
-
-    atomic_write(path, lambda file: figure.savefig(file, format="png"))
+    safe_files.atomic_write(path, lambda file: figure.savefig(file, format="png"))
 
 
 def main(argv=None):

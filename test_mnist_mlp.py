@@ -12,14 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import datasets
 
-from mnist_mlp_tools import checkpoints
-from mnist_mlp_tools import commands
-from mnist_mlp_tools import data_files
-from mnist_mlp_tools import fast_step
+import bench
 import mnist_mlp
 import train
-import bench
 import tutorial
+from mnist_mlp_tools import checkpoints, commands, data_files, fast_step, optimizers
 from tests.conftest import ROOT, TUTORIAL_TRANSFORM, DeeperModel, make_step, make_tiny_mnist, mnist, run_main  # noqa: F401  (mnist: a fixture)
 
 
@@ -138,7 +135,7 @@ def test_our_loop_equals_the_tutorials_pipeline_bit_for_bit(mnist, optimizer, fu
     model = mnist_mlp.NoteModel()
     train_split, _ = mnist
     step, _ = fast_step.make_train_step(model, nn.CrossEntropyLoss(),
-                                        fast_step.make_optimizer(optimizer, model.parameters(), 0.01, fused=fused))
+                                        optimizers.make_optimizer(optimizer, model.parameters(), 0.01, fused=fused))
     assert isinstance(step, fast_step.FastStep)
     order = mnist_mlp.epoch_order(len(train_split), torch.Generator().manual_seed(seed))
     for batch in order.split(64)[:steps]:
@@ -189,17 +186,17 @@ def test_adam_by_hand_optimizer_equals_torch_adam_and_can_drop_the_correction():
     models = [mnist_mlp.NoteModel(16, 16) for _ in range(3)]
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())
-    optimizers = [torch.optim.Adam(models[0].parameters(), lr=1e-3, foreach=False),
-                  fast_step.make_optimizer("adam-no-bias-correction", models[1].parameters(), 1e-3),
+    adams = [torch.optim.Adam(models[0].parameters(), lr=1e-3, foreach=False),
+                  optimizers.make_optimizer("adam-no-bias-correction", models[1].parameters(), 1e-3),
                   mnist_mlp.AdamByHand(models[2].parameters(), lr=1e-3)]
     x, labels = torch.randn(32, 784), torch.randint(0, 10, (32,))
     for _ in range(5):
-        for model, optimizer in zip(models, optimizers):
+        for model, optimizer in zip(models, adams):
             mnist_mlp.textbook_step(model, nn.CrossEntropyLoss(), optimizer, x, labels)
     for a, c in zip(models[0].parameters(), models[2].parameters()):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-6)
-    assert fast_step.optimizer_config(optimizers[1])["optimizer"] == "adam-no-bias-correction"
-    assert set(optimizers[1].state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert optimizers.optimizer_config(adams[1])["optimizer"] == "adam-no-bias-correction"
+    assert set(adams[1].state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     moved = [float((b - a).detach().abs().max()) for a, b in zip(models[0].parameters(), models[1].parameters())]
     assert max(moved) > 1e-3  # the uncorrected run went elsewhere: its early steps were larger
 

@@ -3,16 +3,14 @@
 Writes noteLearning_{epoch}.pth and a metrics.csv row after every epoch. The pieces are mnist_mlp's lesson;
 fast_step makes a step fast where it is proven equal; checkpoints and run_folder keep the files safe."""
 
+import dataclasses
 import os
 import signal
 import time
 import uuid
 
-from mnist_mlp_tools import commands
+from mnist_mlp_tools import commands, optimizers
 from mnist_mlp_tools.commands import UsageError
-
-OPTIMIZERS = {"adam": "Adam, as the tutorial (torch.optim.Adam)", "sgd": "SGD with --momentum (torch.optim.SGD)",
-              "adam-no-bias-correction": "Adam without dividing m and v by (1-beta^t) (mnist_mlp.adam_update)"}
 
 
 def parse_args(argv):
@@ -22,9 +20,12 @@ def parse_args(argv):
     group.add_argument("--epochs", type=whole, default=20, help="total number of epochs")
     group.add_argument("--batch-size", type=whole, default=64, help="training batch size")
     group.add_argument("--lr", type=commands.positive_float, default=0.001, help="learning rate")
-    group.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam",
-                       help="; ".join(f"{name}: {text}" for name, text in OPTIMIZERS.items()))
+    group.add_argument("--optimizer", choices=list(optimizers.OPTIMIZERS), default="adam",
+                       help="; ".join(f"{name}: {kind.help}" for name, kind in optimizers.OPTIMIZERS.items()))
     group.add_argument("--momentum", type=commands.fraction, default=0.9, help="SGD momentum, 0 to below 1 (0: plain SGD)")
+    group.add_argument("--weight-decay", type=commands.fraction, help="weight decay (default: the optimizer's own)")
+    group.add_argument("--inputs", choices=("tutorial", "zero-one"), default="tutorial",  # mnist_mlp.INPUT_SCALINGS
+                       help="pixels p as inputs: tutorial: p/127.5 - 1 (ToTensor, Normalize); zero-one: p/255 (ToTensor)")
     group.add_argument("--hidden", type=commands.bounded_int(1, commands.MAX_WIDTH), nargs="+", metavar="WIDTH",
                        help="the widths NoteModel(...) takes (the tutorial's: 128 64; default: NoteModel's own, "
                             "or the resumed checkpoint's)")
@@ -52,6 +53,8 @@ def parse_args(argv):
                        "from the tutorial's; on CUDA the step then replays as a CUDA graph")
     group.add_argument("--no-cuda-graph", action="store_true", help="with --fused on CUDA, no CUDA graph")
     args = parser.parse_args(argv)
+    if args.weight_decay and args.optimizer == "adam-no-bias-correction":
+        raise UsageError("--weight-decay: adam-no-bias-correction takes none (adam or adamw do)")
     if args.resume is not None:
         commands.existing_file(args.resume, "checkpoint", "--resume")
     return args
@@ -62,13 +65,8 @@ if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer
 
 import torch  # noqa: E402  (after the flags, on purpose)
 
-from mnist_mlp_tools import checkpoints  # noqa: E402
-from mnist_mlp_tools import data_files  # noqa: E402
-from mnist_mlp_tools import fast_step  # noqa: E402
 import mnist_mlp  # noqa: E402
-from mnist_mlp_tools import models  # noqa: E402
-from mnist_mlp_tools import run_folder  # noqa: E402
-from mnist_mlp_tools import safe_files  # noqa: E402
+from mnist_mlp_tools import checkpoints, data_files, fast_step, models, run_folder, safe_files  # noqa: E402
 
 
 class Run:
@@ -88,9 +86,9 @@ class Run:
         models.check_output(self.model, mnist_mlp.DATASETS[args.dataset][1])
         self.order_generator = torch.Generator().manual_seed(args.seed)
         self.criterion = torch.nn.CrossEntropyLoss()
-        self.optimizer = fast_step.make_optimizer(args.optimizer, self.model.parameters(), args.lr, args.momentum,
-                                                  fused=args.fused)
-        self.config = {"hidden": model_args, **fast_step.optimizer_config(self.optimizer),
+        self.optimizer = optimizers.make_optimizer(args.optimizer, self.model.parameters(), args.lr, args.momentum,
+                                                   args.weight_decay, args.fused)
+        self.config = {"hidden": model_args, **optimizers.optimizer_config(self.optimizer), "inputs": args.inputs,
                        "batch_size": args.batch_size, "seed": args.seed, "dataset": args.dataset,
                        "val_size": args.val_size, "fused": args.fused,  # threads: the matmuls' rounding
                        **({"threads": torch.get_num_threads()} if device.type == "cpu" else {}),
@@ -105,7 +103,8 @@ class Run:
     def open(self):
         """Read the data and claim the folder (after every check of the input: it may delete files)."""
         args = self.args
-        train_split, test_split = data_files.load(args.data_dir, args.dataset)
+        train_split, test_split = (dataclasses.replace(split, scaling=args.inputs)
+                                   for split in data_files.load(args.data_dir, args.dataset))
         train_split, val_split = data_files.split_validation(train_split, args.val_size, args.seed)
         self.metrics_rows = run_folder.claim_folder(args.checkpoint_dir, self.start_epoch, self.progress, args.overwrite,
                                                     self.config["run"])

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 import mnist_mlp
-from . import models
-from . import safe_files
+from . import models, optimizers, safe_files
 from .commands import MAX_WIDTH, UsageError, existing_file, reason
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -292,6 +291,8 @@ def check_config(path, config):
         refuse("hidden", f"a list of widths from 1 to {MAX_WIDTH}")
     if "hidden" in config:
         config["hidden"] = list(config["hidden"])
+    if "inputs" in config and not (isinstance(config["inputs"], str) and config["inputs"] in mnist_mlp.INPUT_SCALINGS):
+        refuse("inputs", f"one of {', '.join(mnist_mlp.INPUT_SCALINGS)}")
     if "dataset" in config and not (isinstance(config["dataset"], str) and config["dataset"] in mnist_mlp.DATASETS):
         refuse("dataset", f"one of {', '.join(mnist_mlp.DATASETS)}")
     for key in ("val_size", "seed", "batch_size"):
@@ -307,6 +308,11 @@ def check_config(path, config):
         raise UsageError(f"{path}: it held out {config['val_size']} validation images but records no seed")
 
 
+def input_scaling(checkpoint):
+    """How a checked checkpoint's model reads pixels (mnist_mlp.INPUT_SCALINGS): what it was trained on."""
+    return checkpoint["config"].get("inputs", "tutorial")
+
+
 def dataset_classes(checkpoint):
     """The class names of the dataset a checked checkpoint was trained on."""
     return mnist_mlp.DATASETS[checkpoint["config"].get("dataset", "mnist")][1]
@@ -320,6 +326,7 @@ def model_from_checkpoint(path, checkpoint, device="cpu"):
 # ----------------------------------------------------------------------------- resuming
 
 FLAGS = {"hidden": "--hidden", "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum",
+         "weight_decay": "--weight-decay", "inputs": "--inputs",
          "batch_size": "--batch-size", "seed": "--seed", "dataset": "--dataset", "val_size": "--val-size",
          "fused": "--fused", "threads": "--threads"}
 
@@ -373,11 +380,6 @@ def restore_training_state(path, resumed, config, optimizer, order_generator):
     return resumed["epoch"]
 
 
-# Each optimizer's state per parameter: its tensors (of the parameter's shape) and its step count.
-STATE_TENSORS = {"adam": ("exp_avg", "exp_avg_sq"), "adam-no-bias-correction": ("exp_avg", "exp_avg_sq"),
-                 "sgd": ("momentum_buffer",)}
-
-
 def check_optimizer_group(group, ours, name, refuse):
     """The param group's rule: only the keys the configured optimizer makes, each a plain value of its
     type; what the optimizer computes with (amsgrad, nesterov, ...) as this run's optimizer has it, and
@@ -425,16 +427,17 @@ def check_optimizer_state(path, saved, optimizer, config):
                 where = f"({FLAGS[key]})" if key in FLAGS else "(train.py always uses the default)"
                 refuse(f"says {key} {group[key]!r}, but this run's is {config[key]!r} {where}")
     name = config.get("optimizer", "adam")
+    kind = optimizers.OPTIMIZERS[name]  # each state tensor of the parameter's shape, and the step count
     steps = set()
     for index, state in saved["state"].items():
         if not (isinstance(index, int) and 0 <= index < len(parameters)) or not isinstance(state, dict):
             refuse(f"has an entry {brief(index, 20)} that is no parameter of the model")
-        expected = set(STATE_TENSORS[name]) | ({"step"} if name != "sgd" else set())
+        expected = set(kind.state_tensors) | ({"step"} if kind.counts_steps else set())
         if set(state) != expected:
             refuse(f"for parameter {index} holds {sorted(map(str, state))}, not {sorted(expected)}")
-        for key in STATE_TENSORS[name]:
+        for key in kind.state_tensors:
             tensor, parameter = state[key], parameters[index]
-            if tensor is None and name == "sgd":
+            if tensor is None and key == "momentum_buffer":  # torch's SGD before its first step
                 continue
             if not (isinstance(tensor, torch.Tensor) and tensor_problem(tensor, (torch.float32,)) is None
                     and tensor.shape == parameter.shape):

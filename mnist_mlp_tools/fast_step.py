@@ -384,59 +384,6 @@ class FlatSGD(FlatOptimizer):
             self.state_names = ()  # torch's SGD keeps no state without momentum
 
 
-def make_optimizer(name, parameters, lr, momentum=0.9, fused=False):
-    """Adam (the tutorial's), SGD, or adam-no-bias-correction (AdamByHand, for the study).
-
-    By default each computes what torch's default optimizer computes, bit for bit: on the CPU as
-    FlatAdam's or FlatSGD's for-loop update over float32 parameters, elsewhere as the torch.optim
-    class itself. fused=True takes torch's fused kernels where they work here (found by one step on
-    a scratch tensor: some torch versions accept fused=True and fail only at the first step): fused
-    Adam rounds differently in the last bits.
-    """
-    parameters = list(parameters)
-    if name == "adam-no-bias-correction":
-        return mnist_mlp.AdamByHand(parameters, lr=lr, bias_correction=False)
-    device = parameters[0].device if parameters else torch.device("cpu")
-    flat = bool(parameters) and all(parameter.dtype == torch.float32 and parameter.layout == torch.strided
-                                    and parameter.device == device for parameter in parameters)
-    if name == "adam":
-        if fused and flat and _optimizer_works(FlatAdam, device, lr=lr, fused=True):
-            return FlatAdam(parameters, lr=lr, fused=True)
-        return FlatAdam(parameters, lr=lr) if flat and device.type == "cpu" else torch.optim.Adam(parameters, lr=lr)
-    if fused and _optimizer_works(torch.optim.SGD, device, lr=lr, momentum=momentum, fused=True):
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, fused=True)
-    if flat and device.type == "cpu":
-        return FlatSGD(parameters, lr=lr, momentum=momentum)
-    return torch.optim.SGD(parameters, lr=lr, momentum=momentum)
-
-
-def _optimizer_works(optimizer_class, device, **options):
-    scratch = nn.Parameter(torch.zeros(3, device=device))
-    try:
-        optimizer = optimizer_class([scratch], **options)
-        scratch.grad = torch.ones_like(scratch)
-        optimizer.step()
-        return bool(torch.isfinite(scratch).all())
-    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
-        return False
-
-
-def optimizer_config(optimizer):
-    """The hyper-parameters that rebuild `optimizer`: plain values for the checkpoint."""
-    group = optimizer.param_groups[0]
-    if isinstance(optimizer, (torch.optim.SGD, FlatSGD)):
-        name = "sgd"
-    elif isinstance(optimizer, torch.optim.AdamW):  # decoupled decay: another optimizer than Adam's L2 (the study's)
-        name = "adamw"
-    else:
-        name = "adam-no-bias-correction" if group.get("bias_correction") is False else "adam"
-    keys = ("lr", "momentum", "weight_decay") if name == "sgd" else ("lr", "betas", "eps", "weight_decay")
-    config = {key: group[key] for key in keys}
-    if "betas" in config:
-        config["betas"] = list(config["betas"])
-    return {"optimizer": name, **config}
-
-
 # ----------------------------------------------------------------------------- CUDA graph
 
 class CudaGraphStep:

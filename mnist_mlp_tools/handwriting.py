@@ -66,10 +66,11 @@ def _decode(source, max_pixels):
 
 
 @torch.no_grad()
-def class_probabilities(model, pixels):
-    """The model's probability for each class (classes,) of one prepared (28, 28) uint8 digit."""
+def class_probabilities(model, pixels, scaling="tutorial"):
+    """The model's probability for each class (classes,) of one prepared (28, 28) uint8 digit, its pixels
+    scaled as the model was trained (mnist_mlp.INPUT_SCALINGS)."""
     device = next(model.parameters()).device
-    return torch.softmax(model(mnist_mlp.normalize(pixels.view(1, 784).to(device))), dim=1)[0].cpu()
+    return torch.softmax(model(mnist_mlp.normalize(pixels.view(1, 784).to(device), scaling)), dim=1)[0].cpu()
 
 
 def digit_pixels(image):

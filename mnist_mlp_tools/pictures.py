@@ -34,7 +34,7 @@ def silent_units(model, split, batch_size=1000):
     layer = first_linear(model)
     highest = torch.full((layer.out_features,), -math.inf, device=layer.weight.device)
     for start in range(0, len(split), batch_size):
-        rows = mnist_mlp.normalize(split.pixels[start:start + batch_size]).reshape(-1, 28 * 28)  # (N, 784)
+        rows = mnist_mlp.normalize(split.pixels[start:start + batch_size], split.scaling).reshape(-1, 28 * 28)  # (N, 784)
         highest = torch.maximum(highest, layer(rows).amax(0))                                   # (units,)
     return highest <= 0
 
@@ -109,12 +109,19 @@ def confusion_heatmap(confusion, class_names, title=None):
     return figure
 
 
+def misclassified(model, split, batch_size=1000):
+    """(indices, predictions) of every misclassified sample of `split`, in order."""
+    predictions = torch.cat([logits.argmax(1) for _, logits in mnist_mlp.logits_in_batches(model, split, batch_size)])
+    wrong = (predictions != split.labels).nonzero().flatten()
+    return wrong.cpu(), predictions[wrong].cpu()
+
+
 def error_grid(model, split, class_names, title, limit=64):
     """A PIL image of the first `limit` misclassified images of `split`, each captioned
     'true → predicted (confidence)', under a title that says how many there are in all."""
     from PIL import Image, ImageDraw, ImageFont
 
-    wrong, predicted = mnist_mlp.misclassified(model, split, limit=len(split))  # every error, in one pass
+    wrong, predicted = misclassified(model, split)  # every error, in one pass
     wrong_total, indices, predictions = len(wrong), wrong[:limit], predicted[:limit]
     shown = split.subset(indices.to(split.pixels.device))  # eval mode, as logits_in_batches gives it back
     logits = [logits for _, logits in mnist_mlp.logits_in_batches(model, shown)]

@@ -12,8 +12,7 @@ import signal
 import stat
 import sys
 
-from . import safe_files
-from . import commands
+from . import commands, safe_files
 from .commands import UsageError, reason, silence_stdout
 from .safe_files import is_regular_file
 

@@ -13,11 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms
 
-from mnist_mlp_tools import commands
-from mnist_mlp_tools import data_files
-from mnist_mlp_tools import fast_step
 import mnist_mlp
 import train
+from mnist_mlp_tools import commands, data_files, fast_step, optimizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
@@ -133,7 +131,7 @@ class DeeperModel(nn.Module):
 
 def make_step(model, choice="auto", optimizer="adam", lr=0.001):
     return fast_step.make_train_step(model, nn.CrossEntropyLoss(),
-                                     fast_step.make_optimizer(optimizer, model.parameters(), lr), choice)
+                                     optimizers.make_optimizer(optimizer, model.parameters(), lr), choice)
 
 
 def tiny_run(tmp_path, *extra):

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from mnist_mlp_tools import commands
 import evaluate
 import mnist_mlp
 import train
 import tutorial
+from mnist_mlp_tools import commands
 from tests.conftest import assert_usage_error, run_main, tiny_run
 
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 from torchvision import datasets
 
-from mnist_mlp_tools import commands
-from mnist_mlp_tools import data_files
 import evaluate
 import mnist_mlp
 import train
+from mnist_mlp_tools import commands, data_files
 from tests.conftest import assert_usage_error, make_tiny_mnist, run_main, tiny_run
 
 

@@ -8,13 +8,10 @@ import sys
 import pytest
 import torch
 
-from mnist_mlp_tools import checkpoints
-from mnist_mlp_tools import commands
-from mnist_mlp_tools import data_files
 import evaluate
 import mnist_mlp
-from mnist_mlp_tools import pictures
 import train
+from mnist_mlp_tools import checkpoints, commands, data_files, pictures
 from tests.conftest import DropoutModel, assert_usage_error, run_main, tiny_run
 
 
@@ -166,7 +163,7 @@ def test_evaluation_runs_in_eval_mode_and_gives_the_mode_back(mnist):
     first = mnist_mlp.evaluate(model.train(), small)
     assert model.training
     assert mnist_mlp.evaluate(model, small).loss == first.loss  # no dropout drawn: the same figures twice
-    mnist_mlp.misclassified(model, small)
+    pictures.misclassified(model, small)
     assert model.training
 
 

@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_mlp_tools import checkpoints
-from mnist_mlp_tools import commands
-from mnist_mlp_tools import fast_step
 import mnist_mlp
 import train
+from mnist_mlp_tools import checkpoints, commands, fast_step, optimizers
 from tests.conftest import ROOT, DeeperModel, DropoutModel, SigmoidModel, assert_usage_error, make_step, make_tiny_mnist, run_main, tiny_run
 
 
@@ -100,7 +98,7 @@ def test_flat_sgd_equals_torchs_sgd_and_shares_its_state_dict(momentum, threads)
     torch.manual_seed(0)
     ours, theirs = mnist_mlp.NoteModel(65, 17), mnist_mlp.NoteModel(65, 17)
     theirs.load_state_dict(ours.state_dict())
-    flat = fast_step.make_optimizer("sgd", ours.parameters(), 0.05, momentum)
+    flat = optimizers.make_optimizer("sgd", ours.parameters(), 0.05, momentum)
     reference = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=momentum)
     assert isinstance(flat, fast_step.FlatSGD) and flat.flat
     assert flat.state_dict() == reference.state_dict()  # nothing yet, the same group, key for key
@@ -167,7 +165,7 @@ def test_flushing_denormals_keeps_the_weights_bit_identical_over_two_real_epochs
     for flush in (True, False):
         torch.manual_seed(1)
         model = mnist_mlp.NoteModel()
-        optimizer = fast_step.make_optimizer("adam", model.parameters(), 0.001)
+        optimizer = optimizers.make_optimizer("adam", model.parameters(), 0.001)
         step, _ = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer)
         generator = torch.Generator().manual_seed(1)
         with fast_step.denormals_flushed() if flush else contextlib.nullcontext():

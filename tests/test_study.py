@@ -61,15 +61,6 @@ def test_a_failed_write_under_out_is_exit_1(tmp_path, capsys, monkeypatch):
     assert code == 1 and err.startswith("error: ") and "could not write" in err
 
 
-def test_the_study_runs_restore_what_they_change(tmp_path):
-    from mnist_mlp_tools import fast_step
-    import mnist_mlp
-    normalize, make_optimizer = mnist_mlp.normalize, fast_step.make_optimizer
-    with study.zero_one_inputs(True), study.decayed_adam(("adamw", 0.01)):
-        assert mnist_mlp.normalize is not normalize and fast_step.make_optimizer is not make_optimizer
-    assert mnist_mlp.normalize is normalize and fast_step.make_optimizer is make_optimizer
-
-
 def test_study_needs_an_output_folder(tmp_path, capsys):
     assert_usage_error(*run_main(study, [], capsys)[::2], "--out")
     (tmp_path / "a-file").write_text("not a folder")
@@ -79,11 +70,11 @@ def test_study_needs_an_output_folder(tmp_path, capsys):
 def test_the_optimizers_a_study_run_records_are_what_trained(tmp_path):
     """AdamW is recorded as itself, not as the Adam whose L2 decay it is compared with."""
     import torch
-    from mnist_mlp_tools import fast_step
     import mnist_mlp
+    from mnist_mlp_tools import optimizers
     model = mnist_mlp.NoteModel(8, 8)
-    recorded = {kind: fast_step.optimizer_config(optimizer)["optimizer"] for kind, optimizer in (
+    recorded = {kind: optimizers.optimizer_config(optimizer)["optimizer"] for kind, optimizer in (
         ("adamw", torch.optim.AdamW(model.parameters(), weight_decay=0.01)),
         ("adam", torch.optim.Adam(model.parameters(), weight_decay=0.01)),
-        ("sgd", fast_step.make_optimizer("sgd", model.parameters(), 0.01)))}
+        ("sgd", optimizers.make_optimizer("sgd", model.parameters(), 0.01)))}
     assert recorded == {"adamw": "adamw", "adam": "adam", "sgd": "sgd"}

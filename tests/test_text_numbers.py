@@ -6,10 +6,9 @@ import http.client
 
 import pytest
 
-from mnist_mlp_tools import commands
 import evaluate
 import predict
-from mnist_mlp_tools import run_folder
+from mnist_mlp_tools import commands, run_folder
 from tests.conftest import assert_usage_error, run_main
 
 NOT_ASCII = ["٣", "３", "²", "3²", "໓"]  # Arabic-Indic, fullwidth, superscript, Lao

@@ -11,12 +11,10 @@ import time
 import pytest
 import torch
 
-from mnist_mlp_tools import checkpoints
-from mnist_mlp_tools import data_files
 import evaluate
 import mnist_mlp
-from mnist_mlp_tools import models
 import train
+from mnist_mlp_tools import checkpoints, data_files, models
 from tests.conftest import ROOT, assert_usage_error, make_tiny_mnist, run_main, tiny_run
 
 
@@ -44,7 +42,7 @@ def test_tiny_idx_dataset_trains_and_checkpoints(tmp_path, capsys):
     run_id = checkpoint["config"].pop("run")  # the run's identity: the same in every epoch's checkpoint
     assert len(run_id) == 32 and run_id.isalnum()
     assert checkpoint["config"] == {"hidden": [128, 64], "optimizer": "adam", "lr": 0.001, "betas": [0.9, 0.999],
-                                    "eps": 1e-08, "weight_decay": 0, "batch_size": 32, "seed": 1,
+                                    "eps": 1e-08, "weight_decay": 0, "inputs": "tutorial", "batch_size": 32, "seed": 1,
                                     "dataset": "mnist", "val_size": 0, "fused": False, "threads": 1,
                                     "model_source": models.source_fingerprint()}
     with open(tmp_path / "metrics.csv") as file:
