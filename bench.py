@@ -68,6 +68,8 @@ if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer
 
 import torch  # noqa: E402  (after the flags, on purpose)
 from torch import nn  # noqa: E402
+from torch.utils import data  # noqa: E402
+from torchvision import datasets, transforms  # noqa: E402
 
 import mnist_mlp  # noqa: E402
 import tutorial  # noqa: E402
@@ -90,9 +92,6 @@ def batch_sizes(n, batch_size, steps):
 def classic_runner(data_dir, device):
     """run(count): `count` more steps of the blog's pipeline, epoch after epoch: tutorial.py's transforms,
     DataLoader, NoteModel, loss, Adam and step, as its run() writes them (the loss read every 100 steps)."""
-    from torch.utils import data
-    from torchvision import datasets, transforms
-
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
     train_loader = data.DataLoader(dataset=datasets.MNIST(data_dir, transform=transform, train=True), batch_size=64,
                                    shuffle=True, generator=torch.Generator().manual_seed(1))

@@ -39,6 +39,8 @@ def parse_args(argv):
 if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
     commands.flags_first(parse_args)
 
+from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
+
 from mnist_mlp_tools import checkpoints, handwriting  # noqa: E402
 
 
@@ -107,7 +109,6 @@ def predictions(model, classes, paths, keep_pictures=False, scaling="tutorial"):
 
 def thumbnail(image, cell=84):
     """The picture fitted in a cell x cell square, on white, as RGB: what --show draws of the input."""
-    from PIL import Image, ImageOps
 
     try:
         small = ImageOps.contain(image, (cell, cell))  # shrunk in its own mode: no full-size copy
@@ -119,7 +120,6 @@ def thumbnail(image, cell=84):
 
 def save_picture(path, results, cell=84):
     """Each input (fitted in a square) beside the 28x28 the model saw, captioned with the guess."""
-    from PIL import Image, ImageDraw, ImageFont
 
     shown = [result for result in results if "_pixels" in result]
     try:  # a font with arrows and check marks where the system has one; PIL's own has neither

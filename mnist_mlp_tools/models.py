@@ -3,6 +3,7 @@ none), refused in one line where it does not fit the data or the machine, told a
 compared with a checkpoint's weights by name, shape and dtype. Nothing here assumes 784-128-64-10:
 the images (28x28) and the class count come from the dataset."""
 
+import functools
 import hashlib
 import inspect
 import os
@@ -122,8 +123,15 @@ def check_output(model, classes):
 def source_fingerprint():
     """A short hash of NoteModel's source, recorded with its checkpoints; None where the source cannot be
     read (a class typed into a notebook)."""
+    return _class_fingerprint(mnist_mlp.NoteModel)
+
+
+@functools.lru_cache(maxsize=16)
+def _class_fingerprint(cls):
+    # once per class: inspect.getsource parses the class's whole file (an edited file is a new class
+    # only once reloaded, and the class that runs is the one read first)
     try:
-        source = inspect.getsource(mnist_mlp.NoteModel)
+        source = inspect.getsource(cls)
     except (OSError, TypeError):
         return None
     return hashlib.sha256(source.encode()).hexdigest()[:16]

@@ -40,7 +40,7 @@ def make_optimizer(name, parameters, lr, momentum=0.9, weight_decay=None, fused=
     """
     import torch  # here, not at the top: see the module's docstring
 
-    import mnist_mlp
+    import mnist_mlp  # with torch: see the docstring
     from .fast_step import FlatAdam, FlatSGD
 
     parameters = list(parameters)
@@ -85,7 +85,7 @@ def optimizer_name(optimizer):
     """The OPTIMIZERS name of a built optimizer (AdamW as itself: decoupled decay is another optimizer)."""
     import torch  # loaded already: there is an optimizer
 
-    from .fast_step import FlatSGD
+    from .fast_step import FlatSGD  # with torch: see the docstring
 
     if isinstance(optimizer, (torch.optim.SGD, FlatSGD)):
         return "sgd"

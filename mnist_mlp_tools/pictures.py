@@ -9,6 +9,7 @@ either atomically.
 import math
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 import mnist_mlp
@@ -42,7 +43,7 @@ def silent_units(model, split, batch_size=1000):
 def weight_tiles(model, split, title=None, columns=16):
     """A Figure: each unit of the first layer as a 28x28 image of its weights, red positive and blue
     negative on a colour scale centred at 0, the units silent on every image of `split` boxed."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # here: matplotlib is optional (see the docstring)
     from matplotlib.patches import Rectangle
 
     layer = first_linear(model)
@@ -75,7 +76,7 @@ def weight_tiles(model, split, title=None, columns=16):
 def confusion_heatmap(confusion, class_names, title=None):
     """A Figure of the confusion matrix (rows = true class): every count written in its cell, the
     diagonal (right answers) in green and the errors in red on a log scale, so that a few stand out."""
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm  # here: matplotlib is optional
     from matplotlib.figure import Figure
 
     counts = torch.as_tensor(confusion).cpu()
@@ -119,7 +120,6 @@ def misclassified(model, split, batch_size=1000):
 def error_grid(model, split, class_names, title, limit=64):
     """A PIL image of the first `limit` misclassified images of `split`, each captioned
     'true → predicted (confidence)', under a title that says how many there are in all."""
-    from PIL import Image, ImageDraw, ImageFont
 
     wrong, predicted = misclassified(model, split)  # every error, in one pass
     wrong_total, indices, predictions = len(wrong), wrong[:limit], predicted[:limit]
@@ -159,7 +159,7 @@ def error_grid(model, split, class_names, title, limit=64):
 def save(picture, path):
     """Write a Figure or a PIL image as a PNG at `path`, whole or not at all."""
     if hasattr(picture, "savefig"):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # a Figure: matplotlib is there
         FigureCanvasAgg(picture)
         atomic_write(path, lambda file: picture.savefig(file, format="png"))
     else:

@@ -5,6 +5,8 @@ import gzip
 import io
 import os
 import struct
+import subprocess
+import sys
 from contextlib import redirect_stdout
 
 import pytest
@@ -74,6 +76,69 @@ def trained(tmp_path_factory):
         code = train.main(["--epochs", "1", "--checkpoint-dir", str(folder), "--device", "cpu"])
     assert code == 0
     return folder, output.getvalue()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_on_one_thread():
+    """The tests' own torch work on one thread, as train.py's: the other core is left to the programs the
+    tests start (on two cores, a second intra-op thread only spins against them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slow_programs_started_first(request):
+    """The session fixtures named started_* start programs that a test only waits for (the notebooks'
+    kernels) and return at once. Asked for here, before the first test, when a chosen test uses one,
+    they run on the second core while the tests in this process use the first."""
+    names = {name for item in request.session.items for name in item.fixturenames if name.startswith("started_")}
+    for name in sorted(names):
+        request.getfixturevalue(name)
+
+
+NOTEBOOKS = [os.path.join(ROOT, "notebooks", name) for name in ("lesson.ipynb", "lesson.zh-CN.ipynb")]
+NOTEBOOK_RUNNER = """
+import sys, nbclient, nbformat
+notebook = nbformat.read(sys.argv[1], as_version=4)
+nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                        resources={"metadata": {"path": sys.argv[2]}}).execute()
+nbformat.write(notebook, sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="session")
+def started_notebooks(tmp_path_factory):
+    """Both lesson notebooks running top to bottom, each in a fresh kernel of its own (one torch thread
+    each): [(notebook, the executed copy it writes, its runner's Popen)]."""
+    folder = tmp_path_factory.mktemp("notebooks")
+    runs = [(path, folder / os.path.basename(path)) for path in NOTEBOOKS]
+    started = [(path, out, subprocess.Popen([sys.executable, "-c", NOTEBOOK_RUNNER, path, os.path.dirname(path), str(out)],
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+               for path, out in runs]
+    yield started
+    for _, _, process in started:
+        process.kill()
+        process.communicate()
+
+
+def run_at_once(*runs, timeout=300):
+    """subprocess.run(**run) for each run (a dict of its arguments), all started together, since each
+    new Python spends ~3 s of one core importing torch: the CompletedProcess of each, in order."""
+    started = []
+    for run in runs:
+        run = dict(run)
+        if run.pop("capture_output", False):
+            run.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started.append((run["args"], subprocess.Popen(**run)))
+    try:
+        outputs = [process.communicate(timeout=timeout) for _, process in started]
+        return [subprocess.CompletedProcess(args, process.returncode, *output)
+                for (args, process), output in zip(started, outputs)]
+    finally:
+        for _, process in started:
+            process.kill()
 
 
 def run_main(module, argv, capsys):

@@ -3,7 +3,6 @@ Adam, and flushing denormals."""
 
 import contextlib
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ from torch import nn
 import mnist_mlp
 import train
 from mnist_mlp_tools import checkpoints, commands, fast_step, optimizers
-from tests.conftest import ROOT, DeeperModel, DropoutModel, SigmoidModel, assert_usage_error, make_step, make_tiny_mnist, run_main, tiny_run
+from tests.conftest import ROOT, DeeperModel, DropoutModel, SigmoidModel, assert_usage_error, make_step, make_tiny_mnist, run_at_once, run_main, tiny_run
 
 
 def test_the_plain_model_takes_the_fast_step_and_edited_models_the_autograd_step():
@@ -253,10 +252,9 @@ def test_the_default_paths_never_import_torch_dynamo(tmp_path):
     data = make_tiny_mnist(tmp_path / "data")
     script = NO_DYNAMO.format(here=ROOT, folder=str(tmp_path / "run"), data=str(data),
                               image=os.path.join(ROOT, "docs", "figures", "draw_example.png"))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result, bare = run_at_once(*[dict(args=[sys.executable, "-c", code], capture_output=True, text=True)
+                                 for code in (script, "import sys, torch; print('torch._dynamo' in sys.modules)")])
     assert result.returncode == 0, result.stderr[-2000:]
-    bare = subprocess.run([sys.executable, "-c", "import sys, torch; print('torch._dynamo' in sys.modules)"],
-                          capture_output=True, text=True, timeout=60)
     if bare.stdout.strip() == "True":
         pytest.skip("this torch version imports torch._dynamo with torch itself")
     assert result.stdout.strip().endswith("torch._dynamo imported: False"), result.stdout[-500:]

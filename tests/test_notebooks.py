@@ -3,21 +3,10 @@ and run top to bottom in a fresh kernel (nbclient and ipykernel: test-only depen
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
-
-NOTEBOOKS = [os.path.join(ROOT, "notebooks", name) for name in ("lesson.ipynb", "lesson.zh-CN.ipynb")]
-RUNNER = """
-import sys, nbclient, nbformat
-notebook = nbformat.read(sys.argv[1], as_version=4)
-nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
-                        resources={"metadata": {"path": sys.argv[2]}}).execute()
-nbformat.write(notebook, sys.argv[3])
-"""
+from tests.conftest import NOTEBOOKS
 
 
 def cells(path, kind):
@@ -35,15 +24,11 @@ def test_both_notebooks_hold_the_same_code_and_no_outputs():
 
 
 @pytest.mark.slow
-def test_the_notebooks_run_top_to_bottom(tmp_path):
+def test_the_notebooks_run_top_to_bottom(started_notebooks):
     for module in ("nbclient", "ipykernel", "matplotlib"):
         if os.environ.get("MNIST_MLP_REQUIRE_NOTEBOOKS") != "1":
             pytest.importorskip(module)
-    # both at once, each in its own kernel (one torch thread each: two cores, two kernels)
-    runs = [(path, tmp_path / os.path.basename(path)) for path in NOTEBOOKS]
-    processes = [subprocess.Popen([sys.executable, "-c", RUNNER, path, os.path.dirname(path), str(out)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for path, out in runs]
-    for process, (path, out) in zip(processes, runs):
+    for path, out, process in started_notebooks:  # running since the session started
         _, errors = process.communicate(timeout=240)
         assert process.returncode == 0, (path, errors[-3000:])
         executed = cells(out, "code")

@@ -15,7 +15,7 @@ import evaluate
 import mnist_mlp
 import train
 from mnist_mlp_tools import checkpoints, data_files, models
-from tests.conftest import ROOT, assert_usage_error, make_tiny_mnist, run_main, tiny_run
+from tests.conftest import ROOT, assert_usage_error, make_tiny_mnist, run_at_once, run_main, tiny_run
 
 
 def test_same_seed_twice_gives_identical_weights(tmp_path, capsys):
@@ -435,17 +435,16 @@ def test_a_failed_write_mid_run_is_one_error_line_with_the_resume_command(tmp_pa
 
 
 @pytest.mark.slow
-def test_output_into_a_closed_pipe_neither_crashes_nor_loses_checkpoints(tmp_path):
+def test_output_into_a_closed_pipe_neither_crashes_nor_loses_checkpoints(trained, tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", "ck", "--log-interval", "1")]
-    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'train.py'))} "
-                            f"{shlex.join(argv)} | head -1", shell=True, cwd=tmp_path, capture_output=True, text=True)
-    assert result.stdout.startswith("training with the") and "Traceback" not in result.stderr
+    checkpoints = [str(trained[0] / name) for name in ("noteLearning_1.ck", "noteLearning_1.pth", "noteLearning_1.pth")]
+    training, evaluating = run_at_once(*[dict(args=command, shell=True, cwd=tmp_path, capture_output=True, text=True) for command in (
+        f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'train.py'))} {shlex.join(argv)} | head -1",
+        f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'evaluate.py'))} {shlex.join(checkpoints)} "
+        "--data-dir data --per-class --confusion | head -c 10")])
+    assert training.stdout.startswith("training with the") and "Traceback" not in training.stderr
     assert (tmp_path / "ck" / "noteLearning_3.pth").exists()
-    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'evaluate.py'))} "
-                            f"ck/noteLearning_1.ck ck/noteLearning_1.pth ck/noteLearning_2.pth --data-dir data "
-                            f"--per-class --confusion | head -c 10", shell=True, cwd=tmp_path, capture_output=True,
-                            text=True)
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in evaluating.stderr
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -570,27 +569,25 @@ def test_an_output_name_as_long_as_the_filesystem_allows_is_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_or_closed_stdout_neither_stops_training_nor_makes_a_traceback(tmp_path):
+def test_a_full_or_closed_stdout_neither_stops_training_nor_makes_a_traceback(trained, tmp_path):
     """train.py keeps training and saving with stdout on a full device or closed; evaluate.py and
     predict.py say in one line that they could not write (exit 1), or print nothing to a closed one."""
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", "ck")]
-    script = os.path.join(ROOT, "train.py")
+    checkpoint = str(trained[0] / "noteLearning_1.pth")
     with open("/dev/full", "w") as full:
-        result = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, stdout=full, stderr=subprocess.PIPE,
-                                text=True)
-    assert result.returncode == 0 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("warning: cannot write to stdout") and result.stderr.count("\n") == 1
+        runs = [dict(args=[sys.executable, os.path.join(ROOT, "train.py"), *argv], stdout=full)]
+        for name, extra in (("evaluate.py", ["--data-dir", "data"]), ("predict.py", [os.path.join(ROOT, "data", "digits")])):
+            command = [sys.executable, os.path.join(ROOT, name), checkpoint, *extra]
+            runs += [dict(args=command, stdout=full), dict(args=command, stdout=subprocess.PIPE,
+                                                           preexec_fn=lambda: os.close(1))]
+        trained_run, *reports = run_at_once(*[dict(run, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+                                              for run in runs])
+    assert trained_run.returncode == 0 and "Traceback" not in trained_run.stderr
+    assert trained_run.stderr.startswith("warning: cannot write to stdout") and trained_run.stderr.count("\n") == 1
     assert (tmp_path / "ck" / "noteLearning_2.pth").exists()
-    checkpoint = str(tmp_path / "ck" / "noteLearning_2.pth")
-    for name, extra in (("evaluate.py", ["--data-dir", "data"]), ("predict.py", [os.path.join(ROOT, "data", "digits")])):
-        with open("/dev/full", "w") as full:
-            result = subprocess.run([sys.executable, os.path.join(ROOT, name), checkpoint, *extra], cwd=tmp_path,
-                                    stdout=full, stderr=subprocess.PIPE, text=True)
-        assert result.returncode == 1 and result.stderr == "error: cannot write the output (No space left on device)\n"
-        result = subprocess.run([sys.executable, os.path.join(ROOT, name), checkpoint, *extra], cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
-        assert result.returncode == 0 and result.stderr == ""
-
+    for full, closed in (reports[:2], reports[2:]):  # evaluate.py's, then predict.py's
+        assert full.returncode == 1 and full.stderr == "error: cannot write the output (No space left on device)\n"
+        assert closed.returncode == 0 and closed.stderr == ""
 
 
 def test_a_resume_into_a_folder_of_another_run_is_refused_unless_overwrite(tmp_path, capsys):
