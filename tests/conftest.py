@@ -4,9 +4,13 @@ calling a script's main in-process, checking one-line errors, and the models a s
 import gzip
 import io
 import os
+import shutil
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 from contextlib import redirect_stdout
 
 import pytest
@@ -15,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms
 
+import draw
 import mnist_mlp
 import train
 from mnist_mlp_tools import commands, data_files, fast_step, optimizers
+from tests import warm_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
@@ -88,6 +94,39 @@ def torch_on_one_thread():
     torch.set_num_threads(before)
 
 
+WARM_SERVER = os.path.join(ROOT, "tests", "warm_python.py")
+CAN_FORK_WARM = all(hasattr(os, name) for name in ("fork", "pidfd_open")) and hasattr(socket, "send_fds")
+# `python` for the project's own scripts, torch already imported (tests/warm_python.py); plain Python elsewhere
+WARM_PYTHON = [sys.executable, "-S", WARM_SERVER] if CAN_FORK_WARM else [sys.executable]
+WARM = pytest.StashKey[tuple]()  # the server's process, its folder, the variable's value before
+
+
+def pytest_sessionstart(session):
+    """Start the server WARM_PYTHON's clients are forked from before the tests are even collected: it
+    imports torch meanwhile."""
+    if not CAN_FORK_WARM:
+        return
+    folder = tempfile.mkdtemp(prefix="mnist-mlp-warm-")
+    address = os.path.join(folder, "python.sock")
+    server = subprocess.Popen([sys.executable, WARM_SERVER, "--serve", address], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL)
+    session.config.stash[WARM] = (server, folder, os.environ.get(warm_python.ADDRESS_VARIABLE))
+    os.environ[warm_python.ADDRESS_VARIABLE] = address  # inherited by every process the tests start
+
+
+def pytest_sessionfinish(session):
+    if WARM not in session.config.stash:
+        return
+    server, folder, before = session.config.stash[WARM]
+    if before is None:
+        del os.environ[warm_python.ADDRESS_VARIABLE]
+    else:
+        os.environ[warm_python.ADDRESS_VARIABLE] = before
+    server.kill()
+    server.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def slow_programs_started_first(request):
     """The session fixtures named started_* start programs that a test only waits for (the notebooks'
@@ -139,6 +178,16 @@ def run_at_once(*runs, timeout=300):
     finally:
         for _, process in started:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(trained):
+    """draw.py's server on a free port, serving the one-epoch checkpoint: its (host, port)."""
+    httpd = draw.Server(("127.0.0.1", 0), draw.Reader(str(trained[0] / "noteLearning_1.pth")))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address
+    httpd.shutdown()
+    httpd.server_close()
 
 
 def run_main(module, argv, capsys):

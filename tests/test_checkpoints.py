@@ -14,7 +14,7 @@ import mnist_mlp
 import train
 import tutorial
 from mnist_mlp_tools import commands
-from tests.conftest import assert_usage_error, run_main, tiny_run
+from tests.conftest import WARM_PYTHON, assert_usage_error, run_main, tiny_run
 
 
 def test_checkpoint_is_plain_data_and_loads_on_the_cpu(trained):
@@ -105,7 +105,7 @@ def test_the_tutorials_pickled_model_loads_only_with_trust_pickle(trained, tmp_p
     script = tmp_path / "tutorial.py"
     script.write_text(TUTORIAL_SCRIPT)
     old = tmp_path / "old.pth"
-    result = subprocess.run([sys.executable, str(script), str(trained[0] / "noteLearning_1.pth"),
+    result = subprocess.run([*WARM_PYTHON, str(script), str(trained[0] / "noteLearning_1.pth"),
                              commands.DEFAULT_DATA_DIR, str(old)], capture_output=True, text=True, check=True)
     printed = result.stdout.split("Accuracy: ")[1].split("%")[0]
 

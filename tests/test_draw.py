@@ -20,19 +20,7 @@ import pytest
 from PIL import Image
 
 import draw
-from tests.conftest import ROOT, assert_usage_error, run_main
-
-
-@pytest.fixture(scope="module")
-def server(trained):
-    """draw.py's server on a free port, serving the one-epoch checkpoint: its (host, port)."""
-    reader = draw.Reader(str(trained[0] / "noteLearning_1.pth"))
-    httpd = draw.Server(("127.0.0.1", 0), reader)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd.server_address
-    httpd.shutdown()
-    httpd.server_close()
+from tests.conftest import ROOT, WARM_PYTHON, assert_usage_error, run_main
 
 
 def request(address, method, path, body=None, headers=None):
@@ -162,7 +150,7 @@ def test_without_a_checkpoint_it_says_how_to_make_one(tmp_path, monkeypatch, cap
 def test_it_takes_the_newest_checkpoint_and_stops_on_ctrl_c_with_130(trained, tmp_path):
     for epoch in (1, 2):  # the later epoch is the one served
         shutil.copy(trained[0] / "noteLearning_1.pth", tmp_path / f"noteLearning_{epoch}.pth")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "draw.py"), "--port", "0", "--host", "0.0.0.0"],
+    process = subprocess.Popen([*WARM_PYTHON, os.path.join(ROOT, "draw.py"), "--port", "0", "--host", "0.0.0.0"],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()

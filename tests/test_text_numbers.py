@@ -58,20 +58,11 @@ def test_plot_refuses_figures_no_run_can_have(value, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("length", NOT_ASCII + ["-1", "1e3", ""])
-def test_a_content_length_in_other_digits_gets_a_json_411(length, trained):
-    import threading
-    import draw
-    server = draw.Server(("127.0.0.1", 0), draw.Reader(str(trained[0] / "noteLearning_1.pth")))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        connection = http.client.HTTPConnection(*server.server_address, timeout=10)
-        connection.putrequest("POST", "/predict")
-        connection.putheader("Content-Length", length.encode())
-        connection.endheaders()
-        response = connection.getresponse()
-        assert response.status == 411 and b"ASCII digits" in response.read()
-        connection.close()
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_a_content_length_in_other_digits_gets_a_json_411(length, server):
+    connection = http.client.HTTPConnection(*server, timeout=10)
+    connection.putrequest("POST", "/predict")
+    connection.putheader("Content-Length", length.encode())
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 411 and b"ASCII digits" in response.read()
+    connection.close()

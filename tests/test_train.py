@@ -15,7 +15,7 @@ import evaluate
 import mnist_mlp
 import train
 from mnist_mlp_tools import checkpoints, data_files, models
-from tests.conftest import ROOT, assert_usage_error, make_tiny_mnist, run_at_once, run_main, tiny_run
+from tests.conftest import ROOT, WARM_PYTHON, assert_usage_error, make_tiny_mnist, run_at_once, run_main, tiny_run
 
 
 def test_same_seed_twice_gives_identical_weights(tmp_path, capsys):
@@ -187,7 +187,7 @@ def test_sigkill_at_any_moment_leaves_only_complete_files(tmp_path, moment, epoc
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(here=ROOT))
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "4", "--checkpoint-dir", ".")]
-    result = subprocess.run([sys.executable, str(script), moment, str(epoch), *argv],
+    result = subprocess.run([*WARM_PYTHON, str(script), moment, str(epoch), *argv],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == -9, result.stderr
     files = sorted(name for name in os.listdir(tmp_path) if name.endswith(".pth"))
@@ -204,14 +204,14 @@ def test_sigkill_at_any_moment_leaves_only_complete_files(tmp_path, moment, epoc
     assert all(name.startswith(".") for name in leftovers)  # hidden temp files, never a final name
 
 
-def start_training(tmp_path, argv, wait_for, stdout=subprocess.DEVNULL):
+def start_training(tmp_path, argv, wait_for, stdout=subprocess.DEVNULL, python=WARM_PYTHON):
     """Start train.py in its own process in tmp_path; return it once tmp_path/wait_for exists."""
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=tmp_path,
+    process = subprocess.Popen([*python, os.path.join(ROOT, "train.py"), *argv], cwd=tmp_path,
                                stdout=stdout, stderr=subprocess.PIPE, text=True)
-    for _ in range(600):
+    for _ in range(1200):
         if (tmp_path / wait_for).exists():
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     return process
 
 
@@ -328,9 +328,9 @@ def test_resuming_refuses_later_checkpoints_of_another_continuation(tmp_path, ca
 @pytest.mark.slow
 def test_a_second_run_at_the_same_time_is_told_who_holds_the_folder(tmp_path):
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "100000", "--checkpoint-dir", "ck")]
-    first = start_training(tmp_path, argv, "ck/noteLearning_1.pth")
+    first = start_training(tmp_path, argv, "ck/noteLearning_1.pth", python=[sys.executable])  # its own pid is named
     try:
-        second = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv, "--overwrite"], cwd=tmp_path,
+        second = subprocess.run([*WARM_PYTHON, os.path.join(ROOT, "train.py"), *argv, "--overwrite"], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
     finally:
         first.terminate()
@@ -439,8 +439,8 @@ def test_output_into_a_closed_pipe_neither_crashes_nor_loses_checkpoints(trained
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", "ck", "--log-interval", "1")]
     checkpoints = [str(trained[0] / name) for name in ("noteLearning_1.ck", "noteLearning_1.pth", "noteLearning_1.pth")]
     training, evaluating = run_at_once(*[dict(args=command, shell=True, cwd=tmp_path, capture_output=True, text=True) for command in (
-        f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'train.py'))} {shlex.join(argv)} | head -1",
-        f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'evaluate.py'))} {shlex.join(checkpoints)} "
+        f"{shlex.join(WARM_PYTHON)} {shlex.quote(os.path.join(ROOT, 'train.py'))} {shlex.join(argv)} | head -1",
+        f"{shlex.join(WARM_PYTHON)} {shlex.quote(os.path.join(ROOT, 'evaluate.py'))} {shlex.join(checkpoints)} "
         "--data-dir data --per-class --confusion | head -c 10")])
     assert training.stdout.startswith("training with the") and "Traceback" not in training.stderr
     assert (tmp_path / "ck" / "noteLearning_3.pth").exists()
@@ -522,7 +522,7 @@ def test_two_ctrl_cs_at_any_gap_report_the_stop_once(tmp_path):
         folder = tmp_path / f"run{number}"
         folder.mkdir()
         argv = [str(arg) for arg in tiny_run(folder, "--epochs", "100000", "--checkpoint-dir", "ck")]
-        processes.append((gap, subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=folder,
+        processes.append((gap, subprocess.Popen([*WARM_PYTHON, os.path.join(ROOT, "train.py"), *argv], cwd=folder,
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), folder))
     try:
         for gap, process, folder in processes:
@@ -575,9 +575,9 @@ def test_a_full_or_closed_stdout_neither_stops_training_nor_makes_a_traceback(tr
     argv = [str(arg) for arg in tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", "ck")]
     checkpoint = str(trained[0] / "noteLearning_1.pth")
     with open("/dev/full", "w") as full:
-        runs = [dict(args=[sys.executable, os.path.join(ROOT, "train.py"), *argv], stdout=full)]
+        runs = [dict(args=[*WARM_PYTHON, os.path.join(ROOT, "train.py"), *argv], stdout=full)]
         for name, extra in (("evaluate.py", ["--data-dir", "data"]), ("predict.py", [os.path.join(ROOT, "data", "digits")])):
-            command = [sys.executable, os.path.join(ROOT, name), checkpoint, *extra]
+            command = [*WARM_PYTHON, os.path.join(ROOT, name), checkpoint, *extra]
             runs += [dict(args=command, stdout=full), dict(args=command, stdout=subprocess.PIPE,
                                                            preexec_fn=lambda: os.close(1))]
         trained_run, *reports = run_at_once(*[dict(run, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
@@ -648,7 +648,7 @@ def test_a_disk_already_full_when_the_lock_is_taken_leaves_no_lock_file(tmp_path
 @pytest.mark.slow
 def test_predict_into_a_closed_pipe_exits_quietly(trained, tmp_path):
     folder = os.path.join(ROOT, "data", "digits")
-    command = (f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'predict.py'))} "
+    command = (f"{shlex.join(WARM_PYTHON)} {shlex.quote(os.path.join(ROOT, 'predict.py'))} "
                f"{shlex.quote(str(trained[0] / 'noteLearning_1.pth'))} " + " ".join([shlex.quote(folder)] * 150)
                + " | head -1; echo \"exit ${PIPESTATUS[0]}\"")
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=tmp_path)
