@@ -3,7 +3,7 @@
 Is Adam better than SGD, and what does Adam's bias correction do? Every run is train.py's own
 (train.main, one folder a run under OUT/runs/, kept apart by epochs and held-out images), three seeds a
 setting; a run is reused only where its whole description matches (study-run.json beside it), so a
-stopped study goes on where it stopped and a --quick one never touches a full one's runs. Writes OUT/study.md (the tables README shows) and, with
+stopped study goes on where it stopped and a --quick one never touches a full one's runs. Writes OUT/study.md (the tables docs/study.md quotes) and, with
 matplotlib, the figures OUT/study_*.png. --quick: one epoch, one seed, a reduced grid (tests, a first look).
 """
 
@@ -234,7 +234,7 @@ def plan(quick, val_size=5000):
 
 
 def report(study, settings):
-    """study.md: the tables, in the order README answers the questions."""
+    """study.md: the tables, in the order docs/study.md answers the questions."""
     last = settings["optimizers"][0].epochs
     shown = [epoch for epoch in (1, 5, 10, 20) if epoch <= last]
     every = [setting for group in settings.values() for setting in (group if isinstance(group, list) else

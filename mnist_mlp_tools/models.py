@@ -54,7 +54,7 @@ def constructor_args(hidden):
                              "leave out --hidden, or change the widths in NoteModel itself")
         raise UsageError(f"--hidden got {len(hidden)} width{'s' * (len(hidden) != 1)} ({' '.join(map(str, hidden))}), "
                          f"but {signature_text()} in mnist_mlp.py takes {len(names)}; another depth is an edit "
-                         "of NoteModel (README: Edit the model)")
+                         "of NoteModel (docs/editing-the-model.md)")
     return list(hidden)
 
 

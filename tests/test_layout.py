@@ -1,17 +1,20 @@
 """The lesson file's promises, held as tinygrad's CI holds its line count: mnist_mlp.py stays short,
 imports only torch and the standard library, trains when copied alone; no function in the project
-takes more than six parameters; train.py stays short enough to read its loop."""
+takes more than six parameters; train.py stays short enough to read its loop. And the pages' promises:
+a short README, Chinese pages with the English ones' outline and numbers, each command's flags as its
+--help prints them, the study's tables as study.py wrote them, no history, no broken link."""
 
 import ast
 import glob
+import importlib
 import os
-
-import pytest
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 import mnist_mlp
 from tests.conftest import ROOT
@@ -43,7 +46,7 @@ def test_the_lesson_imports_only_torch_and_the_standard_library():
 
 def test_no_function_takes_more_than_six_parameters():
     too_many = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py"))):
         with open(path) as file:
             tree = ast.parse(file.read())
         for parent in ast.walk(tree):
@@ -53,7 +56,7 @@ def test_no_function_takes_more_than_six_parameters():
                     arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
                     count = len([a for a in arguments if a.arg not in ("self", "cls")])
                     if count > 6 and name not in MIRRORS_TORCH:
-                        too_many.append(f"{os.path.basename(path)}: {name} ({count})")
+                        too_many.append(f"{os.path.relpath(path, ROOT)}: {name} ({count})")
     assert too_many == []
 
 
@@ -78,37 +81,80 @@ def test_the_lesson_copied_alone_trains_with_the_program_in_its_docstring(tmp_pa
     assert sorted(os.listdir(raw)) == sorted(name + ".gz" for name in mnist_mlp.RAW_FILES)  # nothing written there
 
 
-def test_every_number_of_the_chinese_readme_is_the_english_ones():
-    """README.zh-CN.md carries the same numbers as README.md: each decimal in it (a figure with a
-    point, such as 97.52 or 0.0288) appears in README.md too."""
-    import re
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as file:
-        english = set(re.findall(r"\d+\.\d+", file.read()))
-    with open(os.path.join(ROOT, "README.zh-CN.md"), encoding="utf-8") as file:
-        chinese = set(re.findall(r"\d+\.\d+", file.read()))
-    assert chinese - english == set()
+PAGES = ["README.md", "docs/commands.md", "docs/editing-the-model.md", "docs/study.md"]  # each with a Chinese twin
+DOCS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+COMMANDS = ["train", "evaluate", "predict", "draw", "plot", "study", "bench", "tutorial"]
 
 
-def study_section(name, start, end):
+def read(name):
     with open(os.path.join(ROOT, name), encoding="utf-8") as file:
-        text = file.read()
-    return text[text.index(start):text.index(end)]
+        return file.read()
 
 
-@pytest.mark.parametrize("name, start, end", [
-    ("README.md", "## Adam, SGD and bias correction", "## Validation"),
-    ("README.zh-CN.md", "## 教程的两个问题", "## 该保留哪个 checkpoint")])
-def test_the_readmes_study_numbers_are_study_mds(name, start, end):
-    """Every table of the study section is one of docs/study.md's (this round's study.py), in its order,
-    and every decimal quoted is one of its figures, or a constant of the maths (3.16, 0.99, ...)."""
-    import re
-    with open(os.path.join(ROOT, "docs", "study.md"), encoding="utf-8") as file:
-        study = file.read()
-    section = study_section(name, start, end).split("## 逐条检验")[0].split("## The blog's sentences")[0]
+def decimals(text):
+    """The figures with a point (97.52, 0.0288, 1.062): the numbers a page measures or quotes."""
+    return set(re.findall(r"\d+\.\d+", text))
+
+
+@pytest.mark.parametrize("english", PAGES)
+def test_a_chinese_page_has_the_english_pages_outline_and_numbers(english):
+    """README.zh-CN.md and each docs/NAME.zh-CN.md: as many sections as the English page, and the same
+    figures, each decimal of one in the other."""
+    chinese = english.replace(".md", ".zh-CN.md")
+    assert decimals(read(chinese)) == decimals(read(english)), (english, chinese)
+    assert len(re.findall(r"^## ", read(chinese), re.MULTILINE)) == len(re.findall(r"^## ", read(english), re.MULTILINE))
+
+
+def test_the_readme_is_short_and_every_number_in_it_is_in_the_docs():
+    """README.md is for a student (at most 250 lines); the figures its text quotes, the docs measure or
+    derive (a program's output shown in a code block is that output, not a figure quoted)."""
+    assert len(read("README.md").splitlines()) <= 250
+    text = re.sub(r"^```.*?^```", "", read("README.md"), flags=re.MULTILINE | re.DOTALL)
+    english_docs = "".join(read(name) for name in DOCS if not name.endswith(".zh-CN.md"))
+    assert decimals(text) - decimals(english_docs) == set()
+
+
+@pytest.mark.parametrize("name", ["README.md", "README.zh-CN.md", *DOCS])
+def test_the_pages_say_what_is_true_now_and_link_only_to_what_exists(name):
+    """No history in the pages (git keeps it), and every relative link and picture resolves."""
+    text = read(name)
+    history = re.findall(r"this round|earlier session|earlier default|older command lines|\bcommit [0-9a-f]{7}|本轮|上一轮",
+                         text, re.IGNORECASE)
+    assert history == [], (name, history)
+    folder = os.path.dirname(os.path.join(ROOT, name))
+    targets = [target.split("#")[0] for target in re.findall(r"\]\(([^)\s]+)\)", text)
+               if not re.match(r"[a-z]+:", target) and not target.startswith("#")]
+    assert [target for target in targets if not os.path.exists(os.path.join(folder, target))] == [], name
+
+
+@pytest.mark.parametrize("page", ["docs/commands.md", "docs/commands.zh-CN.md"])
+def test_the_commands_pages_show_each_commands_current_help(page, capsys, monkeypatch):
+    """Each block marked <!-- help: NAME --> is NAME.py --help as it prints it at 100 columns, the
+    repository's data folder written mnist-mlp/data: a flag added or changed is a flag documented."""
+    blocks = dict(re.findall(r"<!-- help: (\w+) -->\n```text\n(.*?)\n```", read(page), re.DOTALL))
+    assert sorted(blocks) == sorted(COMMANDS)
+    monkeypatch.setenv("COLUMNS", "100")
+    for name in COMMANDS:
+        monkeypatch.setattr(sys, "argv", [f"{name}.py"])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:  # argparse's own exit after printing the help
+            importlib.import_module(name).main(["--help"])
+        printed = capsys.readouterr().out
+        assert stopped.value.code == 0
+        assert blocks[name] == printed.rstrip("\n").replace(os.path.join(ROOT, "data"), "mnist-mlp/data"), name
+
+
+@pytest.mark.parametrize("page, end", [("docs/study.md", "## The blog's sentences"),
+                                       ("docs/study.zh-CN.md", "## 逐条检验")])
+def test_the_study_pages_quote_study_pys_tables(page, end):
+    """Every table of the study (before the blog's sentences are judged) is one of study-tables.md's,
+    study.py's own output, in its order; every decimal quoted is one of its figures, or a constant of
+    the maths (3.16, 0.99, ...)."""
+    study = read("docs/study-tables.md")
+    section = read(page).split(end)[0]
     tables = re.findall(r"(?:^\|.*\n)+", section, re.MULTILINE)
     assert len(tables) >= 9
-    positions = [study.index(table) for table in tables]  # each one verbatim in study.md ...
-    assert positions == sorted(positions)                   # ... and in study.md's order
+    positions = [study.index(table) for table in tables]  # each one verbatim in study-tables.md ...
+    assert positions == sorted(positions)                   # ... and in its order
     constants = {"0.5", "0.9", "0.999", "3.16", "6.57", "0.99", "97.5", "0.16", "0.10", "2.14", "14.1"}
-    quoted = set(re.findall(r"\d+\.\d+", section))
-    assert quoted - set(re.findall(r"\d+\.\d+", study)) - constants == set()
+    assert decimals(section) - decimals(study) - constants == set()
