@@ -109,7 +109,6 @@ def predictions(model, classes, paths, keep_pictures=False, scaling="tutorial"):
 
 def thumbnail(image, cell=84):
     """The picture fitted in a cell x cell square, on white, as RGB: what --show draws of the input."""
-
     try:
         small = ImageOps.contain(image, (cell, cell))  # shrunk in its own mode: no full-size copy
     except ValueError:  # a mode PIL does not resize: converted first
@@ -120,7 +119,6 @@ def thumbnail(image, cell=84):
 
 def save_picture(path, results, cell=84):
     """Each input (fitted in a square) beside the 28x28 the model saw, captioned with the guess."""
-
     shown = [result for result in results if "_pixels" in result]
     try:  # a font with arrows and check marks where the system has one; PIL's own has neither
         font, arrow, good, bad = ImageFont.truetype("DejaVuSans.ttf", 12), "→", "✓", "✗"

@@ -359,8 +359,7 @@ def report(study, settings):
 def figures(study, settings, chosen):
     """The PNGs: the optimizers' curves (plot.py's picture), bias correction (step losses, the
     multiplier), and the fair comparison's test accuracy and test loss."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: matplotlib is optional (figures only)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # here: matplotlib is optional (figures only)
 
     runs = [plot.read_run(study.folder(setting, seed)) for setting in settings["optimizers"] for seed in setting.seeds]
     plot.draw(plot.group_by_setting(runs), os.path.join(study.out, "study_curves.png"),
@@ -368,7 +367,6 @@ def figures(study, settings, chosen):
               accuracy_from=None)
 
     figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
     for number, setting in enumerate(settings["bias"]):
         losses = read_steps(study.folder(setting, setting.seeds[0]))  # checked complete by Study.run
@@ -385,10 +383,9 @@ def figures(study, settings, chosen):
     right.axhline(1, color="grey", linewidth=0.5)
     right.set(xlabel="step t", ylabel="update without correction / with", xscale="log")
     right.set_title("(1 − β1ᵗ) / √(1 − β2ᵗ)", fontsize=10)
-    safe_save(figure, os.path.join(study.out, "study_bias_correction.png"))
+    pictures.save(figure, os.path.join(study.out, "study_bias_correction.png"))
 
     figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2)
     for number, (name, setting) in enumerate(chosen.items()):  # on validation: what the choice was made on
         for axis, column in zip(axes, ("val_accuracy", "val_loss")):
@@ -402,11 +399,7 @@ def figures(study, settings, chosen):
     axes[0].set(xlabel="epoch", ylabel="validation accuracy (%)")
     axes[1].set(xlabel="epoch", ylabel="validation loss")
     axes[0].legend(fontsize=8)
-    safe_save(figure, os.path.join(study.out, "study_fair.png"))
-
-
-def safe_save(figure, path):
-    safe_files.atomic_write(path, lambda file: figure.savefig(file, format="png"))
+    pictures.save(figure, os.path.join(study.out, "study_fair.png"))
 
 
 def main(argv=None):

@@ -120,7 +120,6 @@ def misclassified(model, split, batch_size=1000):
 def error_grid(model, split, class_names, title, limit=64):
     """A PIL image of the first `limit` misclassified images of `split`, each captioned
     'true → predicted (confidence)', under a title that says how many there are in all."""
-
     wrong, predicted = misclassified(model, split)  # every error, in one pass
     wrong_total, indices, predictions = len(wrong), wrong[:limit], predicted[:limit]
     shown = split.subset(indices.to(split.pixels.device))  # eval mode, as logits_in_batches gives it back
