@@ -111,8 +111,9 @@ class Run:
         self.train_split, self.test_split = train_split.to(self.device), test_split.to(self.device)
         self.val_split = val_split.to(self.device) if val_split is not None else None
         self.model.train()
-        self.step, self.step_description = fast_step.make_train_step(
-            self.model, self.criterion, self.optimizer, args.step, args.batch_size, cuda_graph=not args.no_cuda_graph)
+        images, batch = len(self.train_split), min(args.batch_size, len(self.train_split))  # proven on each size
+        self.step, self.step_description = fast_step.make_train_step(self.model, self.criterion, self.optimizer,
+            args.step, {batch, images % batch} - {0}, cuda_graph=not args.no_cuda_graph)
 
     def train_one_epoch(self, epoch, stop):
         """mnist_mlp.train_epoch over this epoch's shuffled batches; None if a stop was asked for."""

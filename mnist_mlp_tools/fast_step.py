@@ -76,13 +76,16 @@ class FastStep:
         return loss
 
 
-def fast_step_problem(model, criterion, batch_size):
+def fast_step_problem(model, criterion, batch_sizes):
     """Why FastStep cannot train this model exactly, or None if it can.
 
     It can when the model is only a chain of nn.Linear layers, the loss is nn.CrossEntropyLoss()
-    with its defaults, no hooks are registered, and on a probe batch the model's own forward()
-    and autograd give bit-identical logits, loss and gradients to FastStep's. The probe leaves
-    no trace: random generators, gradients and the model are as they were.
+    with its defaults, no hooks are registered, and on a probe batch of each of the run's batch
+    sizes, on the threads it runs on, the model's own forward() and autograd give bit-identical
+    logits, loss and gradients to FastStep's: a matrix library may split a product differently by
+    its shape and thread count (seen with 2 threads on an AVX2 EPYC: 2 gradient elements of 170 at
+    batch 50, equal at 64). The probe leaves no trace: random generators, gradients and the model
+    are as they were.
     """
     linears = list(model.children())
     if not linears or any(type(module) is not nn.Linear for module in model.modules() if module is not model):
@@ -104,12 +107,36 @@ def fast_step_problem(model, criterion, batch_size):
                                                        criterion.label_smoothing) != (None, -100, "mean", 0.0):
         return "the loss is not nn.CrossEntropyLoss() with its defaults"
 
+    for batch_size in sorted(set(batch_sizes)):
+        problem = _probe(model, criterion, linears, parameters, batch_size)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _probe(model, criterion, linears, parameters, batch_size):
+    """fast_step_problem's comparison of FastStep with autograd on one random batch of batch_size rows."""
     device = parameters[0].device
     generator = torch.Generator().manual_seed(0)
-    batch_size = min(batch_size, 256)  # enough rows to see every kernel's behaviour, at any --batch-size
     x = (torch.rand(batch_size, linears[0].in_features, generator=generator) * 2 - 1).to(device)
     labels = torch.randint(0, linears[-1].out_features, (batch_size,), generator=generator).to(device)
-    grads = [(torch.empty_like(layer.weight), torch.empty_like(layer.bias)) for layer in linears]
+    # written where the run's step writes them (an optimizer's flat buffer), given back after: where a
+    # product's bits depend on its output's address, the proof must be made at that address
+    grads = [tuple(torch.empty_like(p) if p.grad is None else p.grad for p in (layer.weight, layer.bias))
+             for layer in linears]
+    saved = [gradient.clone() for pair in grads for gradient in pair]
+    try:
+        return _compare(model, criterion, x, labels, grads)
+    finally:
+        with torch.no_grad():
+            for gradient, value in zip([g for pair in grads for g in pair], saved):
+                gradient.copy_(value)
+
+
+def _compare(model, criterion, x, labels, grads):
+    """FastStep's logits, loss and gradients (written into grads) against the model's and autograd's."""
+    linears, device = list(model.children()), x.device
+    parameters = [parameter for layer in linears for parameter in (layer.weight, layer.bias)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a dropout in forward() draws
         try:
             fast_loss, fast_logits = FastStep(linears).forward_backward(x, labels, grads)
@@ -131,7 +158,8 @@ def fast_step_problem(model, criterion, batch_size):
     # agree to float rounding (the logits and loss must still be identical).
     same = torch.equal if device.type == "cpu" else (lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-7))
     if not all(a is not None and same(a, b) for a, b in zip(autograd_grads, [g for pair in grads for g in pair])):
-        return "the model's gradients differ from those of Linear layers with ReLU between"
+        return (f"the model's gradients differ from those of Linear layers with ReLU between (at batch {len(labels)}, "
+                f"{torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})")
     return None
 
 
@@ -205,6 +233,9 @@ def torch_defaults(optimizer_class):
             if parameter.default is not inspect.Parameter.empty}
 
 
+ALIGNMENT = 64  # floats: 256 bytes, the most that torch aligns a new tensor to (CUDA's allocator)
+
+
 class FlatOptimizer:
     """A torch.optim optimizer's arithmetic and state_dict layout over flat buffers: the parameters,
     gradients and each state tensor live in one contiguous buffer, updated by a few calls over the
@@ -230,14 +261,20 @@ class FlatOptimizer:
         self.defaults = defaults = {**torch_options, **options}
         self.param_groups = [{"params": parameters, **defaults}]
         self.state = {}
-        self.flat_params = torch.cat([parameter.detach().reshape(-1) for parameter in parameters])
-        self.flat_grads = torch.zeros_like(self.flat_params)
+        # Each parameter starts 256 bytes into the buffer, as a tensor of its own does: with 2 threads a
+        # matrix product's last bits depend on its output's address (seen on AMD EPYC: 2 of fc3's 170
+        # weight gradients, for a tensor starting 56 bytes past a 64-byte boundary).
         self._sizes = [parameter.numel() for parameter in parameters]
+        # (the last unpadded: its tail stays the buffer's, where fused Adam's kernel rounds as on its own tensor)
+        self._padded = [-(-size // ALIGNMENT) * ALIGNMENT for size in self._sizes[:-1]] + self._sizes[-1:]
+        self.flat_params = parameters[0].new_zeros(sum(self._padded)) if parameters else torch.zeros(0)
+        self.flat_grads = torch.zeros_like(self.flat_params)
         with torch.no_grad():
-            for parameter, param_view, grad_view in zip(parameters, self.flat_params.split(self._sizes),
-                                                        self.flat_grads.split(self._sizes)):
-                parameter.data = param_view.view_as(parameter)
-                parameter.grad = grad_view.view_as(parameter)
+            for parameter, param_view, grad_view in zip(parameters, self.views(self.flat_params),
+                                                        self.views(self.flat_grads)):
+                param_view.copy_(parameter)
+                parameter.data = param_view
+                parameter.grad = grad_view
         self._grad_views = [parameter.grad for parameter in parameters]
         self._elementwise_exact = bool(defaults.get("fused")) or elementwise_is_position_independent(
             type(self).update, str(self.flat_params.device))
@@ -249,11 +286,16 @@ class FlatOptimizer:
         # one call serves all parameters while they share one step count and the kernels allow it
         self.flat = self._elementwise_exact
 
+    def views(self, flat):
+        """Each parameter's view of a flat buffer, in the parameters' shapes."""
+        return [chunk[:size].view_as(parameter) for chunk, size, parameter in
+                zip(flat.split(self._padded), self._sizes, self.param_groups[0]["params"])]
+
     def _bind_state(self, index):
         """The state of parameter `index`, as views of the flat buffers (made at its first step)."""
         parameter = self.param_groups[0]["params"][index]
         if parameter not in self.state:
-            views = [flat.split(self._sizes)[index].view_as(parameter) for flat in self.flat_states]
+            views = [self.views(flat)[index] for flat in self.flat_states]
             self.state[parameter] = ({"step": self.flat_steps[index]} if self.counts_steps else {}) | dict(
                 zip(self.state_names, views))
         return self.state[parameter]
@@ -422,7 +464,7 @@ class CudaGraphStep:
         return self.loss.clone()  # the graph rewrites its loss tensor at the next replay
 
 
-def make_train_step(model, criterion, optimizer, choice="auto", batch_size=64, cuda_graph=False):
+def make_train_step(model, criterion, optimizer, choice="auto", batch_sizes=(64,), cuda_graph=False):
     """(step, description): the step train.py runs, step(x, labels) -> the batch's loss.
 
     "autograd" is textbook_step. "fast" is FastStep, allowed only where fast_step_problem finds
@@ -430,8 +472,9 @@ def make_train_step(model, criterion, optimizer, choice="auto", batch_size=64, c
     description says which and why, so an edited model is never silently trained as another.
     cuda_graph=True replays the fast step as a CUDA graph (CudaGraphStep) where the model is
     on CUDA and the optimizer is the fused FlatAdam; the description says when it cannot.
+    batch_sizes: every batch size the step will be given (the proof holds for those alone).
     """
-    problem = None if choice == "autograd" else fast_step_problem(model, criterion, batch_size)
+    problem = None if choice == "autograd" else fast_step_problem(model, criterion, batch_sizes)
     if choice == "fast" and problem is not None:
         raise UsageError(f"--step fast cannot train this model exactly: {problem}; use --step auto or autograd")
     on_cuda = next(model.parameters()).device.type == "cuda"
@@ -449,7 +492,7 @@ def make_train_step(model, criterion, optimizer, choice="auto", batch_size=64, c
     description = "fast step (hand-written backward, checked equal to autograd on this model)"
     if cuda_graph and on_cuda:
         if isinstance(optimizer, FlatAdam) and optimizer.flat and optimizer.param_groups[0]["fused"]:
-            step = CudaGraphStep(step, batch_size, linears[0].in_features)
+            step = CudaGraphStep(step, max(batch_sizes), linears[0].in_features)
             description += ", replayed as a CUDA graph"
         else:
             description += "; not as a CUDA graph, which needs --fused Adam"

@@ -6,6 +6,8 @@ import os
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,9 +48,9 @@ def test_the_fast_step_check_leaves_no_trace():
     model, plain = FunctionalDropout(), mnist_mlp.NoteModel()
     before = torch.get_rng_state()
     state = {key: value.clone() for key, value in model.state_dict().items()}
-    assert "computes something other" in fast_step.fast_step_problem(model, nn.CrossEntropyLoss(), 64)
-    assert fast_step.fast_step_problem(model.eval(), nn.CrossEntropyLoss(), 64) is None  # no dropout in eval mode
-    assert fast_step.fast_step_problem(plain, nn.CrossEntropyLoss(), 64) is None
+    assert "computes something other" in fast_step.fast_step_problem(model, nn.CrossEntropyLoss(), [64])
+    assert fast_step.fast_step_problem(model.eval(), nn.CrossEntropyLoss(), [64]) is None  # no dropout in eval mode
+    assert fast_step.fast_step_problem(plain, nn.CrossEntropyLoss(), [64]) is None
     assert all(parameter.grad is None for parameter in plain.parameters())
     assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
@@ -109,7 +111,7 @@ def test_flat_sgd_equals_torchs_sgd_and_shares_its_state_dict(momentum, threads)
             mnist_mlp.textbook_step(theirs, nn.CrossEntropyLoss(), reference, x, labels)
         for _ in range(3):  # both steps of ours: autograd's .grad copied in, and FastStep's written in place
             mnist_mlp.textbook_step(ours, nn.CrossEntropyLoss(), flat, x, labels)
-            fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat)[0](x, labels)
+            fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat, batch_sizes=[len(x)])[0](x, labels)
     finally:
         torch.set_num_threads(threads_before)
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
@@ -149,7 +151,7 @@ def test_flat_adam_steps_aside_where_the_kernels_are_not_position_independent(mo
     theirs.load_state_dict(ours.state_dict())
     flat, reference = fast_step.FlatAdam(ours.parameters(), lr=0.01), torch.optim.Adam(theirs.parameters(), lr=0.01)
     assert not flat.flat
-    step, _ = fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat)
+    step, _ = fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat, batch_sizes=[50])
     x, labels = torch.randn(50, 784), torch.randint(0, 10, (50,))
     for _ in range(5):
         step(x, labels)
@@ -213,9 +215,9 @@ def test_a_model_with_an_added_dropout_trains(monkeypatch, tmp_path, capsys):
     assert (tmp_path / "out" / "noteLearning_2.pth").is_file()
 
 
-def test_the_probe_batch_is_bounded_whatever_the_batch_size(monkeypatch):
-    """--batch-size 1000000 is allowed; the probe that proves the fast step must not allocate for it
-    (it made a 3 GB probe batch before)."""
+def test_the_probe_uses_the_runs_own_batch_sizes(monkeypatch):
+    """The proof is made on each batch size the run steps with (the full batch and an epoch's short
+    last one), and on no other: a probe larger than the run's batches would allocate for nothing."""
     shapes, real_rand = [], torch.rand
 
     def recording_rand(*size, **kwargs):
@@ -224,9 +226,53 @@ def test_the_probe_batch_is_bounded_whatever_the_batch_size(monkeypatch):
 
     monkeypatch.setattr(torch, "rand", recording_rand)
     model = mnist_mlp.NoteModel()
-    assert fast_step.fast_step_problem(model, nn.CrossEntropyLoss(), 1_000_000) is None
-    assert fast_step.fast_step_problem(model, nn.CrossEntropyLoss(), 7) is None
-    assert shapes == [(256, 784), (7, 784)]
+    assert fast_step.fast_step_problem(model, nn.CrossEntropyLoss(), [64, 32, 64]) is None
+    assert shapes == [(32, 784), (64, 784)]
+
+
+def test_a_batch_size_where_the_fast_step_rounds_otherwise_is_trained_by_autograd(monkeypatch):
+    """Found on an AVX2 EPYC with 2 threads: the fast step's weight gradient differed from autograd's in
+    the last bit at one batch size and not at another. Simulated here by one ulp at batch 32 only."""
+    real = fast_step.FastStep.forward_backward
+
+    def off_at_32(self, x, labels, grads):
+        loss, logits = real(self, x, labels, grads)
+        if len(labels) == 32:
+            grads[-1][0].view(-1)[0] = torch.nextafter(grads[-1][0].view(-1)[0], torch.tensor(1.0))
+        return loss, logits
+
+    monkeypatch.setattr(fast_step.FastStep, "forward_backward", off_at_32)
+    model = mnist_mlp.NoteModel()
+    optimizer = optimizers.make_optimizer("adam", model.parameters(), 0.001)
+    step, description = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, batch_sizes=[64, 32])
+    assert description.startswith("autograd step") and "at batch 32, 1 thread" in description
+    assert isinstance(fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, batch_sizes=[64])[0],
+                      fast_step.FastStep)
+
+
+@settings(max_examples=12, deadline=None)
+@given(widths=st.tuples(st.integers(1, 40), st.integers(1, 40)), sizes=st.sets(st.integers(1, 70), min_size=1,
+       max_size=2), threads=st.integers(1, 2), optimizer=st.sampled_from(["adam", "sgd"]))
+def test_the_step_chosen_trains_as_the_textbook_step_on_its_threads_and_shapes(widths, sizes, threads, optimizer):
+    """Whatever step make_train_step proves for a run's widths, batch sizes and threads, it updates the
+    weights bit for bit as mnist_mlp.textbook_step with torch's own optimizer does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        ours, theirs = mnist_mlp.NoteModel(*widths), mnist_mlp.NoteModel(*widths)
+        theirs.load_state_dict(ours.state_dict())
+        flat = optimizers.make_optimizer(optimizer, ours.parameters(), 0.01)
+        reference = (torch.optim.Adam(theirs.parameters(), lr=0.01) if optimizer == "adam"
+                     else torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9))
+        step, _ = fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat, batch_sizes=sizes)
+        for size in sorted(sizes) * 2:
+            x, labels = torch.randn(size, 784), torch.randint(0, 10, (size,))
+            step(x, labels)
+            mnist_mlp.textbook_step(theirs, nn.CrossEntropyLoss(), reference, x, labels)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
 NO_DYNAMO = """
