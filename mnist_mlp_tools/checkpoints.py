@@ -1,17 +1,19 @@
-"""Checkpoints: saved whole or not at all, loaded without running code from the file, and checked
-before anything is built from them; and what a resumed run must match to continue exactly.
+"""A run's saved state: written whole or not at all, read without running code from the file, and checked
+against one description of what a checkpoint holds before anything is built from it.
 
-The rules, stated once and for any NoteModel a student writes: a checkpoint's weights are a dict of
-names to dense, strided CPU tensors of a plain dtype (FLOAT_DTYPES, or INTEGER_DTYPES for counters
-such as BatchNorm's), each storing all the values it claims, all finite; its config fields have
-their types and ranges; the weights must then have exactly the names, shapes and dtypes of the
-current NoteModel built as the config records (models.py)."""
+The rules, each stated once, for any NoteModel a student writes:
+- a file is read by torch.load(weights_only=True), after a size check from its zip directory;
+- each entry, and each entry of its config, metrics and rng, has the type and range FIELDS gives it,
+  checked by check_fields (a tensor: TENSOR); any other entry is refused;
+- the weights must then fit the current NoteModel built as the config records (models.py);
+- on resume, each optimizer state tensor has its parameter's shape and dtype and is finite, and the
+  hyper-parameters recorded are this run's (its flags)."""
 
+import contextlib
 import io
 import math
 import os
 import pickle
-import pickletools
 import sys
 import types
 import zipfile
@@ -23,38 +25,102 @@ import mnist_mlp
 from . import models, optimizers, safe_files
 from .commands import MAX_WIDTH, UsageError, existing_file, reason
 
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
-
 
 def brief(value, limit=30):
     """`value` for a one-line message, at most `limit` characters, without recursing into it: the repr
     of a list nested thousands deep is a RecursionError."""
     containers = (list, tuple, dict, set)
+    if type(value) in (list, tuple) and len(value) <= 4 and not any(isinstance(item, containers) for item in value):
+        return repr(value)[:limit]  # (0.9, 0.999)
     if isinstance(value, containers):
         text, first = f"a {type(value).__name__} of {len(value)}", next(iter(value), None)
         if value and not isinstance(first, containers):  # one level shown, never more
             text += f" starting {brief(first, limit)}"
         return text[:limit]
     if isinstance(value, torch.Tensor):
-        return f"a {tuple(value.shape)} {value.dtype} tensor"[:limit]
+        return f"a {tuple(value.shape)} {value.dtype} tensor on {value.device.type}"
     return str(value)[:limit]
 
+
+# ----------------------------------------------------------------------------- what a checkpoint holds
+
+REAL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16,
+               torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def plain_tensor(value):
+    """A dense CPU tensor of real numbers, all finite, storing every value it claims: a stride trick (a
+    stride of 0) would make a small file a tensor of gigabytes."""
+    if not (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == "cpu"
+            and value.dtype in REAL_DTYPES):
+        return False
+    span = 1 + value.storage_offset() + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
+    if value.numel() and value.untyped_storage().nbytes() < max(span, value.numel()) * value.element_size():
+        return False
+    return not value.is_floating_point() or bool(torch.isfinite(value).all())
+
+
+def whole(low, high):
+    return lambda value: type(value) is int and low <= value <= high, f"a whole number from {low:,} to {high:,}"
+
+
+def one_of(choices):
+    return lambda value: isinstance(value, str) and value in choices, f"one of {', '.join(choices)}"
+
+
+def is_number(value):
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+TENSOR = plain_tensor, "a finite (no NaN or infinity) CPU tensor of real numbers storing all its values (no stride trick)"
+NUMBER = is_number, "a finite number"
+IDENTITY = (lambda value: value is None or isinstance(value, str) and 0 < len(value) <= 64 and value.isascii()
+            and value.isalnum()), "an identity of letters and digits"
+WIDTHS = (lambda value: isinstance(value, (list, tuple)) and len(value) <= 64
+          and all(type(width) is int and 1 <= width <= MAX_WIDTH for width in value)), \
+    f"a list of widths from 1 to {MAX_WIDTH}"
+BETAS = lambda value: isinstance(value, (list, tuple)) and len(value) == 2 and all(map(is_number, value)), "two numbers"
+FIELDS = {  # what train.py writes (training_state), entry by entry; each rule a test and what it asks for
+    "model": (lambda value: isinstance(value, dict), "a dict of weights"),
+    "optimizer": (lambda value: isinstance(value, dict), "an optimizer's state_dict"),
+    "epoch": whole(0, 1_000_000),
+    "config": {"hidden": WIDTHS, "optimizer": one_of(optimizers.OPTIMIZERS), "lr": NUMBER, "betas": BETAS,
+               "eps": NUMBER, "weight_decay": NUMBER, "momentum": NUMBER, "inputs": one_of(mnist_mlp.INPUT_SCALINGS),
+               "batch_size": whole(1, 1_000_000), "seed": whole(0, 2**63 - 1), "dataset": one_of(mnist_mlp.DATASETS),
+               "val_size": whole(0, 1_000_000), "fused": (lambda value: type(value) is bool, "True or False"),
+               "threads": whole(1, 1 << 16), "run": IDENTITY, "model_source": IDENTITY},
+    "metrics": {str: (lambda value: value is None or is_number(value), "a finite number")},  # str: any name
+    "rng": {"data_order": TENSOR, "torch": TENSOR},
+    "torch_version": (lambda value: isinstance(value, str), "a version"),
+}
+
+
+def check_fields(path, where, value, fields):
+    """A one-line UsageError unless `value` is a dict whose every entry passes its rule in `fields`: a rule
+    is (test, what it asks for), or a dict of rules checked the same way; fields[str] is any other name's."""
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} is not a checkpoint written by train.py: {where} is {brief(value)!r}, not a dict")
+    for key, item in value.items():
+        rule = fields.get(key, fields.get(str))
+        if rule is None or not isinstance(key, str):
+            raise UsageError(f"{path} is not a checkpoint written by train.py: {where} holds an entry {brief(key)!r}")
+        if isinstance(rule, dict):
+            check_fields(path, f"{where}'s {key}", item, rule)
+        elif not rule[0](item):
+            raise UsageError(f"{path}: {where}'s {key} is {brief(item, 40)!r}, not {rule[1]}")
+
+
+# ----------------------------------------------------------------------------- saving and loading
 
 def all_finite(tensors):
     """True if no tensor in `tensors` (any nesting of dicts and lists) holds a NaN or infinity."""
     if isinstance(tensors, torch.Tensor):
-        return tensors.dtype not in FLOAT_DTYPES or bool(torch.isfinite(tensors).all())
+        return not tensors.is_floating_point() or bool(torch.isfinite(tensors).all())
     if isinstance(tensors, dict):
         return all(all_finite(value) for value in tensors.values())
     if isinstance(tensors, (list, tuple)):
         return all(all_finite(value) for value in tensors)
     return not isinstance(tensors, float) or math.isfinite(tensors)
-
-
-# What torch.load(weights_only=True) imports for plain data, besides torch's own tensor rebuilders.
-WEIGHTS_ONLY_GLOBALS = {"collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.bytearray",
-                        "builtins.slice", "builtins.complex", "_codecs.encode"}
 
 
 def plain_copy(value):
@@ -86,77 +152,10 @@ def save_checkpoint(path, checkpoint):
 
 
 def training_state(model, optimizer, epoch, config, metrics, order_generator):
-    """What a checkpoint of train.py holds: everything a resume needs to go on exactly."""
+    """What a checkpoint of train.py holds (FIELDS): everything a resume needs to go on exactly."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config,
             "metrics": metrics, "rng": {"data_order": order_generator.get_state(), "torch": torch.get_rng_state()},
             "torch_version": str(torch.__version__)}
-
-
-def check_unpacked_size(path):
-    """Refuse, before loading, a checkpoint whose zip entries would unpack to far more than the file.
-
-    torch.save stores its entries uncompressed, so a real checkpoint unpacks to about its own size;
-    a small file that inflates to gigabytes is a zip bomb, read from the zip's directory alone.
-    """
-    try:
-        if not zipfile.is_zipfile(path):
-            return  # the legacy format is read by torch.load, which checks it
-        with zipfile.ZipFile(path) as archive:
-            unpacked = sum(entry.file_size for entry in archive.infolist())
-    except (OSError, zipfile.BadZipFile, RuntimeError):
-        return  # torch.load says what is wrong with it
-    if unpacked > 2 * os.path.getsize(path) + (16 << 20):
-        raise UsageError(f"{path} would unpack to {unpacked:,} bytes from {os.path.getsize(path):,}: "
-                         "not a checkpoint torch.save wrote; refused")
-
-
-def pickle_globals(path):
-    """The module.name of every class or function that unpickling the file would import.
-
-    Read from the pickle's opcodes without running any of it: torch.load's own message about a
-    refused import is worded differently from one torch version to the next.
-    """
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                names = [name for name in archive.namelist() if name.endswith("data.pkl")]
-                streams = [archive.read(names[0])] if names else []
-        else:
-            with open(path, "rb") as file:
-                streams = [file.read()]
-    except (OSError, zipfile.BadZipFile, RuntimeError):
-        return []
-    found = []
-    for data in streams:
-        start = 0
-        while start < len(data):  # the legacy format is several pickles one after another
-            strings, end = [], None
-            try:
-                for opcode, argument, position in pickletools.genops(data[start:]):
-                    if opcode.name in ("GLOBAL", "INST"):
-                        found.append(argument.replace(" ", ".", 1))
-                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        found.append(f"{strings[-2]}.{strings[-1]}")
-                    elif isinstance(argument, str):
-                        strings.append(argument)
-                    elif opcode.name == "STOP":
-                        end = start + position + 1
-            except Exception:  # not a pickle (the legacy format's raw tensor bytes): stop reading
-                break
-            if end is None:
-                break
-            start = end
-    return found
-
-
-def written_by_torch_save(path):
-    """True if the file starts as torch.save writes: a zip archive, or (its legacy format) a pickle."""
-    try:
-        with open(path, "rb") as file:
-            start = file.read(2)
-    except OSError:
-        return False
-    return zipfile.is_zipfile(path) or (len(start) == 2 and start[0] == 0x80 and 2 <= start[1] <= 5)
 
 
 def load_checkpoint(path, trust_pickle=False):
@@ -166,14 +165,22 @@ def load_checkpoint(path, trust_pickle=False):
     a bare state_dict or a pickled model, `epoch` is 0 and the config holds only the widths.
     """
     existing_file(path, "checkpoint")
-    if not written_by_torch_save(path):
-        raise UsageError(f"{path} is not a checkpoint written by train.py (not a file that torch.save wrote)")
-    check_unpacked_size(path)
+    # torch.save stores its entries uncompressed: a file that would unpack to far more is a zip bomb
+    with contextlib.suppress(OSError, zipfile.BadZipFile, RuntimeError, ValueError):
+        with zipfile.ZipFile(path) as archive:
+            unpacked, size = sum(entry.file_size for entry in archive.infolist()), os.path.getsize(path)
+        if unpacked > 2 * size + (16 << 20):
+            raise UsageError(f"{path} would unpack to {unpacked:,} bytes from {size:,}: not a checkpoint "
+                             "torch.save wrote; refused")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except RecursionError:
+        raise UsageError(f"{path} is not a checkpoint written by train.py: it is nested too deep to read") from None
     except Exception as error:
-        unsafe = [name for name in pickle_globals(path) if name not in WEIGHTS_ONLY_GLOBALS
-                  and (not name.startswith("torch.") or name.startswith("torch.nn."))]
+        try:  # what unpickling would import beyond plain data, read from the file without running it
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip that torch.save wrote
+            unsafe = []
         if not unsafe:
             raise UsageError(f"{path} is not a checkpoint written by train.py ({reason(error, 120)})") from None
         if not trust_pickle:
@@ -210,102 +217,27 @@ def _load_trusting_pickle(path):
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module)
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "config", "metrics", "rng", "torch_version")  # training_state's
-
-
 def checked_checkpoint(path, data):
-    """`data` from a checkpoint file as our dict, or a one-line UsageError naming the field that breaks a rule.
-
-    Every field is checked before anything is built from it: a small file must not be able to
-    make us allocate gigabytes (stride-0 tensors, huge widths) or crash with a traceback.
-    """
+    """`data` from a checkpoint file as our dict (FIELDS), or a one-line UsageError naming what breaks a rule."""
     if isinstance(data, nn.Module):
         data = {name: tensor.detach() for name, tensor in data.state_dict().items()}
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        checkpoint = dict(data)
-    elif isinstance(data, dict) and data and all(isinstance(value, torch.Tensor) for value in data.values()):
-        checkpoint = {"model": data}
-    else:
+    if isinstance(data, dict) and data and all(isinstance(value, torch.Tensor) for value in data.values()):
+        data = {"model": data}  # a bare state_dict
+    if not (isinstance(data, dict) and isinstance(data.get("model"), dict)):
         raise UsageError(f"{path} is not a checkpoint written by train.py: it holds no model weights "
                          "(expected a checkpoint or a state_dict)")
-    check_weights(path, checkpoint["model"])
-    config = checkpoint.setdefault("config", {})
-    if not isinstance(config, dict):
-        raise UsageError(f"{path}: its config is a {type(config).__name__}, not a dict")
-    config = checkpoint["config"] = dict(config)
-    check_config(path, config)
+    check_fields(path, "the checkpoint", data, FIELDS)
+    check_fields(path, "its weights", data["model"], {str: TENSOR})
+    checkpoint = {"epoch": 0, **data, "config": dict(data.get("config", {}))}
+    config = checkpoint["config"]
+    if config.get("val_size") and "seed" not in config:
+        raise UsageError(f"{path}: it held out {config['val_size']} validation images but records no seed")
     if "hidden" not in config:
         config["hidden"] = models.args_from_weights(checkpoint["model"])
         if config["hidden"] is None:
             raise UsageError(f"{path} records no widths, and {models.signature_text()} in mnist_mlp.py needs them")
-    epoch = checkpoint.setdefault("epoch", 0)
-    if type(epoch) is not int or not 0 <= epoch <= 1_000_000:
-        raise UsageError(f"{path}: its epoch is {epoch!r}, not a whole number from 0 to 1,000,000")
-    metrics = checkpoint.get("metrics", {})
-    if not (isinstance(metrics, dict) and all(isinstance(key, str) and type(value) in (int, float, type(None))
-                                              for key, value in metrics.items())):
-        raise UsageError(f"{path}: its metrics entry is not a dict of names to numbers")
-    unknown = [key for key in checkpoint if key not in CHECKPOINT_KEYS]
-    if unknown:
-        raise UsageError(f"{path} is not a checkpoint written by train.py: it holds an entry {brief(unknown[0], 30)!r}")
+    config["hidden"] = list(config["hidden"])
     return checkpoint
-
-
-def check_weights(path, state):
-    """The weights' rule: names are strings; each value a dense, strided CPU tensor of FLOAT_DTYPES or
-    INTEGER_DTYPES that stores every value it claims (no stride trick); all finite."""
-    for name, tensor in state.items():
-        shown = brief(name, 60)
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise UsageError(f"{path}: its weights hold {shown}: {type(tensor).__name__}, not a name and a tensor")
-        problem = tensor_problem(tensor)
-        if problem:
-            raise UsageError(f"{path}: {shown} {problem}")
-    if not all_finite(state):
-        raise UsageError(f"{path}: its weights hold NaN or infinity (the run that wrote it diverged)")
-
-
-def tensor_problem(tensor, dtypes=FLOAT_DTYPES + INTEGER_DTYPES):
-    """Why `tensor` breaks the tensor rule (a dense, strided CPU tensor of `dtypes` storing every value
-    it claims: no stride trick that makes a small file a large tensor), or None."""
-    if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.dtype not in dtypes:
-        return (f"is a {tensor.dtype} {tensor.layout} tensor on {tensor.device.type}, not a plain dense tensor "
-                f"of {'a float or integer dtype' if dtypes == FLOAT_DTYPES + INTEGER_DTYPES else dtypes[0]}")
-    span = 1 + tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    if tensor.numel() and tensor.untyped_storage().nbytes() < max(span, tensor.numel()) * tensor.element_size():
-        return f"claims {tensor.numel():,} values but stores fewer (a stride trick); refused"
-    return None
-
-
-def _whole(value, low, high):
-    return type(value) is int and low <= value <= high
-
-
-def check_config(path, config):
-    """The config's rule: each field train.py writes has its type and range (any field may be absent)."""
-    def refuse(key, what):
-        raise UsageError(f"{path}: its config's {key} is {brief(config[key], 40)!r}, not {what}")
-
-    if "hidden" in config and not (isinstance(config["hidden"], (list, tuple)) and len(config["hidden"]) <= 64
-                                   and all(_whole(width, 1, MAX_WIDTH) for width in config["hidden"])):
-        refuse("hidden", f"a list of widths from 1 to {MAX_WIDTH}")
-    if "hidden" in config:
-        config["hidden"] = list(config["hidden"])
-    if "inputs" in config and not (isinstance(config["inputs"], str) and config["inputs"] in mnist_mlp.INPUT_SCALINGS):
-        refuse("inputs", f"one of {', '.join(mnist_mlp.INPUT_SCALINGS)}")
-    if "dataset" in config and not (isinstance(config["dataset"], str) and config["dataset"] in mnist_mlp.DATASETS):
-        refuse("dataset", f"one of {', '.join(mnist_mlp.DATASETS)}")
-    for key in ("val_size", "seed", "batch_size"):
-        if key in config and not _whole(config[key], 0, 2**63 - 1):
-            refuse(key, "a whole number of 0 or more")
-    if "model_source" in config and config["model_source"] is None:  # its source could not be read: no record
-        del config["model_source"]
-    for key in ("run", "model_source"):
-        if key in config and not (isinstance(config[key], str) and 0 < len(config[key]) <= 64
-                                  and config[key].isascii() and config[key].isalnum()):
-            refuse(key, "a run identity" if key == "run" else "a source fingerprint")
-    if config.get("val_size") and "seed" not in config:
-        raise UsageError(f"{path}: it held out {config['val_size']} validation images but records no seed")
 
 
 def input_scaling(checkpoint):
@@ -365,8 +297,6 @@ def restore_training_state(path, resumed, config, optimizer, order_generator):
         optimizer.load_state_dict(resumed["optimizer"])
     except Exception as error:  # a malformed entry: torch raises several kinds
         raise UsageError(f"{path}: its optimizer state does not fit ({reason(error)})") from None
-    if not all_finite(resumed["optimizer"]):
-        raise UsageError(f"{path}: its optimizer state holds NaN or infinity; resume from an earlier checkpoint")
     rng = resumed.get("rng")
     if rng is None:
         print(f"warning: {path} records no random-generator state: the batch order from here on will "
@@ -380,76 +310,60 @@ def restore_training_state(path, resumed, config, optimizer, order_generator):
     return resumed["epoch"]
 
 
-def check_optimizer_group(group, ours, name, refuse):
-    """The param group's rule: only the keys the configured optimizer makes, each a plain value of its
-    type; what the optimizer computes with (amsgrad, nesterov, ...) as this run's optimizer has it, and
-    only how torch runs it (foreach, fused) may differ. The hyper-parameters are compared with the flags after."""
-    for key, value in group.items():
-        if key == "params":
-            continue
-        if not isinstance(key, str) or key not in ours:
-            refuse(f"has a param group entry {brief(key, 30)!r} that {name} does not make")
-        expected = ours[key]
-        if key in ("foreach", "fused"):
-            plain = value is None or type(value) is bool
-        elif key == "betas":
-            plain = isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) in (int, float) for v in value)
-        elif type(expected) in (int, float):
-            plain = type(value) in (int, float) and math.isfinite(value)
-        else:
-            plain = type(value) is type(expected) and value == expected
-        if not plain:
-            refuse(f"has {key} {brief(value, 30)}, where {name} here has {expected!r}")
+def same(value, expected):
+    """value == expected for the plain values a param group holds (numbers, bools, strings, None, lists and
+    tuples of them), never calling a tensor's == nor recursing deeper than `expected` goes."""
+    if type(expected) in (list, tuple):
+        return type(value) in (list, tuple) and len(value) == len(expected) and all(map(same, value, expected))
+    return type(value) in (int, float, bool, str, type(None)) and value == expected and \
+        (type(value) is bool) == (type(expected) is bool)
 
 
 def check_optimizer_state(path, saved, optimizer, config):
-    """Refuse an optimizer state that does not fit this run whole, before torch builds anything from it:
-    its structure, each state tensor's dtype, layout, device and shape against its parameter, the step
-    counts, and every hyperparameter of its param_groups against the run's flags."""
+    """Refuse an optimizer state that does not fit this run, before torch builds anything from it: one param
+    group of this optimizer's entries, each equal to this run's (only how torch runs it, foreach and fused,
+    may differ), and per parameter the state this optimizer keeps, each tensor of the parameter's shape and
+    dtype and finite, and one step count for all."""
     def refuse(what):
         raise UsageError(f"{path}: its optimizer state {what}; resume from another checkpoint")
 
-    parameters = optimizer.param_groups[0]["params"]
-    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict)
-            and isinstance(saved.get("param_groups"), list) and len(saved["param_groups"]) == 1
-            and isinstance(saved["param_groups"][0], dict)):
+    parameters, ours = optimizer.param_groups[0]["params"], optimizer.param_groups[0]
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and type(saved.get("param_groups")) is list
+            and len(saved["param_groups"]) == 1 and isinstance(saved["param_groups"][0], dict)):
         refuse("is not one param group and a state dict, as the optimizer saves them")
     group = saved["param_groups"][0]
-    params = group.get("params")
-    if not (isinstance(params, list) and all(type(index) is int for index in params)
-            and params == list(range(len(parameters)))):
-        refuse(f"names parameters {brief(params, 60)}, not the model's {len(parameters)}")
-    check_optimizer_group(group, optimizer.param_groups[0], config.get("optimizer", "adam"), refuse)
-    for key in ("lr", "momentum", "betas", "eps", "weight_decay"):
-        if key in config and key in group:
-            value = list(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
-            if value != config[key]:
-                where = f"({FLAGS[key]})" if key in FLAGS else "(train.py always uses the default)"
-                refuse(f"says {key} {group[key]!r}, but this run's is {config[key]!r} {where}")
-    name = config.get("optimizer", "adam")
-    kind = optimizers.OPTIMIZERS[name]  # each state tensor of the parameter's shape, and the step count
+    if not same(group.get("params"), list(range(len(parameters)))):
+        refuse(f"names parameters {brief(group.get('params'), 60)}, not the model's {len(parameters)}")
+    for key, value in group.items():
+        if key in ("foreach", "fused"):
+            if type(value) not in (bool, type(None)):
+                refuse(f"has {key} {brief(value)}, not True, False or None")
+        elif key not in ours:
+            refuse(f"has a param group entry {brief(key)!r} that {config.get('optimizer', 'adam')} does not make")
+        elif key != "params" and not same(value, list(ours[key]) if type(ours[key]) is tuple else ours[key]):
+            flag = f"({FLAGS[key]})" if key in FLAGS else "(train.py always uses the default)"
+            refuse(f"says {key} {brief(value)}, but this run's is {ours[key]!r} {flag}")
+    kind = optimizers.OPTIMIZERS[config.get("optimizer", "adam")]
+    names = set(kind.state_tensors) | ({"step"} if kind.counts_steps else set())
     steps = set()
     for index, state in saved["state"].items():
-        if not (isinstance(index, int) and 0 <= index < len(parameters)) or not isinstance(state, dict):
+        if type(index) is not int or not 0 <= index < len(parameters):
             refuse(f"has an entry {brief(index, 20)} that is no parameter of the model")
-        expected = set(kind.state_tensors) | ({"step"} if kind.counts_steps else set())
-        if set(state) != expected:
-            refuse(f"for parameter {index} holds {sorted(map(str, state))}, not {sorted(expected)}")
-        for key in kind.state_tensors:
-            tensor, parameter = state[key], parameters[index]
-            if tensor is None and key == "momentum_buffer":  # torch's SGD before its first step
-                continue
-            if not (isinstance(tensor, torch.Tensor) and tensor_problem(tensor, (torch.float32,)) is None
-                    and tensor.shape == parameter.shape):
-                refuse(f"{key} of parameter {index} is not a float32 tensor of shape {list(parameter.shape)}")
-        if "step" in state:
+        if not (isinstance(state, dict) and set(state) == names):
+            refuse(f"for parameter {index} holds {brief(state)}, not {sorted(names)}")
+        parameter = parameters[index]
+        for name in kind.state_tensors:
+            tensor = state[name]
+            if not (tensor is None and name == "momentum_buffer" or plain_tensor(tensor)  # None: SGD before a step
+                    and tensor.shape == parameter.shape and tensor.dtype == parameter.dtype):
+                refuse(f"{name} of parameter {index} is {brief(tensor)}, not a finite {parameter.dtype} tensor "
+                       f"of shape {list(parameter.shape)}")
+        if kind.counts_steps:
             step = state["step"]
-            if isinstance(step, torch.Tensor) and tensor_problem(step) is not None:
-                refuse(f"step count of parameter {index} {tensor_problem(step)}")
-            value = float(step) if isinstance(step, (int, float)) or (
-                isinstance(step, torch.Tensor) and step.numel() == 1 and step.is_floating_point()) else -1.0
-            if not (0 <= value <= 1e9 and value == int(value)):
-                refuse(f"step count of parameter {index} is {brief(step, 30)}, not a whole number")
-            steps.add(value)
+            if isinstance(step, torch.Tensor):
+                step = float(step) if plain_tensor(step) and step.numel() == 1 else None
+            if not (is_number(step) and 0 <= step <= 1e9 and step == int(step)):
+                refuse(f"step count of parameter {index} is {brief(state['step'])}, not a whole number")
+            steps.add(step)
     if len(steps) > 1:
         refuse(f"has different step counts per parameter ({sorted(steps)[:3]}): not one that train.py saved")

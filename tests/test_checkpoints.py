@@ -150,18 +150,20 @@ def save_odd(tmp_path, change):
     (lambda c: c.update(epoch=None), ["epoch"]),
     (lambda c: c.update(epoch="abc"), ["epoch"]),
     (lambda c: c["model"].update({"fc1.weight": torch.zeros(1, 1).expand(10**7, 784),
-                                  "fc1.bias": torch.zeros(1).expand(10**7)}), ["stride"]),
+                                  "fc1.bias": torch.zeros(1).expand(10**7)}), ["fc1.weight", "stride"]),
     (lambda c: c["model"]["fc2.weight"].fill_(float("nan")), ["NaN"]),
     # the rule, not a list of known bad cases: dtypes, devices and types that no rule allows
     (lambda c: c["model"].update({"fc1.weight": c["model"]["fc1.weight"].to(torch.float8_e4m3fn)}),
-     ["fc1.weight", "float8_e4m3fn", "not a plain dense tensor"]),
+     ["fc1.weight", "float8_e4m3fn", "not a finite (no NaN or infinity) CPU tensor of real numbers"]),
     (lambda c: c["model"].update({"fc1.bias": torch.empty(128, device="meta")}), ["fc1.bias", "on meta"]),
     (lambda c: c["model"].update({"extra": torch.zeros(3, dtype=torch.complex64)}), ["extra", "complex64"]),
     (lambda c: c["model"].update({"fc1.weight": c["model"]["fc1.weight"].double()}),
      ["fc1.weight is torch.float64 there, torch.float32 in NoteModel"]),
     (lambda c: c["config"].update(dataset=["mnist"]), ["dataset", "one of mnist, fashion-mnist"]),
     (lambda c: c["config"].update(model_source=["x"]), ["model_source"]),
-    (lambda c: c.update(metrics={"test_accuracy": [[1.0]]}), ["metrics entry"]),
+    (lambda c: c.update(metrics={"test_accuracy": [[1.0]]}), ["metrics's test_accuracy"]),
+    # a value of the wrong type anywhere, however it compares: an empty tensor for the learning rate
+    (lambda c: c["config"].update(lr=torch.tensor([])), ["config's lr", "not a finite number"]),
     (lambda c: c.update(payload=torch.zeros(3)), ["not a checkpoint written by train.py", "payload"]),
 ])
 def test_odd_checkpoint_fields_are_one_line_errors(change, words, tmp_path, capsys):
@@ -205,7 +207,7 @@ def nest(depth):
     ("sgd", lambda o: o["state"][0].update(momentum_buffer=torch.zeros(3)), ["momentum_buffer of parameter 0"]),
     ("sgd", lambda o: o["param_groups"][0].update(momentum=0.5), ["momentum", "--momentum"]),
     # the group's rule, not known cases: what torch's optimizers compute with, other keys, other types
-    ("adam", lambda o: o["param_groups"][0].update(amsgrad=True), ["amsgrad True", "adam here has False"]),
+    ("adam", lambda o: o["param_groups"][0].update(amsgrad=True), ["amsgrad True", "this run's is False"]),
     ("adam", lambda o: o["param_groups"][0].update(maximize=True), ["maximize True"]),
     ("sgd", lambda o: o["param_groups"][0].update(nesterov=True), ["nesterov True"]),
     ("adam", lambda o: o["param_groups"][0].update(lr=nest(5000)), ["lr a list of 1"]),
