@@ -9,17 +9,13 @@ import os
 import re
 import shlex
 import signal
-import stat
 import sys
+
+import filelock
 
 from . import commands, safe_files
 from .commands import UsageError, reason, silence_stdout
 from .safe_files import is_regular_file
-
-try:  # POSIX: a lock the system frees when the process dies, however it dies
-    import fcntl
-except ImportError:  # Windows: the lock file itself, created exclusively (O_CREAT | O_EXCL), is the lock
-    fcntl = None
 
 CHECKPOINT_NAME = "noteLearning_{epoch}.pth"
 METRICS_NAME = "metrics.csv"
@@ -27,75 +23,29 @@ METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "test_loss"
                   "seconds", "samples_per_s", "checkpoint", "run"]  # run: the run's identity (not in older files)
 
 
-class FolderLock:
-    """Keep a second train.py out of the folder while this one writes there.
-
-    Where the system has fcntl, an flock on .train.lock (freed at exit, even a killed one's); elsewhere
-    the file's exclusive creation is the lock (one a killed run left must be removed by hand, and the
-    message says so). The file is opened without following a symlink (where O_NOFOLLOW exists; else a
-    link is refused before opening) and must be a regular file: a link planted there must not make
-    train.py empty and overwrite the file it points to.
-    """
+class FolderLock(filelock.FileLock):
+    """Keep a second train.py out of the folder while this one writes there: filelock's lock on .train.lock
+    (flock, freed even when the process is killed; where the system has no flock, the file's exclusive
+    creation, and one that a killed run left must be removed by hand)."""
 
     def __init__(self, folder):
-        self.path = os.path.join(folder, ".train.lock")
-        self.fd = None
+        super().__init__(os.path.join(folder, ".train.lock"), blocking=False)
+        self.folder = folder
 
     def __enter__(self):
-        created = not os.path.lexists(self.path)
-        if os.path.islink(self.path) and not hasattr(os, "O_NOFOLLOW"):
-            raise UsageError(f"cannot lock {self.path} (a symlink); remove it, or choose another --checkpoint-dir")
-        flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if fcntl is None else 0)
-        for name in ("O_NOFOLLOW", "O_NONBLOCK", "O_CLOEXEC", "O_BINARY"):  # each where the system has it
-            flags |= getattr(os, name, 0)
         try:
-            self.fd = os.open(self.path, flags, 0o666)
-        except FileExistsError:  # no fcntl: another run holds the lock, or a killed one left it
-            raise UsageError(f"another train.py ({self._holder()}) is writing to {os.path.dirname(self.path) or '.'}, or "
-                             f"one that was killed left {self.path}: if none is running, remove that file") from None
+            return super().__enter__()
+        except filelock.Timeout:
+            raise UsageError(f"another train.py is writing to {self.folder}; wait for it, or choose another "
+                             f"--checkpoint-dir (if none is running, remove {self.lock_file})") from None
         except OSError as error:
-            kind = "a symlink" if os.path.islink(self.path) else error.strerror
-            raise UsageError(f"cannot lock {self.path} ({kind}); remove it, or choose another --checkpoint-dir") from None
-        try:
-            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
-                raise UsageError(f"cannot lock {self.path}: it is not a regular file; remove it, "
-                                 "or choose another --checkpoint-dir")
-            if fcntl is not None:
-                try:
-                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise UsageError(f"another train.py ({self._holder()}) is writing to "
-                                     f"{os.path.dirname(self.path) or '.'}; wait for it or choose another --checkpoint-dir")
-            os.ftruncate(self.fd, 0)
-            os.lseek(self.fd, 0, os.SEEK_SET)
-            os.write(self.fd, f"{os.getpid()}\n".encode())
-        except OSError as error:  # a full disk, say: leave no lock file behind that this run made
-            self._release(created)
-            raise UsageError(f"cannot lock {self.path} ({error.strerror})") from None
-        except UsageError:
-            self._release(created and not os.path.exists(self.path))
-            raise
-        return self
-
-    def _holder(self):
-        """'process N', as the lock file says, read without following a link."""
-        with contextlib.suppress(OSError):
-            if not os.path.islink(self.path):
-                with open(self.path, "rb") as file:
-                    return f"process {file.read(64).decode(errors='replace').strip() or 'unknown'}"
-        return "process unknown"
-
-    def _release(self, remove):
-        if fcntl is None:  # the file is the lock: closed first (Windows removes no open file), then removed
-            os.close(self.fd)
-        if remove:
-            with contextlib.suppress(OSError):
-                os.remove(self.path)
-        if fcntl is not None:  # removed while still locked: no other run can lock the file that goes away
-            os.close(self.fd)
+            raise UsageError(f"cannot lock {self.lock_file} ({error.strerror or error}); remove it, or choose "
+                             "another --checkpoint-dir") from None
 
     def __exit__(self, *exc):
-        self._release(True)
+        with contextlib.suppress(OSError):  # removed while still held: no other run can take a file that goes
+            os.remove(self.lock_file)
+        return super().__exit__(*exc)
 
 
 def writable_folder(path):

@@ -336,7 +336,7 @@ def test_a_second_run_at_the_same_time_is_told_who_holds_the_folder(tmp_path):
         first.terminate()
         first.communicate(timeout=60)
     assert second.returncode == 2 and second.stderr.count("\n") == 1
-    assert f"another train.py (process {first.pid}) is writing to ck" in second.stderr
+    assert "another train.py is writing to ck" in second.stderr
     assert first.returncode == 143  # SIGTERM: stopped between steps, as for Ctrl-C
     assert (tmp_path / "ck" / "noteLearning_1.pth").exists()
 
@@ -463,19 +463,18 @@ def test_out_of_range_flags_are_one_line_errors(argv, words, capsys):
 
 def test_the_lock_file_is_never_followed_through_a_symlink_nor_waited_on(tmp_path, capsys):
     """A .train.lock planted as a symlink must not get the target emptied and overwritten; a FIFO
-    must not make train.py wait forever; an error leaves no lock file that this run made."""
+    must not make train.py wait forever."""
     folder = tmp_path / "out"
     folder.mkdir()
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me\n")
     (folder / ".train.lock").symlink_to(precious)
     code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)
-    assert_usage_error(code, err, ".train.lock", "symlink")
+    assert_usage_error(code, err, "cannot lock", ".train.lock", "symbolic links")
     assert precious.read_text() == "keep me\n" and os.listdir(folder) == [".train.lock"]
     (folder / ".train.lock").unlink()
     os.mkfifo(folder / ".train.lock")
-    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)
-    assert_usage_error(code, err, ".train.lock", "not a regular file")
+    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)[0] == 0
 
 
 def test_a_disk_that_fills_while_a_checkpoint_is_written_leaves_no_file_and_says_how_to_resume(
@@ -625,24 +624,6 @@ def test_small_messages_a_newcomer_meets(tmp_path, capsys):
     code, _, err = run_main(evaluate, [tmp_path / "odd.pth", "--data-dir", tmp_path / "data"], capsys)
     assert_usage_error(code, err, "holds out 10000 validation images", "training set has 256")
     assert "--val-size" not in err  # evaluate.py has no such flag
-
-
-def test_a_disk_already_full_when_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch, capsys):
-    from mnist_mlp_tools import run_folder
-
-    write = os.write
-
-    def full_disk(fd, data):  # the lock's own line (the process id) finds the disk full
-        if data == f"{os.getpid()}\n".encode():
-            raise OSError(28, "No space left on device")
-        return write(fd, data)
-
-    monkeypatch.setattr(run_folder.os, "write", full_disk)
-    folder = tmp_path / "out"
-    folder.mkdir()
-    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)
-    assert_usage_error(code, err, "cannot lock", "No space left on device")
-    assert os.listdir(folder) == []
 
 
 @pytest.mark.slow
