@@ -33,33 +33,67 @@ from mnist_mlp_tools import commands
 
 STEPS_PER_EPOCH = 938  # 60000 images in batches of 64: 937 full ones and one of 32
 HERE = os.path.dirname(os.path.abspath(__file__))
-PIPELINES = ["classic", "ours", "fused", "autograd", "floor", "graph"]  # graph: fused replayed as a CUDA graph (CUDA only)
+PIPELINES = [
+    "classic",
+    "ours",
+    "fused",
+    "autograd",
+    "floor",
+    "graph",
+]  # graph: fused replayed as a CUDA graph (CUDA only)
 
 
 def parse_args(argv):
     parser = commands.ArgumentParser(description=__doc__.splitlines()[0])
     commands.add_device_flag(parser)
-    parser.add_argument("--steps", type=commands.bounded_int(1, 100 * STEPS_PER_EPOCH), default=STEPS_PER_EPOCH,
-                        help="timed steps in the steady state (938 = one epoch)")
-    parser.add_argument("--warmup-epochs", type=commands.bounded_int(0, 100), default=2,
-                        help="untimed epochs before the timed steps; the first is timed on its own")
-    parser.add_argument("--threads", type=commands.bounded_int(1, os.cpu_count() or 1), default=1,
-                        help="torch CPU threads")
-    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
-                        help="train.py's optimizer in ours, fused and autograd: adam (lr 0.001) or sgd (momentum 0.9, "
-                             "lr 0.01); the classic pipeline is always the blog's Adam")
-    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=None,
-                        help="which to time (default: all; graph only on CUDA)")
+    parser.add_argument(
+        "--steps",
+        type=commands.bounded_int(1, 100 * STEPS_PER_EPOCH),
+        default=STEPS_PER_EPOCH,
+        help="timed steps in the steady state (938 = one epoch)",
+    )
+    parser.add_argument(
+        "--warmup-epochs",
+        type=commands.bounded_int(0, 100),
+        default=2,
+        help="untimed epochs before the timed steps; the first is timed on its own",
+    )
+    parser.add_argument(
+        "--threads", type=commands.bounded_int(1, os.cpu_count() or 1), default=1, help="torch CPU threads"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=["adam", "sgd"],
+        default="adam",
+        help="train.py's optimizer in ours, fused and autograd: adam (lr 0.001) or sgd (momentum 0.9, "
+        "lr 0.01); the classic pipeline is always the blog's Adam",
+    )
+    parser.add_argument(
+        "--pipelines",
+        nargs="+",
+        choices=PIPELINES,
+        default=None,
+        help="which to time (default: all; graph only on CUDA)",
+    )
     commands.add_data_dir_flag(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     whole = parser.add_argument_group("the whole program (--whole): python train.py against python tutorial.py")
-    whole.add_argument("--whole", action="store_true",
-                       help="instead of the steps, time both whole programs as a user runs them, interleaved, and "
-                            "extrapolate to 20 epochs: start-up, steady epoch and whole run of each")
-    whole.add_argument("--whole-epochs", type=commands.bounded_int(2, 1000), default=3, metavar="N",
-                       help="epochs each program runs (the first holds the start-up; the others give the steady epoch)")
-    whole.add_argument("--repeats", type=commands.bounded_int(1, 100), default=3,
-                       help="runs of each program; the medians are reported")
+    whole.add_argument(
+        "--whole",
+        action="store_true",
+        help="instead of the steps, time both whole programs as a user runs them, interleaved, and "
+        "extrapolate to 20 epochs: start-up, steady epoch and whole run of each",
+    )
+    whole.add_argument(
+        "--whole-epochs",
+        type=commands.bounded_int(2, 1000),
+        default=3,
+        metavar="N",
+        help="epochs each program runs (the first holds the start-up; the others give the steady epoch)",
+    )
+    whole.add_argument(
+        "--repeats", type=commands.bounded_int(1, 100), default=3, help="runs of each program; the medians are reported"
+    )
     return parser.parse_args(argv)
 
 
@@ -93,8 +127,12 @@ def classic_runner(data_dir, device):
     """run(count): `count` more steps of the blog's pipeline, epoch after epoch: tutorial.py's transforms,
     DataLoader, NoteModel, loss, Adam and step, as its run() writes them (the loss read every 100 steps)."""
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    train_loader = data.DataLoader(dataset=datasets.MNIST(data_dir, transform=transform, train=True), batch_size=64,
-                                   shuffle=True, generator=torch.Generator().manual_seed(1))
+    train_loader = data.DataLoader(
+        dataset=datasets.MNIST(data_dir, transform=transform, train=True),
+        batch_size=64,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     torch.manual_seed(1)
     model = tutorial.NoteModel().to(device)
     loss_fn = nn.CrossEntropyLoss()
@@ -119,6 +157,7 @@ def classic_runner(data_dir, device):
             position[0] += 1
             if position[0] % 100 == 0:
                 loss.item()
+
     run.optimizer = opt
     return run
 
@@ -131,16 +170,18 @@ def train_py_runner(data_dir, device, step_choice, fused=False, graph=False, opt
     train_split = train_split.to(device)
     torch.manual_seed(1)
     model = mnist_mlp.NoteModel().to(device)
-    optimizer = optimizers.make_optimizer(optimizer_name, model.parameters(), 0.001 if optimizer_name == "adam" else 0.01,
-                                         fused=fused)
+    optimizer = optimizers.make_optimizer(
+        optimizer_name, model.parameters(), 0.001 if optimizer_name == "adam" else 0.01, fused=fused
+    )
     step, _ = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, step_choice, cuda_graph=graph)
     generator = torch.Generator().manual_seed(1)
 
     def run(count):
         while count > 0:
-            order = mnist_mlp.epoch_order(len(train_split), generator)[:count * 64].to(device)
+            order = mnist_mlp.epoch_order(len(train_split), generator)[: count * 64].to(device)
             result = mnist_mlp.train_epoch(step, train_split, order.split(64), log_interval=100)
             count -= len(result.step_losses)
+
     run.optimizer = optimizer
     return run
 
@@ -153,22 +194,24 @@ def floor_runner(device, hidden=(128, 64)):
     position = [0]  # steps run so far, for the short last batch of each epoch
 
     def run(count):
-        for batch in batch_sizes(60000, 64, position[0] + count)[position[0]:]:
+        for batch in batch_sizes(60000, 64, position[0] + count)[position[0] :]:
             if batch not in activations:
                 activations[batch] = [torch.randn(batch, n, device=device) for n in sizes]
             x = activations[batch]
             for index, weight in enumerate(weights):
-                torch.mm(x[index], weight.t())            # forward
-                torch.mm(x[index + 1].t(), x[index])      # weight gradient
+                torch.mm(x[index], weight.t())  # forward
+                torch.mm(x[index + 1].t(), x[index])  # weight gradient
                 if index > 0:
-                    torch.mm(x[index + 1], weight)        # gradient of the layer's input
+                    torch.mm(x[index + 1], weight)  # gradient of the layer's input
         position[0] += count
+
     return run
 
 
 def time_runner(run, device, steps, warmup_epochs):
     """(seconds of the first epoch or None, seconds of `steps` steps after warmup_epochs epochs, bytes of
     the optimizer's state at the end or None)."""
+
     def timed(count):
         synchronize(device)
         started = time.perf_counter()
@@ -181,9 +224,16 @@ def time_runner(run, device, steps, warmup_epochs):
         run(STEPS_PER_EPOCH * (warmup_epochs - 1))
     seconds = timed(steps)
     optimizer = getattr(run, "optimizer", None)
-    state = None if optimizer is None else sum(value.numel() * value.element_size() for values in optimizer.state.values()
-                                               for key, value in values.items()
-                                               if isinstance(value, torch.Tensor) and key != "step")
+    state = (
+        None
+        if optimizer is None
+        else sum(
+            value.numel() * value.element_size()
+            for values in optimizer.state.values()
+            for key, value in values.items()
+            if isinstance(value, torch.Tensor) and key != "step"
+        )
+    )
     return first, seconds, state
 
 
@@ -221,16 +271,23 @@ def run(argv):
     try:
         with fast_step.denormals_flushed():  # as train.py trains; the classic pipeline is timed without
             name = args.optimizer
-            runners = {"ours": lambda: train_py_runner(args.data_dir, device, "fast", optimizer_name=name),
-                       "fused": lambda: train_py_runner(args.data_dir, device, "fast", fused=True, optimizer_name=name),
-                       "autograd": lambda: train_py_runner(args.data_dir, device, "autograd", optimizer_name=name),
-                       "floor": lambda: floor_runner(device),
-                       "graph": lambda: train_py_runner(args.data_dir, device, "fast", fused=True, graph=True)}
-            timings = {name: time_runner(runners[name](), device, args.steps, args.warmup_epochs)
-                       for name in PIPELINES[1:] if name in args.pipelines}
+            runners = {
+                "ours": lambda: train_py_runner(args.data_dir, device, "fast", optimizer_name=name),
+                "fused": lambda: train_py_runner(args.data_dir, device, "fast", fused=True, optimizer_name=name),
+                "autograd": lambda: train_py_runner(args.data_dir, device, "autograd", optimizer_name=name),
+                "floor": lambda: floor_runner(device),
+                "graph": lambda: train_py_runner(args.data_dir, device, "fast", fused=True, graph=True),
+            }
+            timings = {
+                name: time_runner(runners[name](), device, args.steps, args.warmup_epochs)
+                for name in PIPELINES[1:]
+                if name in args.pipelines
+            }
         if "classic" in args.pipelines:
-            timings = {"classic": time_runner(classic_runner(args.data_dir, device), device, args.steps,
-                                              args.warmup_epochs), **timings}
+            timings = {
+                "classic": time_runner(classic_runner(args.data_dir, device), device, args.steps, args.warmup_epochs),
+                **timings,
+            }
     finally:
         torch.set_num_threads(threads_before)
     report = make_report(args, device, timings)
@@ -245,8 +302,13 @@ def make_report(args, device, timings):
     samples = sum(batch_sizes(60000, 64, args.steps))
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}: {cpu_name()}",
-        "threads": args.threads, "cpu_count": os.cpu_count(), "torch": str(torch.__version__),
-        "steps": args.steps, "samples": samples, "warmup_epochs": args.warmup_epochs, "optimizer": args.optimizer,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "torch": str(torch.__version__),
+        "steps": args.steps,
+        "samples": samples,
+        "warmup_epochs": args.warmup_epochs,
+        "optimizer": args.optimizer,
     }
     for name, (first, seconds, state) in timings.items():
         if state is not None:
@@ -271,14 +333,20 @@ def make_report(args, device, timings):
 
 
 def print_report(args, report, timings):
-    print(f"{report['device']}, {report['threads']} of {report['cpu_count']} threads, torch {report['torch']}, "
-          f"{args.steps} steps of batch 64 after {args.warmup_epochs} warm-up epochs")
+    print(
+        f"{report['device']}, {report['threads']} of {report['cpu_count']} threads, torch {report['torch']}, "
+        f"{args.steps} steps of batch 64 after {args.warmup_epochs} warm-up epochs"
+    )
     print(f"{'pipeline':<10} {'samples/s':>12} {'ms/step':>9} {'first epoch samples/s':>22}")
     for name in timings:
         first = report.get(f"{name}_first_epoch_samples_per_s")
-        print(f"{name:<10} {report[f'{name}_samples_per_s']:>12,.0f} {report[f'{name}_ms_per_step']:>9.3f} "
-              f"{'-' if first is None else format(first, ',.0f'):>22}")
-    states = {name: report[f"{name}_optimizer_state_bytes"] for name in timings if f"{name}_optimizer_state_bytes" in report}
+        print(
+            f"{name:<10} {report[f'{name}_samples_per_s']:>12,.0f} {report[f'{name}_ms_per_step']:>9.3f} "
+            f"{'-' if first is None else format(first, ',.0f'):>22}"
+        )
+    states = {
+        name: report[f"{name}_optimizer_state_bytes"] for name in timings if f"{name}_optimizer_state_bytes" in report
+    }
     if states:
         print("optimizer state: " + ", ".join(f"{name} {size:,} bytes" for name, size in states.items()))
     if "speedup" in report:
@@ -294,10 +362,15 @@ def print_report(args, report, timings):
 # The lines each program prints: the loss every 100 steps (the step number in the group; those of epoch 1 count),
 # and one line once an epoch is trained, tested and saved.
 STEP_LINE = {"train.py": re.compile(r"^epoch 1/\d+  step (\d+)/"), "tutorial.py": re.compile(r"^训练次数(\d+)，loss:")}
-EPOCH_DONE = {"train.py": re.compile(r"^epoch \d+/\d+  train loss"), "tutorial.py": re.compile(r"^第\d+训练轮模型已保存！")}
-START_UP = ("import time; started = time.perf_counter(); import torch; imported = time.perf_counter(); "
-            "torch.optim.Adam([torch.zeros(1, requires_grad=True)]); "
-            "print(imported - started, time.perf_counter() - imported)")
+EPOCH_DONE = {
+    "train.py": re.compile(r"^epoch \d+/\d+  train loss"),
+    "tutorial.py": re.compile(r"^第\d+训练轮模型已保存！"),
+}
+START_UP = (
+    "import time; started = time.perf_counter(); import torch; imported = time.perf_counter(); "
+    "torch.optim.Adam([torch.zeros(1, requires_grad=True)]); "
+    "print(imported - started, time.perf_counter() - imported)"
+)
 
 
 def time_program(script, epochs, data_dir):
@@ -309,12 +382,22 @@ def time_program(script, epochs, data_dir):
     of epochs 2..N, each trained, tested and saved.
     """
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-u", os.path.join(HERE, script), "--epochs", str(epochs),
-                   "--data-dir", data_dir, "--checkpoint-dir", folder]
+        command = [
+            sys.executable,
+            "-u",
+            os.path.join(HERE, script),
+            "--epochs",
+            str(epochs),
+            "--data-dir",
+            data_dir,
+            "--checkpoint-dir",
+            folder,
+        ]
         started = time.perf_counter()
         steps, epoch_ends = [], []  # (step number, seconds) of epoch 1's loss lines; seconds of each epoch's end
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              encoding="utf-8", errors="replace") as process:
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace"
+        ) as process:
             for line in process.stdout:
                 now = time.perf_counter() - started
                 match = STEP_LINE[script].search(line)
@@ -325,12 +408,17 @@ def time_program(script, epochs, data_dir):
             errors = process.stderr.read()
         finished = time.perf_counter() - started
     if process.returncode != 0 or len(epoch_ends) != epochs or len(steps) < 2:
-        raise RuntimeError(f"{script} exited with {process.returncode} after {len(epoch_ends)} of {epochs} epochs: "
-                           f"{errors.strip().splitlines()[-1:] or ''}")
+        raise RuntimeError(
+            f"{script} exited with {process.returncode} after {len(epoch_ends)} of {epochs} epochs: "
+            f"{errors.strip().splitlines()[-1:] or ''}"
+        )
     (first_step, first_time), (last_step, last_time) = steps[0], steps[-1]
     step_seconds = (last_time - first_time) / (last_step - first_step)
-    return {"start_up_s": first_time - first_step * step_seconds,
-            "steady_epoch_s": (epoch_ends[-1] - epoch_ends[0]) / (epochs - 1), "finished_s": finished}
+    return {
+        "start_up_s": first_time - first_step * step_seconds,
+        "steady_epoch_s": (epoch_ends[-1] - epoch_ends[0]) / (epochs - 1),
+        "finished_s": finished,
+    }
 
 
 def whole_programs(args):
@@ -340,13 +428,23 @@ def whole_programs(args):
     for _ in range(args.repeats):
         for script in runs:
             timing = time_program(script, args.whole_epochs, args.data_dir)
-            runs[script].append({"start_up_s": timing["start_up_s"], "steady_epoch_s": timing["steady_epoch_s"],
-                                 "whole_20_epochs_s": timing["finished_s"] + (20 - args.whole_epochs)
-                                 * timing["steady_epoch_s"]})
+            runs[script].append(
+                {
+                    "start_up_s": timing["start_up_s"],
+                    "steady_epoch_s": timing["steady_epoch_s"],
+                    "whole_20_epochs_s": timing["finished_s"] + (20 - args.whole_epochs) * timing["steady_epoch_s"],
+                }
+            )
     import_seconds, optimizer_seconds = torch_start_up(args.repeats)
-    report = {"device": f"cpu: {cpu_name()}", "cpu_count": os.cpu_count(), "torch": str(torch.__version__),
-              "epochs_run": args.whole_epochs, "repeats": args.repeats,
-              "import_torch_s": round(import_seconds, 3), "first_torch_optimizer_s": round(optimizer_seconds, 3)}
+    report = {
+        "device": f"cpu: {cpu_name()}",
+        "cpu_count": os.cpu_count(),
+        "torch": str(torch.__version__),
+        "epochs_run": args.whole_epochs,
+        "repeats": args.repeats,
+        "import_torch_s": round(import_seconds, 3),
+        "first_torch_optimizer_s": round(optimizer_seconds, 3),
+    }
     for script, measured in runs.items():
         name = script.removesuffix(".py")
         for key in measured[0]:
@@ -358,21 +456,29 @@ def whole_programs(args):
 def torch_start_up(repeats):
     """Medians of (seconds to import torch, seconds more for the first torch.optim optimizer), each
     measured in a fresh process."""
-    runs = [subprocess.run([sys.executable, "-c", START_UP], capture_output=True, text=True, check=True).stdout.split()
-            for _ in range(repeats)]
+    runs = [
+        subprocess.run([sys.executable, "-c", START_UP], capture_output=True, text=True, check=True).stdout.split()
+        for _ in range(repeats)
+    ]
     return statistics.median(float(run[0]) for run in runs), statistics.median(float(run[1]) for run in runs)
 
 
 def whole_text(report):
-    lines = [f"{report['device']}, torch {report['torch']}: each program run for {report['epochs_run']} epochs, "
-             f"{report['repeats']} times interleaved; medians, extrapolated to 20 epochs",
-             f"{'program':<14} {'start-up s':>10} {'steady epoch s':>15} {'20 epochs s':>12}"]
+    lines = [
+        f"{report['device']}, torch {report['torch']}: each program run for {report['epochs_run']} epochs, "
+        f"{report['repeats']} times interleaved; medians, extrapolated to 20 epochs",
+        f"{'program':<14} {'start-up s':>10} {'steady epoch s':>15} {'20 epochs s':>12}",
+    ]
     for name in ("tutorial", "train"):
-        lines.append(f"{name + '.py':<14} {report[f'{name}_start_up_s']:>10.2f} {report[f'{name}_steady_epoch_s']:>15.3f} "
-                     f"{report[f'{name}_whole_20_epochs_s']:>12.1f}")
+        lines.append(
+            f"{name + '.py':<14} {report[f'{name}_start_up_s']:>10.2f} {report[f'{name}_steady_epoch_s']:>15.3f} "
+            f"{report[f'{name}_whole_20_epochs_s']:>12.1f}"
+        )
     lines.append(f"python train.py takes 1/{report['whole_run_ratio']:.1f} of python tutorial.py's time")
-    lines.append(f"start-up, apart: import torch {report['import_torch_s']:.2f} s; the first torch.optim optimizer "
-                 f"{report['first_torch_optimizer_s']:.2f} s more (it imports torch._dynamo; train.py's own do not)")
+    lines.append(
+        f"start-up, apart: import torch {report['import_torch_s']:.2f} s; the first torch.optim optimizer "
+        f"{report['first_torch_optimizer_s']:.2f} s more (it imports torch._dynamo; train.py's own do not)"
+    )
     return "\n".join(lines)
 
 

@@ -29,15 +29,21 @@ def newest_checkpoint(folder="."):
     """The checkpoint of the latest epoch in `folder`; a one-line UsageError if there is none."""
     found = run_folder.checkpoint_epochs(folder)
     if not found:
-        raise UsageError("no noteLearning_*.pth in this folder: train one with `python train.py`, "
-                         "or name one: python draw.py CHECKPOINT")
+        raise UsageError(
+            "no noteLearning_*.pth in this folder: train one with `python train.py`, "
+            "or name one: python draw.py CHECKPOINT"
+        )
     return found[max(found)]
 
 
 def parse_args(argv):
     parser = commands.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".")
-    parser.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
-                        help="a checkpoint written by train.py (default: the newest noteLearning_*.pth here)")
+    parser.add_argument(
+        "checkpoint",
+        nargs="?",
+        metavar="CHECKPOINT",
+        help="a checkpoint written by train.py (default: the newest noteLearning_*.pth here)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
     parser.add_argument("--port", type=commands.bounded_int(0, 65535), default=8000, help="port (0: any free one)")
     commands.add_device_flag(parser)
@@ -77,7 +83,7 @@ class Reader:
         """The answer for one picture's bytes (a PNG, or any image PIL reads); ValueError if there is none."""
         if body.startswith(DATA_URL_PREFIX):
             try:
-                body = base64.b64decode(body[len(DATA_URL_PREFIX):], validate=True)
+                body = base64.b64decode(body[len(DATA_URL_PREFIX) :], validate=True)
             except binascii.Error:
                 raise ValueError("the data URL's base64 is not valid") from None
         image = handwriting.decode_image(io.BytesIO(body), MAX_DRAWING_PIXELS)
@@ -86,11 +92,13 @@ class Reader:
         seen = io.BytesIO()
         Image.frombytes("L", (28, 28), bytes(pixels.flatten().tolist())).save(seen, format="PNG")
         top = probabilities.argsort(descending=True, stable=True)[:3]  # ties: the lower class first
-        return {"prediction": self.classes[int(probabilities.argmax())],
-                "probabilities": [float(value) for value in probabilities],
-                "top3": [{"class": self.classes[int(index)], "probability": float(probabilities[index])} for index in top],
-                "classes": self.classes,
-                "image": "data:image/png;base64," + base64.b64encode(seen.getvalue()).decode()}
+        return {
+            "prediction": self.classes[int(probabilities.argmax())],
+            "probabilities": [float(value) for value in probabilities],
+            "top3": [{"class": self.classes[int(index)], "probability": float(probabilities[index])} for index in top],
+            "classes": self.classes,
+            "image": "data:image/png;base64," + base64.b64encode(seen.getvalue()).decode(),
+        }
 
 
 def in_script(value):
@@ -104,8 +112,10 @@ def read_page(reader):
         with open(PAGE, encoding="utf-8") as file:
             page = file.read()
     except OSError as error:
-        raise UsageError(f"cannot read the page {PAGE} ({error.strerror or error}): draw.html belongs in "
-                         "mnist_mlp_tools/ beside draw.py") from None
+        raise UsageError(
+            f"cannot read the page {PAGE} ({error.strerror or error}): draw.html belongs in "
+            "mnist_mlp_tools/ beside draw.py"
+        ) from None
     page = page.replace("__CLASSES__", in_script(reader.classes))
     return page.replace("__CHECKPOINT__", in_script(reader.checkpoint_text)).encode()
 
@@ -144,8 +154,10 @@ class Server(ThreadingHTTPServer):
                 self.receiving[request] = time.monotonic()
         if busy:  # not counted, so closed here rather than by shutdown_request
             with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\n\r\n" + json.dumps({"error": "busy: try again"}).encode())
+                request.sendall(
+                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Connection: close\r\n\r\n" + json.dumps({"error": "busy: try again"}).encode()
+                )
                 request.shutdown(socket.SHUT_WR)
             request.close()
             return
@@ -240,8 +252,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         if self.path != "/predict":
             status = 405 if self.path in ("/", "/index.html") else 404
-            return self.send_json(status, {"error": f"nothing to POST to at {self.path}"},
-                                  [("Allow", "GET")] if status == 405 else ())
+            return self.send_json(
+                status, {"error": f"nothing to POST to at {self.path}"}, [("Allow", "GET")] if status == 405 else ()
+            )
         length = commands.whole_number(self.headers.get("Content-Length"))
         if length is None:
             return self.send_json(411, {"error": "a Content-Length in ASCII digits is needed"})
@@ -294,13 +307,17 @@ def main(argv=None):
             raise UsageError(f"cannot listen on {args.host}:{args.port} ({error.strerror or error})") from None
         with server, commands.torch_threads(1):  # one drawing is tiny work: more threads only wait for each other
             if not is_loopback(args.host):
-                print(f"warning: --host {args.host}: the page is open to every machine on that network, "
-                      "not only this one", file=sys.stderr)
+                print(
+                    f"warning: --host {args.host}: the page is open to every machine on that network, "
+                    "not only this one",
+                    file=sys.stderr,
+                )
             shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
             shown = f"[{shown}]" if ":" in shown else shown
             print(f"http://{shown}:{server.server_address[1]}/  (reading with {path}; Ctrl-C stops it)", flush=True)
             server.serve_forever()
         return 0
+
     return commands.run_main(body, argv)
 
 

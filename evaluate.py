@@ -9,23 +9,30 @@ import sys
 
 from mnist_mlp_tools import commands
 
+
 def parse_args(argv):
     parser = commands.ArgumentParser(description="Report test accuracy and loss of NoteModel checkpoints.")
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint files (.pth)")
     commands.add_data_dir_flag(parser)
     commands.add_device_flag(parser)
-    parser.add_argument("--batch-size", type=commands.bounded_int(1, 1_000_000), default=1000,
-                        help="evaluation batch size")
+    parser.add_argument(
+        "--batch-size", type=commands.bounded_int(1, 1_000_000), default=1000, help="evaluation batch size"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON: an object for one file, a list for several")
     parser.add_argument("--per-class", action="store_true", help="also print the accuracy of each class")
     parser.add_argument("--confusion", action="store_true", help="also print the confusion matrix (rows = true class)")
     group = parser.add_argument_group("pictures (one checkpoint; --save-weights and --save-confusion need matplotlib)")
-    group.add_argument("--save-errors", metavar="PATH.png",
-                       help="the first 64 misclassified test images, captioned 'true → predicted (confidence)'")
-    group.add_argument("--save-weights", metavar="PATH.png",
-                       help="fc1's weights, one 28x28 tile per hidden unit, dead units boxed")
-    group.add_argument("--save-confusion", metavar="PATH.png",
-                       help="the confusion matrix as a heatmap, the counts in its cells")
+    group.add_argument(
+        "--save-errors",
+        metavar="PATH.png",
+        help="the first 64 misclassified test images, captioned 'true → predicted (confidence)'",
+    )
+    group.add_argument(
+        "--save-weights", metavar="PATH.png", help="fc1's weights, one 28x28 tile per hidden unit, dead units boxed"
+    )
+    group.add_argument(
+        "--save-confusion", metavar="PATH.png", help="the confusion matrix as a heatmap, the counts in its cells"
+    )
     commands.add_trust_pickle_flag(parser)
     args = parser.parse_args(argv)
     for flag, path in picture_flags(args):
@@ -42,8 +49,15 @@ def parse_args(argv):
 
 def picture_flags(args):
     """[(flag, path)] of the pictures asked for."""
-    return [(flag, path) for flag, path in (("--save-errors", args.save_errors), ("--save-weights", args.save_weights),
-                                            ("--save-confusion", args.save_confusion)) if path]
+    return [
+        (flag, path)
+        for flag, path in (
+            ("--save-errors", args.save_errors),
+            ("--save-weights", args.save_weights),
+            ("--save-confusion", args.save_confusion),
+        )
+        if path
+    ]
 
 
 if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
@@ -75,7 +89,9 @@ def evaluate_checkpoints(args):
         test_split = dataclasses.replace(splits[dataset][1], scaling=scaling)
         evaluation = mnist_mlp.evaluate(model, test_split, args.batch_size, len(classes))
         result = {
-            "checkpoint": path, "epoch": checkpoint["epoch"], "dataset": dataset,
+            "checkpoint": path,
+            "epoch": checkpoint["epoch"],
+            "dataset": dataset,
             **summary(evaluation),
             "classes": classes,
             "per_class": [round(value, 2) for value in evaluation.per_class],
@@ -85,8 +101,10 @@ def evaluate_checkpoints(args):
             try:
                 _, val_split = mnist_mlp.split_validation(splits[dataset][0], config["val_size"], config["seed"])
             except ValueError:
-                raise commands.UsageError(f"{path}: its config holds out {config['val_size']} validation images, "
-                                          f"but the training set has {len(splits[dataset][0])}") from None
+                raise commands.UsageError(
+                    f"{path}: its config holds out {config['val_size']} validation images, "
+                    f"but the training set has {len(splits[dataset][0])}"
+                ) from None
             val_split = dataclasses.replace(val_split.to(device), scaling=scaling)
             result["validation"] = summary(mnist_mlp.evaluate(model, val_split, args.batch_size, len(classes)))
         results.append(result)
@@ -96,9 +114,11 @@ def evaluate_checkpoints(args):
 def save_pictures(args, model, test_split, result):
     """Write the pictures asked for; [(flag, path, why it failed)] for those that could not be written."""
     title = commands.printable(os.path.basename(result["checkpoint"]))
-    made = {"--save-errors": lambda: pictures.error_grid(model, test_split, result["classes"], title)[0],
-            "--save-weights": lambda: pictures.weight_tiles(model, test_split, title),
-            "--save-confusion": lambda: pictures.confusion_heatmap(result["confusion"], result["classes"], title)}
+    made = {
+        "--save-errors": lambda: pictures.error_grid(model, test_split, result["classes"], title)[0],
+        "--save-weights": lambda: pictures.weight_tiles(model, test_split, title),
+        "--save-confusion": lambda: pictures.confusion_heatmap(result["confusion"], result["classes"], title),
+    }
     failures = []
     for flag, path in picture_flags(args):
         try:
@@ -116,8 +136,12 @@ def natural_order(path):
 def summary(evaluation):
     """The figures of one evaluation; a non-finite loss is None (JSON has no NaN)."""
     loss = round(evaluation.loss, 6) if math.isfinite(evaluation.loss) else None
-    return {"accuracy": round(evaluation.accuracy, 2), "correct": evaluation.correct,
-            "total": evaluation.total, "loss": loss}
+    return {
+        "accuracy": round(evaluation.accuracy, 2),
+        "correct": evaluation.correct,
+        "total": evaluation.total,
+        "loss": loss,
+    }
 
 
 def best_index(results):
@@ -127,8 +151,9 @@ def best_index(results):
     """
     if all("validation" in result for result in results):
         return max(range(len(results)), key=lambda i: results[i]["validation"]["accuracy"]), "validation accuracy"
-    return max(range(len(results)), key=lambda i: (results[i]["accuracy"], -(results[i]["loss"] or math.inf))), \
-        "test accuracy"
+    return max(
+        range(len(results)), key=lambda i: (results[i]["accuracy"], -(results[i]["loss"] or math.inf))
+    ), "test accuracy"
 
 
 def loss_text(loss):
@@ -136,31 +161,42 @@ def loss_text(loss):
     return "not finite" if loss is None else f"{loss:.4f}"
 
 
-PICTURE_NAMES = {"--save-errors": "misclassified examples", "--save-weights": "fc1's weights",
-                 "--save-confusion": "the confusion heatmap"}
+PICTURE_NAMES = {
+    "--save-errors": "misclassified examples",
+    "--save-weights": "fc1's weights",
+    "--save-confusion": "the confusion heatmap",
+}
 
 
 def print_results(results, args, saved):
     results = [{**result, "checkpoint": commands.printable(result["checkpoint"])} for result in results]
     if len(results) == 1:
         result = results[0]
-        print(f"{result['checkpoint']} (epoch {result['epoch']}, {result['dataset']} test set): "
-              f"accuracy {result['correct']}/{result['total']} = {result['accuracy']:.2f}%, "
-              f"mean loss {loss_text(result['loss'])}")
+        print(
+            f"{result['checkpoint']} (epoch {result['epoch']}, {result['dataset']} test set): "
+            f"accuracy {result['correct']}/{result['total']} = {result['accuracy']:.2f}%, "
+            f"mean loss {loss_text(result['loss'])}"
+        )
         if "validation" in result:
             val = result["validation"]
-            print(f"validation ({val['total']} held-out training images): "
-                  f"accuracy {val['correct']}/{val['total']} = {val['accuracy']:.2f}%, mean loss {loss_text(val['loss'])}")
+            print(
+                f"validation ({val['total']} held-out training images): "
+                f"accuracy {val['correct']}/{val['total']} = {val['accuracy']:.2f}%, mean loss {loss_text(val['loss'])}"
+            )
     else:
         best, best_by = best_index(results)
         by_validation = best_by == "validation accuracy"  # then the table shows what it ranks by
         width = max(len("checkpoint"), *(len(result["checkpoint"]) for result in results))
-        print(f"{'checkpoint':<{width}}  epoch  accuracy      correct    loss" + ("  val acc." if by_validation else ""))
+        print(
+            f"{'checkpoint':<{width}}  epoch  accuracy      correct    loss" + ("  val acc." if by_validation else "")
+        )
         for number, result in enumerate(results):
             mark = f"  <- best {best_by}" if number == best else ""
             val = f"  {result['validation']['accuracy']:>8.2f}%" if by_validation else ""
-            print(f"{result['checkpoint']:<{width}}  {result['epoch']:>5}  {result['accuracy']:>7.2f}%  "
-                  f"{result['correct']:>5}/{result['total']:<5}  {loss_text(result['loss']):>6}{val}{mark}")
+            print(
+                f"{result['checkpoint']:<{width}}  {result['epoch']:>5}  {result['accuracy']:>7.2f}%  "
+                f"{result['correct']:>5}/{result['total']:<5}  {loss_text(result['loss']):>6}{val}{mark}"
+            )
     for result in results:
         label = f"{result['checkpoint']}: " if len(results) > 1 else ""
         names = result["classes"]
@@ -187,12 +223,15 @@ def main(argv=None):
         results, failures = evaluate_checkpoints(args)
         failed = {flag for flag, _, _ in failures}
         if args.json:
-            print(json.dumps(results[0] if len(results) == 1 else results, indent=2, allow_nan=False, ensure_ascii=False))
+            print(
+                json.dumps(results[0] if len(results) == 1 else results, indent=2, allow_nan=False, ensure_ascii=False)
+            )
         else:
             print_results(results, args, [(flag, path) for flag, path in picture_flags(args) if flag not in failed])
         for _, _, why in failures:
             print(f"error: {why}", file=sys.stderr)
         return 1 if failures else 0
+
     return commands.run_main(body, argv)
 
 

@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 # ============================================================================= 1. the model
-
-
 class NoteModel(nn.Module):
     """784 -> 128 -> 64 -> 10 with ReLU between layers, as the tutorial writes it.
 
@@ -56,11 +55,8 @@ class NoteModel(nn.Module):
 # ============================================================================= 2. the data
 
 # dataset name -> (its folder under the data folder, as torchvision names it; its class names)
-DATASETS = {
-    "mnist": ("MNIST", [str(digit) for digit in range(10)]),
-    "fashion-mnist": ("FashionMNIST", ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]),
-}
+FASHION = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
+DATASETS = {"mnist": ("MNIST", [str(digit) for digit in range(10)]), "fashion-mnist": ("FashionMNIST", FASHION)}
 RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
@@ -73,6 +69,7 @@ class Split:
     """One split of a dataset: pixels (N, 784) uint8 and labels (N,) int64, on one device, and the input
     scaling of its batches (a dataset's transform). The pixels stay bytes and each batch is normalized as it
     is used: about 20 microseconds a step, against four times the memory for a float copy of the dataset."""
+
     pixels: torch.Tensor
     labels: torch.Tensor
     scaling: str = "tutorial"
@@ -126,15 +123,14 @@ def load_dataset(data_dir, dataset="mnist"):
         if not os.path.exists(path):
             path += ".gz"
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{dataset} data not found: put {', '.join(RAW_FILES)} (or their .gz) "
-                                    f"into {folder}")
+            raise FileNotFoundError(f"{dataset} data not found: put {', '.join(RAW_FILES)} (or .gz) into {folder}")
         paths.append(path)
     splits = []
     for images_path, labels_path in (paths[:2], paths[2:]):
         images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
         if images.shape[1:] != (28, 28) or len(images) != len(labels) or len(labels) == 0:
-            raise ValueError(f"{folder}: expected N > 0 images of 28x28 and N labels, "
-                             f"got images {tuple(images.shape)} and {len(labels)} labels")
+            shapes = f"images {tuple(images.shape)} and {len(labels)} labels"
+            raise ValueError(f"{folder}: expected N > 0 images of 28x28 and N labels, got {shapes}")
         if int(labels.max()) >= len(DATASETS[dataset][1]):
             raise ValueError(f"{labels_path}: labels must be 0..{len(DATASETS[dataset][1]) - 1}")
         splits.append(Split(images.reshape(-1, 784), labels.long()))
@@ -165,7 +161,6 @@ def epoch_order(n, generator):
 
 
 # ============================================================================= 3. the training step
-
 def textbook_step(model, criterion, optimizer, x, labels):
     """One training step exactly as the tutorial writes it: the reference for every faster path."""
     optimizer.zero_grad()
@@ -176,7 +171,6 @@ def textbook_step(model, criterion, optimizer, x, labels):
 
 
 # ============================================================================= 4. an epoch
-
 class NonFiniteLoss(ArithmeticError):
     def __init__(self, step):
         super().__init__(f"the loss became non-finite at step {step}")
@@ -208,7 +202,7 @@ def train_epoch(step, train, batches, log_interval=100, log=None, should_stop=No
         x = normalize(train.pixels.index_select(0, batch), train.scaling)  # 10x faster than pixels[batch] on the CPU
         losses.append(step(x, labels[index]))
         if (index + 1) % log_interval == 0 or index + 1 == len(batches):
-            recent = torch.stack(losses[-(index % log_interval + 1):])
+            recent = torch.stack(losses[-(index % log_interval + 1) :])
             if not bool(recent.isfinite().all()):  # a host sync, once every log_interval steps
                 raise NonFiniteLoss(len(losses) - len(recent) + int((~recent.isfinite()).nonzero()[0]) + 1)
             if log is not None and (index + 1) % log_interval == 0:
@@ -218,7 +212,6 @@ def train_epoch(step, train, batches, log_interval=100, log=None, should_stop=No
 
 
 # ============================================================================= 5. evaluation
-
 @dataclass
 class Evaluation:
     loss: float  # mean cross-entropy
@@ -245,7 +238,8 @@ def logits_in_batches(model, split, batch_size=1000):
     model.eval()
     try:
         for start in range(0, len(split), batch_size):
-            yield split.labels[start:start + batch_size], model(normalize(split.pixels[start:start + batch_size], split.scaling))
+            rows = slice(start, start + batch_size)
+            yield split.labels[rows], model(normalize(split.pixels[rows], split.scaling))
     finally:
         model.train(was_training)
 
@@ -262,9 +256,7 @@ def evaluate(model, split, batch_size=1000, classes=10):
 
 
 # ============================================================================= 6. Adam, by hand
-
-def adam_update(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                bias_correction=True):
+def adam_update(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, bias_correction=True):
     """One Adam step in place, written out to answer the tutorial's question about bias correction.
 
     m and v are running averages of the gradient and its square, started at zero, so early on they
@@ -277,11 +269,11 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, step, lr=1e-3, betas=(0.9, 0.9
     v's enlarges it more, since beta2 > 1 - (1 - beta1)^2), the opposite of a warm-up.
     """
     beta1, beta2 = betas
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)                    # m_t
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)       # v_t
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)  # m_t
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v_t
     if bias_correction:
-        m_hat = exp_avg / (1 - beta1 ** step)                          # m_t / (1 - beta1^t)
-        v_hat = exp_avg_sq / (1 - beta2 ** step)                       # v_t / (1 - beta2^t)
+        m_hat = exp_avg / (1 - beta1**step)  # m_t / (1 - beta1^t)
+        v_hat = exp_avg_sq / (1 - beta2**step)  # v_t / (1 - beta2^t)
     else:
         m_hat, v_hat = exp_avg, exp_avg_sq
     param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
@@ -295,8 +287,8 @@ class AdamByHand(torch.optim.Optimizer):
     """
 
     def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, bias_correction=True):
-        super().__init__(parameters, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0,
-                                      "bias_correction": bias_correction})
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": 0, "bias_correction": bias_correction}
+        super().__init__(parameters, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -306,11 +298,13 @@ class AdamByHand(torch.optim.Optimizer):
                     continue
                 state = self.state[parameter]
                 if not state:
-                    state.update(step=torch.zeros(()), exp_avg=torch.zeros_like(parameter),
-                                 exp_avg_sq=torch.zeros_like(parameter))
+                    zeros = torch.zeros_like(parameter)
+                    state.update(step=torch.zeros(()), exp_avg=zeros, exp_avg_sq=zeros.clone())
                 state["step"] += 1
-                adam_update(parameter, parameter.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
-                            group["lr"], group["betas"], group["eps"], group["bias_correction"])
+                settings = [group[key] for key in ("lr", "betas", "eps", "bias_correction")]
+                adam_update(
+                    parameter, parameter.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), *settings
+                )
 
 
 if __name__ == "__main__":  # python mnist_mlp.py: the program in the docstring above, on one thread

@@ -16,27 +16,43 @@ if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quiet
 import os
 import re
 
-from mnist_mlp_tools import commands, run_folder
+from mnist_mlp_tools import commands, run_folder, safe_files
 from mnist_mlp_tools.commands import UsageError
-from mnist_mlp_tools import safe_files
 
 # The panels and their curves: (metrics.csv column, which images, line style); a run draws the
 # columns it has values in (validation only where it held images out).
-PANELS = [("accuracy (%)", [("test_accuracy", "test", "--"), ("val_accuracy", "validation", ":")]),
-          ("loss (log scale)", [("train_loss", "training, mean over the epoch", "-"), ("test_loss", "test", "--"),
-                                ("val_loss", "validation", ":")])]
+PANELS = [
+    ("accuracy (%)", [("test_accuracy", "test", "--"), ("val_accuracy", "validation", ":")]),
+    (
+        "loss (log scale)",
+        [
+            ("train_loss", "training, mean over the epoch", "-"),
+            ("test_loss", "test", "--"),
+            ("val_loss", "validation", ":"),
+        ],
+    ),
+]
 REQUIRED = ["epoch", "test_accuracy", "train_loss"]
 COLUMNS = [column for _, curves in PANELS for column, _, _ in curves]
 
 
 def parse_args(argv):
     parser = commands.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_METRICS_CSV",
-                        help="train.py checkpoint folders (their metrics.csv is read) or metrics.csv files")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR_OR_METRICS_CSV",
+        help="train.py checkpoint folders (their metrics.csv is read) or metrics.csv files",
+    )
     parser.add_argument("-o", "--output", default="curves.png", metavar="PATH.png", help="the picture to write")
     parser.add_argument("--title", default=None, help="the title above the two panels (default: the runs' names)")
-    parser.add_argument("--accuracy-from", type=float, default=None, metavar="PERCENT",
-                        help="start the accuracy axis here, to see close curves apart (default: fit the data)")
+    parser.add_argument(
+        "--accuracy-from",
+        type=float,
+        default=None,
+        metavar="PERCENT",
+        help="start the accuracy axis here, to see close curves apart (default: fit the data)",
+    )
     args = parser.parse_args(argv)
     if not args.output.lower().endswith(".png"):
         parser.error("--output must name a .png file")
@@ -67,8 +83,10 @@ def read_run(path):
             value = commands.decimal_number(row[column])
             highest = 100.0 if column.endswith("accuracy") else 1e6  # a percentage; a loss (log(10) at chance)
             if value is None or not 0 <= value <= highest:
-                raise UsageError(f"{csv_path}, line {number}: its {column} {str(row[column])[:20]!r} is not a number "
-                                 f"from 0 to {highest:g}")
+                raise UsageError(
+                    f"{csv_path}, line {number}: its {column} {str(row[column])[:20]!r} is not a number "
+                    f"from 0 to {highest:g}"
+                )
             series[column].append((epoch, value))
     return label, {column: values for column, values in series.items() if values}
 
@@ -86,8 +104,10 @@ def spread(group, column):
     per_run = [dict(series.get(column, [])) for _, series in group]
     epochs = sorted(set.intersection(*(set(values) for values in per_run)))
     if not epochs and column in REQUIRED:
-        raise UsageError(f"the runs {', '.join(label for label, _ in group)} differ only in their seed but share no "
-                         "epoch: rename one to plot them apart")
+        raise UsageError(
+            f"the runs {', '.join(label for label, _ in group)} differ only in their seed but share no "
+            "epoch: rename one to plot them apart"
+        )
     values = [[values[epoch] for values in per_run] for epoch in epochs]
     return epochs, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
@@ -139,8 +159,12 @@ def draw(groups, path, title=None, accuracy_from=None):
     if accuracy_from is not None:
         axes[0].set_ylim(bottom=accuracy_from)
     axes[0].legend(fontsize=8, loc="lower right")
-    styles = [Line2D([], [], linestyle=style, color="black", label=text)
-              for _, curves in PANELS[1:] for column, text, style in curves if column in drawn]
+    styles = [
+        Line2D([], [], linestyle=style, color="black", label=text)
+        for _, curves in PANELS[1:]
+        for column, text, style in curves
+        if column in drawn
+    ]
     axes[1].legend(handles=styles, fontsize=8, loc="upper right")
     figure.suptitle(shown(title if title is not None else default_title(groups)))
     safe_files.atomic_write(path, lambda file: figure.savefig(file, format="png"))
@@ -165,6 +189,7 @@ def main(argv=None):
             return 1
         print(f"saved {args.output}: {sum(len(group) for group in groups.values())} runs in {len(groups)} settings")
         return 0
+
     return commands.run_main(body, argv)
 
 

@@ -19,14 +19,21 @@ IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".web
 
 
 def parse_args(argv):
-    parser = commands.ArgumentParser(description="Classify your own images of handwritten digits with a trained checkpoint.")
+    parser = commands.ArgumentParser(
+        description="Classify your own images of handwritten digits with a trained checkpoint."
+    )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by train.py (.pth)")
-    parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="image files, or folders (every image in them, sorted); a name that starts with "
-                             "the true class and _ or . (7_a.png) is scored")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files, or folders (every image in them, sorted); a name that starts with "
+        "the true class and _ or . (7_a.png) is scored",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    parser.add_argument("--show", metavar="PATH.png",
-                        help="save a picture of each input beside the 28x28 the model saw, with its guess")
+    parser.add_argument(
+        "--show", metavar="PATH.png", help="save a picture of each input beside the 28x28 the model saw, with its guess"
+    )
     commands.add_device_flag(parser)
     commands.add_trust_pickle_flag(parser)
     args = parser.parse_args(argv)
@@ -97,8 +104,11 @@ def predictions(model, classes, paths, keep_pictures=False, scaling="tutorial"):
             yield result
             continue
         top = handwriting.class_probabilities(model, pixels, scaling).topk(3)
-        result.update(prediction=classes[int(top.indices[0])], probability=round(float(top.values[0]), 4),
-                      top3=[[classes[int(index)], round(float(value), 4)] for value, index in zip(*top)])
+        result.update(
+            prediction=classes[int(top.indices[0])],
+            probability=round(float(top.values[0]), 4),
+            top3=[[classes[int(index)], round(float(value), 4)] for value, index in zip(*top)],
+        )
         if label is not None:
             result["correct"] = int(top.indices[0]) == label
         if keep_pictures:
@@ -169,8 +179,11 @@ def report(results, as_json):
         truth = ""
         if "correct" in result:
             truth = "  right" if result["correct"] else f"  wrong: it is {result['label']}"
-        print(f"{commands.printable(result['image'])}: {result['prediction']} ({100 * result['probability']:.1f}%), "
-              f"then {rest}{truth}", flush=True)
+        print(
+            f"{commands.printable(result['image'])}: {result['prediction']} ({100 * result['probability']:.1f}%), "
+            f"then {rest}{truth}",
+            flush=True,
+        )
     accuracy = round(100 * correct / labelled, 2) if labelled else None
     if as_json:
         print(f'], "accuracy": {json.dumps(accuracy)}, "correct": {correct}, "labelled": {labelled}}}')
@@ -201,6 +214,7 @@ def main(argv=None):
             if not args.json:
                 print(f"saved {args.show}")
         return 2 if failed else 0
+
     return commands.run_main(body, argv)
 
 

@@ -3,8 +3,9 @@
 Is Adam better than SGD, and what does Adam's bias correction do? Every run is train.py's own
 (train.main, one folder a run under OUT/runs/, kept apart by epochs and held-out images), three seeds a
 setting; a run is reused only where its whole description matches (study-run.json beside it), so a
-stopped study goes on where it stopped and a --quick one never touches a full one's runs. Writes OUT/study.md (the tables docs/study.md quotes) and, with
-matplotlib, the figures OUT/study_*.png. --quick: one epoch, one seed, a reduced grid (tests, a first look).
+stopped study goes on where it stopped and a --quick one never touches a full one's runs. Writes OUT/study.md
+(the tables docs/study.md quotes) and, with matplotlib, the figures OUT/study_*.png. --quick: one epoch, one seed,
+a reduced grid (tests, a first look).
 """
 
 import contextlib
@@ -25,8 +26,12 @@ def parse_args(argv):
     parser = commands.ArgumentParser(description=__doc__.splitlines()[0].split(": ", 1)[0] + ".")
     parser.add_argument("--out", required=True, help="the study's folder (runs/, study.md, figures)")
     parser.add_argument("--quick", action="store_true", help="one epoch, one seed, a reduced grid")
-    parser.add_argument("--val-size", type=commands.bounded_int(1, 59999), default=5000,
-                        help="images held out for choosing the learning rate")
+    parser.add_argument(
+        "--val-size",
+        type=commands.bounded_int(1, 59999),
+        default=5000,
+        help="images held out for choosing the learning rate",
+    )
     commands.add_data_dir_flag(parser)
     return parser.parse_args(argv)
 
@@ -45,11 +50,12 @@ BETAS = (0.9, 0.999)
 @dataclass
 class Setting:
     """One line of a table: train.py's flags, and what the study changes around train.py."""
+
     name: str
     flags: list
     epochs: int = 20
-    step_losses: bool = False      # keep each step's loss of the first 1,000 steps
-    val_size: int = 0              # training images held out (train.py --val-size)
+    step_losses: bool = False  # keep each step's loss of the first 1,000 steps
+    val_size: int = 0  # training images held out (train.py --val-size)
     seeds: tuple = field(default=(1, 2, 3))
 
     @property
@@ -75,8 +81,13 @@ class Study:
 
     def description(self, setting, seed):
         """Everything that makes a run what it is: reused only where all of it matches."""
-        return {"flags": [str(flag) for flag in setting.flags], "epochs": setting.epochs, "seed": seed,
-                "val_size": setting.val_size, "step_losses": setting.step_losses}
+        return {
+            "flags": [str(flag) for flag in setting.flags],
+            "epochs": setting.epochs,
+            "seed": seed,
+            "val_size": setting.val_size,
+            "step_losses": setting.step_losses,
+        }
 
     def run(self, setting, seed):
         """Train one seed of a setting with train.main, unless a complete run of the same description is
@@ -85,22 +96,41 @@ class Study:
         self.done += 1
         label = f"[{self.done}/{self.total}] {setting.name} seed {seed}"
         description = self.description(setting, seed)
-        if os.path.exists(folder) and os.listdir(folder) and read_json(os.path.join(folder, RUN_DESCRIPTION)) != description:
-            raise UsageError(f"{folder} holds a run this study did not describe so (other flags, or not this study's): "
-                             "move it away or choose another --out; nothing was changed")
+        if (
+            os.path.exists(folder)
+            and os.listdir(folder)
+            and read_json(os.path.join(folder, RUN_DESCRIPTION)) != description
+        ):
+            raise UsageError(
+                f"{folder} holds a run this study did not describe so (other flags, or not this study's): "
+                "move it away or choose another --out; nothing was changed"
+            )
         if self.complete(setting, folder):
             print(f"{label}: reused", flush=True)
             return
         os.makedirs(folder, exist_ok=True)
         write_json(os.path.join(folder, RUN_DESCRIPTION), description)
-        argv = [*setting.flags, "--epochs", setting.epochs, "--seed", seed, "--data-dir", self.data_dir,
-                "--checkpoint-dir", folder, "--overwrite", "--device", "cpu"]
+        argv = [
+            *setting.flags,
+            "--epochs",
+            setting.epochs,
+            "--seed",
+            seed,
+            "--data-dir",
+            self.data_dir,
+            "--checkpoint-dir",
+            folder,
+            "--overwrite",
+            "--device",
+            "cpu",
+        ]
         if setting.val_size:
             argv += ["--val-size", setting.val_size]
         losses = []  # the first 1,000 steps' losses, as train.py hands each epoch's over (not read from its log)
 
         def keep_step_losses(epoch, result):
-            losses.extend(result.step_losses.tolist()[:1000 - len(losses)])
+            losses.extend(result.step_losses.tolist()[: 1000 - len(losses)])
+
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # train.py's log: the study prints a line a run
             code = train.main(argv, on_epoch=keep_step_losses if setting.step_losses else None)
@@ -111,8 +141,11 @@ class Study:
         if setting.step_losses:
             write_json(os.path.join(folder, "steps.json"), losses)
         last = run_folder.read_metrics(os.path.join(folder, run_folder.METRICS_NAME))[-1]
-        print(f"{label}: {setting.epochs} epochs, test accuracy {last['test_accuracy']}%, "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+        print(
+            f"{label}: {setting.epochs} epochs, test accuracy {last['test_accuracy']}%, "
+            f"{time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
 
     def complete(self, setting, folder):
         path = os.path.join(folder, run_folder.METRICS_NAME)
@@ -157,8 +190,10 @@ class Study:
     def dead_units(self, setting, epoch):
         """fc1 units that are zero after ReLU on every test image, one count per seed (inputs scaled as trained)."""
         _, test = self.data()
-        return [int(pictures.silent_units(model, dataclasses.replace(test, scaling=scaling)).sum())
-                for _, model, scaling in self.models(setting, epoch)]
+        return [
+            int(pictures.silent_units(model, dataclasses.replace(test, scaling=scaling)).sum())
+            for _, model, scaling in self.models(setting, epoch)
+        ]
 
 
 RUN_DESCRIPTION = "study-run.json"  # beside each run's checkpoints: what the run is
@@ -181,8 +216,11 @@ def read_json(path):
 def read_steps(folder):
     """A run's first step losses (steps.json), checked: 1 to 1,000 finite numbers; None otherwise."""
     losses = read_json(os.path.join(folder, "steps.json"))
-    if not (isinstance(losses, list) and 0 < len(losses) <= 1000
-            and all(type(loss) in (int, float) and math.isfinite(loss) for loss in losses)):
+    if not (
+        isinstance(losses, list)
+        and 0 < len(losses) <= 1000
+        and all(type(loss) in (int, float) and math.isfinite(loss) for loss in losses)
+    ):
         return None
     return losses
 
@@ -190,7 +228,9 @@ def read_steps(folder):
 def spread(values, digits=2):
     """'mean (min–max)' of a few numbers (counts: digits=0, the mean with one decimal)."""
     mean = f"{sum(values) / len(values):.{max(digits, 1)}f}"
-    return f"{mean} ({min(values):.{digits}f}–{max(values):.{digits}f})" if len(values) > 1 else f"{values[0]:.{digits}f}"
+    return (
+        f"{mean} ({min(values):.{digits}f}–{max(values):.{digits}f})" if len(values) > 1 else f"{values[0]:.{digits}f}"
+    )
 
 
 def multiplier(t, betas=BETAS):
@@ -207,29 +247,48 @@ def plan(quick, val_size=5000):
         return Setting(name, flags, **{"epochs": epochs, "seeds": seeds, **extra})
 
     adam = ["--optimizer", "adam"]
-    optimizers = [setting("adam-lr0.001", [*adam, "--lr", "0.001"]),
-                  setting("adam-no-bias-correction-lr0.001", ["--optimizer", "adam-no-bias-correction", "--lr", "0.001"]),
-                  setting("sgd-momentum0.9-lr0.01", ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.01"]),
-                  setting("sgd-lr0.1", ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.1"]),
-                  setting("sgd-lr0.01", ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.01"]),
-                  setting("sgd-lr0.001", ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.001"])]
+    optimizers = [
+        setting("adam-lr0.001", [*adam, "--lr", "0.001"]),
+        setting("adam-no-bias-correction-lr0.001", ["--optimizer", "adam-no-bias-correction", "--lr", "0.001"]),
+        setting("sgd-momentum0.9-lr0.01", ["--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.01"]),
+        setting("sgd-lr0.1", ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.1"]),
+        setting("sgd-lr0.01", ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.01"]),
+        setting("sgd-lr0.001", ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.001"]),
+    ]
     if quick:
         optimizers = [optimizers[0], optimizers[2]]
     lrs = ["0.001", "0.03"] if quick else ["0.001", "0.003", "0.01", "0.03"]
-    bias = [setting(f"bias-{kind}-lr{lr}", ["--optimizer", kind, "--lr", lr], epochs=early, step_losses=True)
-            for lr in lrs for kind in ("adam", "adam-no-bias-correction")]
-    grid = {"adam": ["0.0003", "0.001", "0.003"], "sgd-momentum0.9": ["0.003", "0.01", "0.03"],
-            "sgd": ["0.03", "0.1", "0.3"]}
+    bias = [
+        setting(f"bias-{kind}-lr{lr}", ["--optimizer", kind, "--lr", lr], epochs=early, step_losses=True)
+        for lr in lrs
+        for kind in ("adam", "adam-no-bias-correction")
+    ]
+    grid = {
+        "adam": ["0.0003", "0.001", "0.003"],
+        "sgd-momentum0.9": ["0.003", "0.01", "0.03"],
+        "sgd": ["0.03", "0.1", "0.3"],
+    }
     if quick:
         grid = {name: lrs[:2] for name, lrs in grid.items() if name != "sgd"}
-    fair = {name: [setting(f"fair-{name}-lr{lr}", ["--optimizer", name.split("-")[0], "--lr", lr, "--momentum",
-                                                     "0.9" if "momentum" in name else "0"], val_size=val_size)
-                   for lr in lrs]
-            for name, lrs in grid.items()}
-    scaling = [setting("inputs01-adam-lr0.001", [*adam, "--lr", "0.001", "--inputs", "zero-one"]),
-               setting("inputs01-sgd-momentum0.9-lr0.01", ["--optimizer", "sgd", "--lr", "0.01", "--inputs", "zero-one"])]
-    decay = [setting("adam-l2-0.01", [*adam, "--lr", "0.001", "--weight-decay", "0.01"]),
-             setting("adamw-0.01", ["--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01"])]
+    fair = {
+        name: [
+            setting(
+                f"fair-{name}-lr{lr}",
+                ["--optimizer", name.split("-")[0], "--lr", lr, "--momentum", "0.9" if "momentum" in name else "0"],
+                val_size=val_size,
+            )
+            for lr in lrs
+        ]
+        for name, lrs in grid.items()
+    }
+    scaling = [
+        setting("inputs01-adam-lr0.001", [*adam, "--lr", "0.001", "--inputs", "zero-one"]),
+        setting("inputs01-sgd-momentum0.9-lr0.01", ["--optimizer", "sgd", "--lr", "0.01", "--inputs", "zero-one"]),
+    ]
+    decay = [
+        setting("adam-l2-0.01", [*adam, "--lr", "0.001", "--weight-decay", "0.01"]),
+        setting("adamw-0.01", ["--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.01"]),
+    ]
     return {"optimizers": optimizers, "bias": bias, "fair": fair, "scaling": scaling, "decay": decay}
 
 
@@ -237,62 +296,116 @@ def report(study, settings):
     """study.md: the tables, in the order docs/study.md answers the questions."""
     last = settings["optimizers"][0].epochs
     shown = [epoch for epoch in (1, 5, 10, 20) if epoch <= last]
-    every = [setting for group in settings.values() for setting in (group if isinstance(group, list) else
-                                                                     [s for grid in group.values() for s in grid])]
+    every = [
+        setting
+        for group in settings.values()
+        for setting in (group if isinstance(group, list) else [s for grid in group.values() for s in grid])
+    ]
     read = sorted({os.path.relpath(study.runs_folder(setting), study.out) for setting in every})
     seeds = settings["optimizers"][0].seeds
-    over = (f"mean over seeds {', '.join(map(str, seeds))} (min–max in brackets)" if len(seeds) > 1
-            else f"seed {seeds[0]} alone")
+    over = (
+        f"mean over seeds {', '.join(map(str, seeds))} (min–max in brackets)"
+        if len(seeds) > 1
+        else f"seed {seeds[0]} alone"
+    )
     tail_text = "the last 10 epochs (11–20)" if last >= 20 else f"the last {min(10, last)} epoch(s)"
-    lines = ["# The study's tables", "",
-             f"Test accuracy (%) and training loss, {over}.", "",
-             f"Runs read: {', '.join(read)} (epochs of each run, and training images held out); each run's "
-             f"full description is the {RUN_DESCRIPTION} beside its checkpoints.", "",
-             "## Optimizers at the tutorial's settings", "",
-             "| setting | " + " | ".join(f"acc. epoch {e}" for e in shown) + " | train loss, last epoch | "
-             f"mean acc. over {tail_text} |", "|---" * (len(shown) + 3) + "|"]
+    lines = [
+        "# The study's tables",
+        "",
+        f"Test accuracy (%) and training loss, {over}.",
+        "",
+        f"Runs read: {', '.join(read)} (epochs of each run, and training images held out); each run's "
+        f"full description is the {RUN_DESCRIPTION} beside its checkpoints.",
+        "",
+        "## Optimizers at the tutorial's settings",
+        "",
+        "| setting | " + " | ".join(f"acc. epoch {e}" for e in shown) + " | train loss, last epoch | "
+        f"mean acc. over {tail_text} |",
+        "|---" * (len(shown) + 3) + "|",
+    ]
     for setting in settings["optimizers"]:
         accuracy, loss = study.metrics(setting, "test_accuracy"), study.metrics(setting, "train_loss")
         tail = [sum(run[e] for e in run if e > last - 10) / min(10, last) for run in accuracy]
-        lines.append(f"| {setting.name} | " + " | ".join(spread([run[e] for run in accuracy]) for e in shown)
-                     + f" | {sum(run[last] for run in loss) / len(loss):.4f} | {spread(tail)} |")
+        lines.append(
+            f"| {setting.name} | "
+            + " | ".join(spread([run[e] for run in accuracy]) for e in shown)
+            + f" | {sum(run[last] for run in loss) / len(loss):.4f} | {spread(tail)} |"
+        )
 
-    lines += ["", "## How much test accuracy moves from one epoch to the next", "",
-              "The largest fall and rise of test accuracy (points) between two consecutive epochs, over all seeds: "
-              "from epoch 1 to 2 (still learning), and between later epochs (after epoch 5).", "",
-              "| setting | epoch 1 → 2 | after epoch 5: largest fall | largest rise |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## How much test accuracy moves from one epoch to the next",
+        "",
+        "The largest fall and rise of test accuracy (points) between two consecutive epochs, over all seeds: "
+        "from epoch 1 to 2 (still learning), and between later epochs (after epoch 5).",
+        "",
+        "| setting | epoch 1 → 2 | after epoch 5: largest fall | largest rise |",
+        "|---|---|---|---|",
+    ]
     for setting in settings["optimizers"]:
         accuracy = study.metrics(setting, "test_accuracy")
         first = [run[2] - run[1] for run in accuracy if 2 in run]
         later = [run[e + 1] - run[e] for run in accuracy for e in run if e >= 5 and e + 1 in run]
-        lines.append(f"| {setting.name} | " + (f"{min(first):+.2f} to {max(first):+.2f}" if first else "—") + " | "
-                     + (f"{min(later):+.2f} | {max(later):+.2f}" if later else "— | —") + " |")
+        lines.append(
+            f"| {setting.name} | "
+            + (f"{min(first):+.2f} to {max(first):+.2f}" if first else "—")
+            + " | "
+            + (f"{min(later):+.2f} | {max(later):+.2f}" if later else "— | —")
+            + " |"
+        )
 
     early = settings["bias"][0].epochs
     epochs_text = "after epoch 1" + (f" and {early}" if early > 1 else "")
-    lines += ["", "## Bias correction × learning rate", "",
-              f"Test accuracy (%) {epochs_text}; fc1 units dead after epoch 1.", "",
-              "| lr | Adam, epoch 1 | without correction, epoch 1 | Adam, epoch " + str(early) +
-              " | without, epoch " + str(early) + " | dead fc1 units: Adam | without |", "|---" * 7 + "|"]
+    lines += [
+        "",
+        "## Bias correction × learning rate",
+        "",
+        f"Test accuracy (%) {epochs_text}; fc1 units dead after epoch 1.",
+        "",
+        "| lr | Adam, epoch 1 | without correction, epoch 1 | Adam, epoch "
+        + str(early)
+        + " | without, epoch "
+        + str(early)
+        + " | dead fc1 units: Adam | without |",
+        "|---" * 7 + "|",
+    ]
     if early == 1:  # a --quick study: epoch 1 is also the last
-        lines[-1:] = ["| lr | Adam, epoch 1 | without correction, epoch 1 | dead fc1 units: Adam | without |",
-                      "|---" * 5 + "|"]
+        lines[-1:] = [
+            "| lr | Adam, epoch 1 | without correction, epoch 1 | dead fc1 units: Adam | without |",
+            "|---" * 5 + "|",
+        ]
     for corrected, uncorrected in zip(settings["bias"][::2], settings["bias"][1::2]):
-        cells = [spread([run[epoch] for run in study.metrics(s, "test_accuracy")])
-                 for epoch in sorted({1, early}) for s in (corrected, uncorrected)]
+        cells = [
+            spread([run[epoch] for run in study.metrics(s, "test_accuracy")])
+            for epoch in sorted({1, early})
+            for s in (corrected, uncorrected)
+        ]
         dead = [spread(study.dead_units(s, 1), 0) for s in (corrected, uncorrected)]
         lines.append(f"| {corrected.flags[-1]} | " + " | ".join(cells) + " | " + " | ".join(dead) + " |")
-    lines += ["", "Without the correction the update is the corrected one times (1−β1ᵗ)/√(1−β2ᵗ):", "",
-              "| step t | 1 | 10 | 12 | 100 | 938 | 1000 | 5000 |", "|---" * 8 + "|",
-              "| multiplier | " + " | ".join(f"{multiplier(t):.2f}" for t in (1, 10, 12, 100, 938, 1000, 5000)) + " |", "",
-              f"Its mean over epoch 1 (steps 1–938): {sum(multiplier(t) for t in range(1, 939)) / 938:.2f}. "
-              "The first uncorrected step is lr·(1−β1)/√(1−β2) = "
-              f"{(1 - BETAS[0]) / math.sqrt(1 - BETAS[1]):.2f}·lr: larger than the corrected lr exactly when "
-              f"β2 > 1−(1−β1)² = {1 - (1 - BETAS[0]) ** 2:.2f}."]
+    lines += [
+        "",
+        "Without the correction the update is the corrected one times (1−β1ᵗ)/√(1−β2ᵗ):",
+        "",
+        "| step t | 1 | 10 | 12 | 100 | 938 | 1000 | 5000 |",
+        "|---" * 8 + "|",
+        "| multiplier | " + " | ".join(f"{multiplier(t):.2f}" for t in (1, 10, 12, 100, 938, 1000, 5000)) + " |",
+        "",
+        f"Its mean over epoch 1 (steps 1–938): {sum(multiplier(t) for t in range(1, 939)) / 938:.2f}. "
+        "The first uncorrected step is lr·(1−β1)/√(1−β2) = "
+        f"{(1 - BETAS[0]) / math.sqrt(1 - BETAS[1]):.2f}·lr: larger than the corrected lr exactly when "
+        f"β2 > 1−(1−β1)² = {1 - (1 - BETAS[0]) ** 2:.2f}.",
+    ]
 
-    lines += ["", "## A fair comparison: each optimizer's lr chosen on validation", "",
-              f"{settings['fair']['adam'][0].val_size} training images held out; the mean of the last 5 epochs (or fewer) per seed.", "",
-              "| optimizer | lr | validation acc. | test acc. | chosen |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## A fair comparison: each optimizer's lr chosen on validation",
+        "",
+        f"{settings['fair']['adam'][0].val_size} training images held out; "
+        "the mean of the last 5 epochs (or fewer) per seed.",
+        "",
+        "| optimizer | lr | validation acc. | test acc. | chosen |",
+        "|---|---|---|---|---|",
+    ]
     chosen = {}
     for name, grid in settings["fair"].items():
         scores = {}
@@ -304,55 +417,98 @@ def report(study, settings):
         best = max(scores, key=lambda key: scores[key][0])
         chosen[name] = scores[best][3]
         for key, (_, val, test, setting) in scores.items():
-            lines.append(f"| {name} | {setting.flags[3]} | {spread(val)} | {spread(test) if key == best else '—'} | "
-                         f"{'←' if key == best else ''} |")
+            lines.append(
+                f"| {name} | {setting.flags[3]} | {spread(val)} | {spread(test) if key == best else '—'} | "
+                f"{'←' if key == best else ''} |"
+            )
 
-    lines += ["", "### The chosen settings: fit and generalisation at the last epoch", "",
-              "Accuracy (%) on the training images the run trained on (eval mode, the held-out ones left out) and "
-              "on the test set, both at the last epoch; the test loss's range from epoch 9 on.", "",
-              "| optimizer | train acc. | test acc. | train loss (last epoch, mean over it) | test loss from epoch 9 |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### The chosen settings: fit and generalisation at the last epoch",
+        "",
+        "Accuracy (%) on the training images the run trained on (eval mode, the held-out ones left out) and "
+        "on the test set, both at the last epoch; the test loss's range from epoch 9 on.",
+        "",
+        "| optimizer | train acc. | test acc. | train loss (last epoch, mean over it) | test loss from epoch 9 |",
+        "|---|---|---|---|---|",
+    ]
     for name, setting in chosen.items():
         train_accuracy = study.train_accuracy(setting, setting.epochs)
         test = [run[setting.epochs] for run in study.metrics(setting, "test_accuracy")]
         loss = [run[setting.epochs] for run in study.metrics(setting, "train_loss")]
         test_loss = [value for run in study.metrics(setting, "test_loss") for epoch, value in run.items() if epoch >= 9]
-        lines.append(f"| {name}, lr {setting.flags[3]} | {spread(train_accuracy)} | {spread(test)} | "
-                     f"{sum(loss) / len(loss):.4f} | " + (f"{min(test_loss):.4f}–{max(test_loss):.4f}" if test_loss else "—")
-                     + " |")
+        lines.append(
+            f"| {name}, lr {setting.flags[3]} | {spread(train_accuracy)} | {spread(test)} | "
+            f"{sum(loss) / len(loss):.4f} | "
+            + (f"{min(test_loss):.4f}–{max(test_loss):.4f}" if test_loss else "—")
+            + " |"
+        )
 
-    lines += ["", "## What three seeds can show", "",
-              f"A test accuracy near 97.5% on 10,000 images has a binomial standard error of "
-              f"{100 * math.sqrt(0.975 * 0.025 / 10000):.2f} points. With 3 seeds a side, an exact rank test "
-              "(Mann–Whitney) can give no two-sided p-value below "
-              f"{2 / math.comb(6, 3):.2f}: all three of one above all three of the other.", "",
-              "## Inputs in [0, 1] against the tutorial's [−1, 1]", "",
-              f"Test accuracy (%): at the last epoch and the mean over {tail_text}.", "",
-              "| optimizer | [−1, 1]: last | [0, 1]: last | [−1, 1]: mean | [0, 1]: mean |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## What three seeds can show",
+        "",
+        f"A test accuracy near 97.5% on 10,000 images has a binomial standard error of "
+        f"{100 * math.sqrt(0.975 * 0.025 / 10000):.2f} points. With 3 seeds a side, an exact rank test "
+        "(Mann–Whitney) can give no two-sided p-value below "
+        f"{2 / math.comb(6, 3):.2f}: all three of one above all three of the other.",
+        "",
+        "## Inputs in [0, 1] against the tutorial's [−1, 1]",
+        "",
+        f"Test accuracy (%): at the last epoch and the mean over {tail_text}.",
+        "",
+        "| optimizer | [−1, 1]: last | [0, 1]: last | [−1, 1]: mean | [0, 1]: mean |",
+        "|---|---|---|---|---|",
+    ]
     for scaled in settings["scaling"]:
-        plain = next(setting for setting in settings["optimizers"] if setting.flags == scaled.flags
-                     or setting.name == scaled.name.replace("inputs01-", ""))
+        plain = next(
+            setting
+            for setting in settings["optimizers"]
+            if setting.flags == scaled.flags or setting.name == scaled.name.replace("inputs01-", "")
+        )
         cells = []
         for setting in (plain, scaled):
             accuracy = study.metrics(setting, "test_accuracy")
-            cells.append((spread([run[last] for run in accuracy]),
-                          spread([sum(run[e] for e in run if e > last - 10) / min(10, last) for run in accuracy])))
-        lines.append(f"| {scaled.name.replace('inputs01-', '')} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | "
-                     f"{cells[1][1]} |")
+            cells.append(
+                (
+                    spread([run[last] for run in accuracy]),
+                    spread([sum(run[e] for e in run if e > last - 10) / min(10, last) for run in accuracy]),
+                )
+            )
+        lines.append(
+            f"| {scaled.name.replace('inputs01-', '')} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | "
+            f"{cells[1][1]} |"
+        )
 
-    lines += ["", "## Dead ReLU units", "", "fc1 units (of 128) that are zero on every test image.", "",
-              "| setting | inputs | after epoch 1 | after the last epoch |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Dead ReLU units",
+        "",
+        "fc1 units (of 128) that are zero on every test image.",
+        "",
+        "| setting | inputs | after epoch 1 | after the last epoch |",
+        "|---|---|---|---|",
+    ]
     for setting in [*settings["optimizers"], *settings["scaling"]]:
         inputs = "[0, 1]" if setting.inputs == "zero-one" else "[−1, 1]"
-        lines.append(f"| {setting.name} | {inputs} | {spread(study.dead_units(setting, 1), 0)} | "
-                     f"{spread(study.dead_units(setting, setting.epochs), 0)} |")
+        lines.append(
+            f"| {setting.name} | {inputs} | {spread(study.dead_units(setting, 1), 0)} | "
+            f"{spread(study.dead_units(setting, setting.epochs), 0)} |"
+        )
 
-    lines += ["", "## Adam with weight decay against AdamW (decay 0.01, lr 0.001)", "",
-              "| optimizer | " + " | ".join(f"acc. epoch {e}" for e in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    lines += [
+        "",
+        "## Adam with weight decay against AdamW (decay 0.01, lr 0.001)",
+        "",
+        "| optimizer | " + " | ".join(f"acc. epoch {e}" for e in shown) + " |",
+        "|---" * (len(shown) + 1) + "|",
+    ]
     for setting in settings["decay"]:
         accuracy = study.metrics(setting, "test_accuracy")
         lines.append(f"| {setting.name} | " + " | ".join(spread([run[e] for run in accuracy]) for e in shown) + " |")
-    safe_files.atomic_write(os.path.join(study.out, "study.md"), lambda file: file.write(("\n".join(lines) + "\n").encode()))
+    safe_files.atomic_write(
+        os.path.join(study.out, "study.md"), lambda file: file.write(("\n".join(lines) + "\n").encode())
+    )
     return chosen
 
 
@@ -362,19 +518,27 @@ def figures(study, settings, chosen):
     from matplotlib.figure import Figure  # here: matplotlib is optional (figures only)
 
     runs = [plot.read_run(study.folder(setting, seed)) for setting in settings["optimizers"] for seed in setting.seeds]
-    plot.draw(plot.group_by_setting(runs), os.path.join(study.out, "study_curves.png"),
-              f"MNIST MLP, {len(settings['optimizers'][0].seeds)} seed(s) each: test accuracy and training loss",
-              accuracy_from=None)
+    plot.draw(
+        plot.group_by_setting(runs),
+        os.path.join(study.out, "study_curves.png"),
+        f"MNIST MLP, {len(settings['optimizers'][0].seeds)} seed(s) each: test accuracy and training loss",
+        accuracy_from=None,
+    )
 
     figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
     left, right = figure.subplots(1, 2)
     for number, setting in enumerate(settings["bias"]):
         losses = read_steps(study.folder(setting, setting.seeds[0]))  # checked complete by Study.run
         # a running mean of up to 20 steps, from step 1 (the first steps' peak is the point)
-        smooth = [sum(losses[max(0, t - 20):t]) / (t - max(0, t - 20)) for t in range(1, len(losses) + 1)]
-        left.plot(range(1, len(losses) + 1), smooth, color=f"C{number // 2}", linewidth=1,
-                  linestyle="-" if number % 2 == 0 else ":",
-                  label=f"lr {setting.flags[-1]}" + ("" if number % 2 == 0 else ", no correction"))
+        smooth = [sum(losses[max(0, t - 20) : t]) / (t - max(0, t - 20)) for t in range(1, len(losses) + 1)]
+        left.plot(
+            range(1, len(losses) + 1),
+            smooth,
+            color=f"C{number // 2}",
+            linewidth=1,
+            linestyle="-" if number % 2 == 0 else ":",
+            label=f"lr {setting.flags[-1]}" + ("" if number % 2 == 0 else ", no correction"),
+        )
     left.set(xlabel="step", ylabel="training loss, mean of the last 20 steps", yscale="log")
     left.set_title(f"seed {settings['bias'][0].seeds[0]}, from step 1", fontsize=10)
     left.legend(fontsize=7)
@@ -392,10 +556,16 @@ def figures(study, settings, chosen):
             runs = study.metrics(setting, column)
             epochs = sorted(runs[0])
             values = [[run[e] for run in runs] for e in epochs]
-            axis.plot(epochs, [sum(v) / len(v) for v in values], marker=".", color=f"C{number}",
-                      label=f"{name}, lr {setting.flags[3]} (mean of {len(runs)} seeds, min–max)")
-            axis.fill_between(epochs, [min(v) for v in values], [max(v) for v in values], color=f"C{number}",
-                              alpha=0.2, linewidth=0)
+            axis.plot(
+                epochs,
+                [sum(v) / len(v) for v in values],
+                marker=".",
+                color=f"C{number}",
+                label=f"{name}, lr {setting.flags[3]} (mean of {len(runs)} seeds, min–max)",
+            )
+            axis.fill_between(
+                epochs, [min(v) for v in values], [max(v) for v in values], color=f"C{number}", alpha=0.2, linewidth=0
+            )
     axes[0].set(xlabel="epoch", ylabel="validation accuracy (%)")
     axes[1].set(xlabel="epoch", ylabel="validation loss")
     axes[0].legend(fontsize=8)
@@ -420,6 +590,7 @@ def main(argv=None):
         except run_folder.WriteFailed as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+
     return commands.run_main(body, argv)
 
 

@@ -17,28 +17,43 @@ import mnist_mlp
 import train
 import tutorial
 from mnist_mlp_tools import checkpoints, commands, data_files, fast_step, optimizers
-from tests.conftest import ROOT, TUTORIAL_TRANSFORM, DeeperModel, make_step, make_tiny_mnist, mnist, run_main  # noqa: F401  (mnist: a fixture)
+from tests.conftest import (  # noqa: F401 (mnist: a fixture, used by name)
+    ROOT,
+    TUTORIAL_TRANSFORM,
+    DeeperModel,
+    make_step,
+    make_tiny_mnist,
+    mnist,
+    run_main,
+)
 
 
 def test_model_matches_the_tutorials_keys_and_shapes():
     ours, theirs = mnist_mlp.NoteModel(), tutorial.NoteModel()
-    assert [(key, value.shape) for key, value in ours.state_dict().items()] == \
-           [(key, value.shape) for key, value in theirs.state_dict().items()]
+    assert [(key, value.shape) for key, value in ours.state_dict().items()] == [
+        (key, value.shape) for key, value in theirs.state_dict().items()
+    ]
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(5, 1, 28, 28)
     assert torch.equal(ours(x), theirs(x))
     assert torch.equal(ours(x.view(5, 784)), ours(x))
     narrow = mnist_mlp.NoteModel(32, 16)
-    assert [(name, layer.out_features) for name, layer in narrow.named_children()] == [("fc1", 32), ("fc2", 16),
-                                                                                       ("fc3", 10)]
+    assert [(name, layer.out_features) for name, layer in narrow.named_children()] == [
+        ("fc1", 32),
+        ("fc2", 16),
+        ("fc3", 10),
+    ]
     assert checkpoints.checked_checkpoint("narrow", narrow.state_dict())["config"]["hidden"] == [32, 16]
     deeper = checkpoints.checked_checkpoint("deeper", DeeperModel().state_dict())
-    with pytest.raises(commands.UsageError, match=r"the checkpoint has fc4.weight, fc4.bias that NoteModel lacks; "
-                                                  r"fc3.weight is \[30, 40\] there, \[10, 40\] in NoteModel"):
+    with pytest.raises(
+        commands.UsageError,
+        match=r"the checkpoint has fc4.weight, fc4.bias that NoteModel lacks; "
+        r"fc3.weight is \[30, 40\] there, \[10, 40\] in NoteModel",
+    ):
         checkpoints.model_from_checkpoint("deeper", deeper)
 
 
-def test_normalization_equals_torchvision_transforms_bit_for_bit(mnist):
+def test_normalization_equals_torchvision_transforms_bit_for_bit(mnist):  # noqa: F811 (mnist: the fixture imported above)
     train_split, _ = mnist
     dataset = datasets.MNIST(commands.DEFAULT_DATA_DIR, train=True, transform=TUTORIAL_TRANSFORM)
     indices = list(range(0, 60000, 97))
@@ -69,8 +84,9 @@ def test_our_batches_equal_the_tutorials_dataloader_batches(tmp_path):
     root = make_tiny_mnist(tmp_path, n_train=200)
     train_split, _ = data_files.load(str(root), download=False)
     dataset = datasets.MNIST(str(root), train=True, transform=TUTORIAL_TRANSFORM)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(3))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(3)
+    )
     ours = torch.Generator().manual_seed(3)
     for _ in range(2):
         order = mnist_mlp.epoch_order(len(train_split), ours)
@@ -82,16 +98,18 @@ def test_our_batches_equal_the_tutorials_dataloader_batches(tmp_path):
 
 
 def test_bundled_data_has_the_canonical_mnist_checksums():
-    expected = {"train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-                "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-                "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-                "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637"}
+    expected = {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    }
     for name, md5 in expected.items():
         with gzip.open(os.path.join(ROOT, "data", "MNIST", "raw", name + ".gz"), "rb") as file:
             assert hashlib.md5(file.read()).hexdigest() == md5, name
 
 
-def test_hand_written_backward_equals_autograd_bit_for_bit(mnist):
+def test_hand_written_backward_equals_autograd_bit_for_bit(mnist):  # noqa: F811 (mnist: the fixture imported above)
     train_split, _ = mnist
     x, labels = mnist_mlp.normalize(train_split.pixels[:64]), train_split.labels[:64]
     for model_class in (mnist_mlp.NoteModel, DeeperModel):
@@ -112,7 +130,7 @@ def test_hand_written_backward_equals_autograd_bit_for_bit(mnist):
 
 
 @pytest.mark.parametrize("optimizer, fused", [("adam", False), ("sgd", False), ("adam", True), ("sgd", True)])
-def test_our_loop_equals_the_tutorials_pipeline_bit_for_bit(mnist, optimizer, fused):
+def test_our_loop_equals_the_tutorials_pipeline_bit_for_bit(mnist, optimizer, fused):  # noqa: F811 (mnist: the fixture imported above)
     """40 steps of DataLoader + transforms + autograd + torch's optimizer vs ours, from the same seed:
     the same weights. By default against torch's default optimizers (the tutorial's); with fused,
     against torch's fused ones."""
@@ -120,11 +138,15 @@ def test_our_loop_equals_the_tutorials_pipeline_bit_for_bit(mnist, optimizer, fu
     torch.manual_seed(seed)
     theirs = tutorial.NoteModel()
     options = {"fused": True} if fused else {}
-    tutorial_optimizer = (torch.optim.Adam(theirs.parameters(), lr=0.01, **options) if optimizer == "adam" else
-                          torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9, **options))
+    tutorial_optimizer = (
+        torch.optim.Adam(theirs.parameters(), lr=0.01, **options)
+        if optimizer == "adam"
+        else torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9, **options)
+    )
     dataset = datasets.MNIST(commands.DEFAULT_DATA_DIR, train=True, transform=TUTORIAL_TRANSFORM)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     criterion = nn.CrossEntropyLoss()
     for step, (images, labels) in zip(range(steps), loader):
         tutorial_optimizer.zero_grad()
@@ -134,8 +156,9 @@ def test_our_loop_equals_the_tutorials_pipeline_bit_for_bit(mnist, optimizer, fu
     torch.manual_seed(seed)
     model = mnist_mlp.NoteModel()
     train_split, _ = mnist
-    step, _ = fast_step.make_train_step(model, nn.CrossEntropyLoss(),
-                                        optimizers.make_optimizer(optimizer, model.parameters(), 0.01, fused=fused))
+    step, _ = fast_step.make_train_step(
+        model, nn.CrossEntropyLoss(), optimizers.make_optimizer(optimizer, model.parameters(), 0.01, fused=fused)
+    )
     assert isinstance(step, fast_step.FastStep)
     order = mnist_mlp.epoch_order(len(train_split), torch.Generator().manual_seed(seed))
     for batch in order.split(64)[:steps]:
@@ -175,7 +198,7 @@ def test_without_bias_correction_the_early_steps_are_too_large_not_too_small():
     assert corrected[0] == pytest.approx(1.0, rel=1e-3)  # with the correction the first step is lr
     assert uncorrected[0] == pytest.approx(3.162, rel=1e-3)  # 0.1 / sqrt(0.001)
     for t, expected in ((10, 6.5), (100, 3.2), (1000, 1.26)):
-        exact = (1 - 0.9 ** t) / math.sqrt(1 - 0.999 ** t)  # m_t / sqrt(v_t) for a constant gradient
+        exact = (1 - 0.9**t) / math.sqrt(1 - 0.999**t)  # m_t / sqrt(v_t) for a constant gradient
         assert uncorrected[t - 1] == pytest.approx(exact, rel=1e-6)
         assert uncorrected[t - 1] == pytest.approx(expected, abs=0.05)
         assert corrected[t - 1] == pytest.approx(1.0, rel=1e-4)
@@ -186,9 +209,11 @@ def test_adam_by_hand_optimizer_equals_torch_adam_and_can_drop_the_correction():
     models = [mnist_mlp.NoteModel(16, 16) for _ in range(3)]
     for model in models[1:]:
         model.load_state_dict(models[0].state_dict())
-    adams = [torch.optim.Adam(models[0].parameters(), lr=1e-3, foreach=False),
-                  optimizers.make_optimizer("adam-no-bias-correction", models[1].parameters(), 1e-3),
-                  mnist_mlp.AdamByHand(models[2].parameters(), lr=1e-3)]
+    adams = [
+        torch.optim.Adam(models[0].parameters(), lr=1e-3, foreach=False),
+        optimizers.make_optimizer("adam-no-bias-correction", models[1].parameters(), 1e-3),
+        mnist_mlp.AdamByHand(models[2].parameters(), lr=1e-3),
+    ]
     x, labels = torch.randn(32, 784), torch.randint(0, 10, (32,))
     for _ in range(5):
         for model, optimizer in zip(models, adams):
@@ -210,7 +235,7 @@ def test_normalize_equals_the_three_step_form_for_every_byte_value():
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_fast_and_autograd_steps_give_bit_identical_weights(mnist, optimizer):
+def test_fast_and_autograd_steps_give_bit_identical_weights(mnist, optimizer):  # noqa: F811 (mnist: the fixture imported above)
     train_split, _ = mnist
     models = []
     for choice in ("fast", "autograd"):
@@ -218,7 +243,7 @@ def test_fast_and_autograd_steps_give_bit_identical_weights(mnist, optimizer):
         model = mnist_mlp.NoteModel()
         step, _ = make_step(model, choice, optimizer, lr=0.01)
         order = mnist_mlp.epoch_order(len(train_split), torch.Generator().manual_seed(4))
-        result = mnist_mlp.train_epoch(step, train_split, order[:40 * 64].split(64))
+        result = mnist_mlp.train_epoch(step, train_split, order[: 40 * 64].split(64))
         models.append((model, result.step_losses))
     (fast, fast_losses), (autograd, autograd_losses) = models
     assert torch.equal(fast_losses, autograd_losses)
@@ -237,9 +262,13 @@ def test_train_py_gives_the_weights_of_tutorial_py_bit_for_bit_after_a_real_epoc
     assert lines[:2] == ["cpu", "-------------------第1轮训练开始-------------------"]
     assert [line.split("，")[0] for line in lines[2:11]] == [f"训练次数{step}" for step in range(100, 901, 100)]
     assert all(float(line.split("loss:")[1]) > 0 for line in lines[2:11])  # one batch's loss.item(), unrounded
-    assert lines[11].startswith("第1轮训练结束！loss:") and lines[12] == "-------------------第1轮测试开始----------------"
+    assert (
+        lines[11].startswith("第1轮训练结束！loss:") and lines[12] == "-------------------第1轮测试开始----------------"
+    )
     assert lines[13].startswith("测试数据成功的概率为: ") and lines[14:] == ["第1训练轮模型已保存！"]
-    code, ours_out, _ = run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path / "ours", "--device", "cpu"], capsys)
+    code, ours_out, _ = run_main(
+        train, ["--epochs", "1", "--checkpoint-dir", tmp_path / "ours", "--device", "cpu"], capsys
+    )
     assert code == 0 and ours_out.startswith("training with the fast step")
     assert f"test accuracy {lines[13].split(': ')[1]}" in ours_out  # the same accuracy, to the hundredth
     for script, printed in (("tutorial.py", out), ("train.py", ours_out)):  # the lines bench.py --whole times
@@ -262,9 +291,9 @@ def test_without_bias_correction_adam_is_corrected_adam_times_a_factor_of_t_alon
     for t in range(1, 301):
         grad = torch.randn(50, dtype=torch.float64, generator=generator) * (1 + t % 7)  # no steady gradient
         before = (corrected.clone(), uncorrected.clone())
-        multiplier = (1 - 0.9 ** t) / math.sqrt(1 - 0.999 ** t)
+        multiplier = (1 - 0.9**t) / math.sqrt(1 - 0.999**t)
         mnist_mlp.adam_update(corrected, grad, *states[0], t, lr=1e-3 * multiplier, eps=0.0)
         mnist_mlp.adam_update(uncorrected, grad, *states[1], t, lr=1e-3, eps=0.0, bias_correction=False)
         torch.testing.assert_close(corrected - before[0], uncorrected - before[1], rtol=1e-9, atol=0)
         corrected.copy_(uncorrected)  # the same point for the next step's comparison
-    assert max((1 - 0.9 ** t) / math.sqrt(1 - 0.999 ** t) for t in range(1, 100)) == pytest.approx(6.57, abs=0.01)
+    assert max((1 - 0.9**t) / math.sqrt(1 - 0.999**t) for t in range(1, 100)) == pytest.approx(6.57, abs=0.01)

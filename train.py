@@ -20,37 +20,74 @@ def parse_args(argv):
     group.add_argument("--epochs", type=whole, default=20, help="total number of epochs")
     group.add_argument("--batch-size", type=whole, default=64, help="training batch size")
     group.add_argument("--lr", type=commands.positive_float, default=0.001, help="learning rate")
-    group.add_argument("--optimizer", choices=list(optimizers.OPTIMIZERS), default="adam",
-                       help="; ".join(f"{name}: {kind.help}" for name, kind in optimizers.OPTIMIZERS.items()))
-    group.add_argument("--momentum", type=commands.fraction, default=0.9, help="SGD momentum, 0 to below 1 (0: plain SGD)")
+    group.add_argument(
+        "--optimizer",
+        choices=list(optimizers.OPTIMIZERS),
+        default="adam",
+        help="; ".join(f"{name}: {kind.help}" for name, kind in optimizers.OPTIMIZERS.items()),
+    )
+    group.add_argument(
+        "--momentum", type=commands.fraction, default=0.9, help="SGD momentum, 0 to below 1 (0: plain SGD)"
+    )
     group.add_argument("--weight-decay", type=commands.fraction, help="weight decay (default: the optimizer's own)")
-    group.add_argument("--inputs", choices=("tutorial", "zero-one"), default="tutorial",  # mnist_mlp.INPUT_SCALINGS
-                       help="pixels p as inputs: tutorial: p/127.5 - 1 (ToTensor, Normalize); zero-one: p/255 (ToTensor)")
-    group.add_argument("--hidden", type=commands.bounded_int(1, commands.MAX_WIDTH), nargs="+", metavar="WIDTH",
-                       help="the widths NoteModel(...) takes (the tutorial's: 128 64; default: NoteModel's own, "
-                            "or the resumed checkpoint's)")
-    group.add_argument("--seed", type=commands.bounded_int(0, 2**63 - 1), default=1, help="seed for weights and batch order")
+    group.add_argument(
+        "--inputs",
+        choices=("tutorial", "zero-one"),
+        default="tutorial",  # mnist_mlp.INPUT_SCALINGS
+        help="pixels p as inputs: tutorial: p/127.5 - 1 (ToTensor, Normalize); zero-one: p/255 (ToTensor)",
+    )
+    group.add_argument(
+        "--hidden",
+        type=commands.bounded_int(1, commands.MAX_WIDTH),
+        nargs="+",
+        metavar="WIDTH",
+        help="the widths NoteModel(...) takes (the tutorial's: 128 64; default: NoteModel's own, "
+        "or the resumed checkpoint's)",
+    )
+    group.add_argument(
+        "--seed", type=commands.bounded_int(0, 2**63 - 1), default=1, help="seed for weights and batch order"
+    )
     group = parser.add_argument_group("data")
     commands.add_dataset_flag(group)
     commands.add_data_dir_flag(group)
-    group.add_argument("--val-size", type=commands.bounded_int(0, 1_000_000), default=0, help="training images held out")
+    group.add_argument(
+        "--val-size", type=commands.bounded_int(0, 1_000_000), default=0, help="training images held out"
+    )
     group.add_argument("--test-batch-size", type=whole, default=1000, help="evaluation batch size")
     group = parser.add_argument_group("output and resuming")
     group.add_argument("--checkpoint-dir", default=".", help="where checkpoints and metrics.csv go")
-    group.add_argument("--overwrite", action="store_true", help="replace the files in --checkpoint-dir that this run "
-                       "would mix with (another run's, or this run's later epochs); says what it removed")
-    group.add_argument("--log-interval", type=whole, default=100, help="print the mean training loss every this many steps")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files in --checkpoint-dir that this run "
+        "would mix with (another run's, or this run's later epochs); says what it removed",
+    )
+    group.add_argument(
+        "--log-interval", type=whole, default=100, help="print the mean training loss every this many steps"
+    )
     group.add_argument("--resume", metavar="CHECKPOINT", help="continue training from this checkpoint")
     commands.add_trust_pickle_flag(group, "allow --resume from a pickled whole model")
     group = parser.add_argument_group("speed (the same numbers, except with --fused or other --threads)")
     commands.add_device_flag(group)
-    group.add_argument("--threads", type=commands.bounded_int(1, os.cpu_count() or 1), default=1,
-                       help="CPU threads for torch: 1 is fastest for these small matrices")
-    group.add_argument("--step", choices=["auto", "autograd", "fast"], default="auto",
-                       help="autograd: the textbook step; fast: the backward written out, for a model it is proven "
-                            "equal to; auto: fast where proven, autograd elsewhere")
-    group.add_argument("--fused", action="store_true", help="torch's fused optimizer: faster, Adam's last bits differ "
-                       "from the tutorial's; on CUDA the step then replays as a CUDA graph")
+    group.add_argument(
+        "--threads",
+        type=commands.bounded_int(1, os.cpu_count() or 1),
+        default=1,
+        help="CPU threads for torch: 1 is fastest for these small matrices",
+    )
+    group.add_argument(
+        "--step",
+        choices=["auto", "autograd", "fast"],
+        default="auto",
+        help="autograd: the textbook step; fast: the backward written out, for a model it is proven "
+        "equal to; auto: fast where proven, autograd elsewhere",
+    )
+    group.add_argument(
+        "--fused",
+        action="store_true",
+        help="torch's fused optimizer: faster, Adam's last bits differ "
+        "from the tutorial's; on CUDA the step then replays as a CUDA graph",
+    )
     group.add_argument("--no-cuda-graph", action="store_true", help="with --fused on CUDA, no CUDA graph")
     args = parser.parse_args(argv)
     if args.weight_decay and args.optimizer == "adam-no-bias-correction":
@@ -76,8 +113,11 @@ class Run:
         self.args, self.device, self.progress = args, device, progress
         run_folder.writable_folder(args.checkpoint_dir)
         resumed = None if not args.resume else checkpoints.load_checkpoint(args.resume, trust_pickle=args.trust_pickle)
-        model_args = models.fitting(models.constructor_args(args.hidden) if resumed is None
-                                    else checkpoints.resume_widths(args.resume, resumed["config"], args.hidden))
+        model_args = models.fitting(
+            models.constructor_args(args.hidden)
+            if resumed is None
+            else checkpoints.resume_widths(args.resume, resumed["config"], args.hidden)
+        )
         torch.manual_seed(args.seed)  # as the tutorial with a seed: weights first, then the batch order
         self.model = models.build(model_args)  # the NoteModel in mnist_mlp.py, however it is written
         if resumed is not None:
@@ -86,43 +126,69 @@ class Run:
         models.check_output(self.model, mnist_mlp.DATASETS[args.dataset][1])
         self.order_generator = torch.Generator().manual_seed(args.seed)
         self.criterion = torch.nn.CrossEntropyLoss()
-        self.optimizer = optimizers.make_optimizer(args.optimizer, self.model.parameters(), args.lr, args.momentum,
-                                                   args.weight_decay, args.fused)
-        self.config = {"hidden": model_args, **optimizers.optimizer_config(self.optimizer), "inputs": args.inputs,
-                       "batch_size": args.batch_size, "seed": args.seed, "dataset": args.dataset,
-                       "val_size": args.val_size, "fused": args.fused,  # threads: the matmuls' rounding
-                       **({"threads": torch.get_num_threads()} if device.type == "cpu" else {}),
-                       "run": (resumed or {}).get("config", {}).get("run") or uuid.uuid4().hex,  # the run's identity
-                       "model_source": models.source_fingerprint()}  # a checkpoint read by other code is told apart
-        self.start_epoch = 0 if resumed is None else checkpoints.restore_training_state(
-            args.resume, resumed, self.config, self.optimizer, self.order_generator)
+        self.optimizer = optimizers.make_optimizer(
+            args.optimizer, self.model.parameters(), args.lr, args.momentum, args.weight_decay, args.fused
+        )
+        self.config = {
+            "hidden": model_args,
+            **optimizers.optimizer_config(self.optimizer),
+            "inputs": args.inputs,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "dataset": args.dataset,
+            "val_size": args.val_size,
+            "fused": args.fused,  # threads: the matmuls' rounding
+            **({"threads": torch.get_num_threads()} if device.type == "cpu" else {}),
+            "run": (resumed or {}).get("config", {}).get("run") or uuid.uuid4().hex,  # the run's identity
+            "model_source": models.source_fingerprint(),
+        }  # a checkpoint read by other code is told apart
+        self.start_epoch = (
+            0
+            if resumed is None
+            else checkpoints.restore_training_state(
+                args.resume, resumed, self.config, self.optimizer, self.order_generator
+            )
+        )
         if self.start_epoch >= args.epochs:
-            raise UsageError(f"{args.resume} is already at epoch {self.start_epoch}; "
-                             f"pass --epochs larger than {self.start_epoch} to train more")
+            raise UsageError(
+                f"{args.resume} is already at epoch {self.start_epoch}; "
+                f"pass --epochs larger than {self.start_epoch} to train more"
+            )
 
     def open(self):
         """Read the data and claim the folder (after every check of the input: it may delete files)."""
         args = self.args
-        train_split, test_split = (dataclasses.replace(split, scaling=args.inputs)
-                                   for split in data_files.load(args.data_dir, args.dataset))
+        train_split, test_split = (
+            dataclasses.replace(split, scaling=args.inputs) for split in data_files.load(args.data_dir, args.dataset)
+        )
         train_split, val_split = data_files.split_validation(train_split, args.val_size, args.seed)
-        self.metrics_rows = run_folder.claim_folder(args.checkpoint_dir, self.start_epoch, self.progress, args.overwrite,
-                                                    self.config["run"])
+        self.metrics_rows = run_folder.claim_folder(
+            args.checkpoint_dir, self.start_epoch, self.progress, args.overwrite, self.config["run"]
+        )
         self.train_split, self.test_split = train_split.to(self.device), test_split.to(self.device)
         self.val_split = val_split.to(self.device) if val_split is not None else None
         self.model.train()
         images, batch = len(self.train_split), min(args.batch_size, len(self.train_split))  # proven on each size
-        self.step, self.step_description = fast_step.make_train_step(self.model, self.criterion, self.optimizer,
-            args.step, {batch, images % batch} - {0}, cuda_graph=not args.no_cuda_graph)
+        self.step, self.step_description = fast_step.make_train_step(
+            self.model,
+            self.criterion,
+            self.optimizer,
+            args.step,
+            {batch, images % batch} - {0},
+            cuda_graph=not args.no_cuda_graph,
+        )
 
     def train_one_epoch(self, epoch, stop):
         """mnist_mlp.train_epoch over this epoch's shuffled batches; None if a stop was asked for."""
+
         def log(step_number, steps, loss):
             run_folder.say(f"epoch {epoch}/{self.args.epochs}  step {step_number}/{steps}  loss {loss:.4f}")
+
         order = mnist_mlp.epoch_order(len(self.train_split), self.order_generator).to(self.device)
         try:
-            return mnist_mlp.train_epoch(self.step, self.train_split, order.split(self.args.batch_size),
-                                         self.args.log_interval, log, stop)
+            return mnist_mlp.train_epoch(
+                self.step, self.train_split, order.split(self.args.batch_size), self.args.log_interval, log, stop
+            )
         except mnist_mlp.NonFiniteLoss as error:
             raise self.diverged(f"{error} of epoch {epoch}", epoch) from None
 
@@ -135,9 +201,15 @@ class Run:
     def evaluate(self, train_loss, seconds):
         """The epoch's figures: training loss, test (and validation) loss and accuracy, speed."""
         test = mnist_mlp.evaluate(self.model, self.test_split, self.args.test_batch_size)
-        metrics = {"train_loss": train_loss, "test_loss": test.loss, "test_accuracy": test.accuracy,
-                   "test_correct": test.correct, "test_total": test.total,
-                   "seconds": seconds, "samples_per_s": len(self.train_split) / seconds}
+        metrics = {
+            "train_loss": train_loss,
+            "test_loss": test.loss,
+            "test_accuracy": test.accuracy,
+            "test_correct": test.correct,
+            "test_total": test.total,
+            "seconds": seconds,
+            "samples_per_s": len(self.train_split) / seconds,
+        }
         if self.val_split is not None:
             val = mnist_mlp.evaluate(self.model, self.val_split, self.args.test_batch_size)
             metrics.update(val_loss=val.loss, val_accuracy=val.accuracy)
@@ -148,8 +220,12 @@ class Run:
         args = self.args
         path = os.path.join(args.checkpoint_dir, run_folder.CHECKPOINT_NAME.format(epoch=epoch))
         try:
-            checkpoints.save_checkpoint(path, checkpoints.training_state(
-                self.model, self.optimizer, epoch, self.config, metrics, self.order_generator))
+            checkpoints.save_checkpoint(
+                path,
+                checkpoints.training_state(
+                    self.model, self.optimizer, epoch, self.config, metrics, self.order_generator
+                ),
+            )
         except checkpoints.NonFiniteCheckpoint:  # the weights, Adam's state or a loss: the last update diverged
             raise self.diverged(f"the weights became non-finite in epoch {epoch}", epoch) from None
         except OSError as error:
@@ -164,7 +240,8 @@ def train_loop(run, stop, on_epoch=None):
     args = run.args
     run_folder.say(f"training with the {run.step_description}")
     threads = f" ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})" * (run.device.type == "cpu")
-    run_folder.say(f"on {run.device}{threads}, {len(run.train_split)} {args.dataset} images, epochs {run.start_epoch + 1}..{args.epochs}")
+    images = f"{len(run.train_split)} {args.dataset} images"
+    run_folder.say(f"on {run.device}{threads}, {images}, epochs {run.start_epoch + 1}..{args.epochs}")
     with fast_step.denormals_flushed():
         for epoch in range(run.start_epoch + 1, args.epochs + 1):
             run.progress.epoch = epoch
@@ -190,10 +267,12 @@ def train_loop(run, stop, on_epoch=None):
 def train(args, progress, on_epoch=None):
     """Train as the flags say, leaving torch's threads and random generators as they were."""
     device = commands.resolve_device(args.device)  # GracefulStop first: its handlers cover the clean-up too
-    with run_folder.GracefulStop() as stop, \
-            commands.torch_threads(args.threads if device.type == "cpu" else torch.get_num_threads()), \
-            safe_files.folders_removed_if_left_empty(args.checkpoint_dir), \
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with (
+        run_folder.GracefulStop() as stop,
+        commands.torch_threads(args.threads if device.type == "cpu" else torch.get_num_threads()),
+        safe_files.folders_removed_if_left_empty(args.checkpoint_dir),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+    ):
         run = Run(args, device, progress)
         with run_folder.FolderLock(args.checkpoint_dir):
             run.open()
@@ -202,6 +281,7 @@ def train(args, progress, on_epoch=None):
 
 def main(argv=None, on_epoch=None):
     """train.py's program: main(["--epochs", "3"]) in a notebook, main() with the defaults; on_epoch(epoch, result)."""
+
     def body(argv):
         args = parse_args(argv)
         progress = run_folder.Progress(__file__, argv, args.resume, args.epochs)
@@ -213,6 +293,7 @@ def main(argv=None, on_epoch=None):
         except KeyboardInterrupt:  # a second Ctrl-C during training
             progress.report_stop("interrupted")
             return 130
+
     return commands.run_main(body, argv)
 
 

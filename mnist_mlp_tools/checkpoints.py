@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import mnist_mlp
+
 from . import models, optimizers, safe_files
 from .commands import MAX_WIDTH, UsageError, existing_file, reason
 
@@ -44,15 +45,29 @@ def brief(value, limit=30):
 
 # ----------------------------------------------------------------------------- what a checkpoint holds
 
-REAL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16,
-               torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+REAL_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
 
 
 def plain_tensor(value):
     """A dense CPU tensor of real numbers, all finite, storing every value it claims: a stride trick (a
     stride of 0) would make a small file a tensor of gigabytes."""
-    if not (isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == "cpu"
-            and value.dtype in REAL_DTYPES):
+    if not (
+        isinstance(value, torch.Tensor)
+        and value.layout == torch.strided
+        and value.device.type == "cpu"
+        and value.dtype in REAL_DTYPES
+    ):
         return False
     span = 1 + value.storage_offset() + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
     if value.numel() and value.untyped_storage().nbytes() < max(span, value.numel()) * value.element_size():
@@ -72,23 +87,52 @@ def is_number(value):
     return type(value) in (int, float) and math.isfinite(value)
 
 
-TENSOR = plain_tensor, "a finite (no NaN or infinity) CPU tensor of real numbers storing all its values (no stride trick)"
+TENSOR = (
+    plain_tensor,
+    "a finite (no NaN or infinity) CPU tensor of real numbers storing all its values (no stride trick)",
+)
 NUMBER = is_number, "a finite number"
-IDENTITY = (lambda value: value is None or isinstance(value, str) and 0 < len(value) <= 64 and value.isascii()
-            and value.isalnum()), "an identity of letters and digits"
-WIDTHS = (lambda value: isinstance(value, (list, tuple)) and len(value) <= 64
-          and all(type(width) is int and 1 <= width <= MAX_WIDTH for width in value)), \
-    f"a list of widths from 1 to {MAX_WIDTH}"
+IDENTITY = (
+    (
+        lambda value: (
+            value is None or isinstance(value, str) and 0 < len(value) <= 64 and value.isascii() and value.isalnum()
+        )
+    ),
+    "an identity of letters and digits",
+)
+WIDTHS = (
+    (
+        lambda value: (
+            isinstance(value, (list, tuple))
+            and len(value) <= 64
+            and all(type(width) is int and 1 <= width <= MAX_WIDTH for width in value)
+        )
+    ),
+    f"a list of widths from 1 to {MAX_WIDTH}",
+)
 BETAS = lambda value: isinstance(value, (list, tuple)) and len(value) == 2 and all(map(is_number, value)), "two numbers"
 FIELDS = {  # what train.py writes (training_state), entry by entry; each rule a test and what it asks for
     "model": (lambda value: isinstance(value, dict), "a dict of weights"),
     "optimizer": (lambda value: isinstance(value, dict), "an optimizer's state_dict"),
     "epoch": whole(0, 1_000_000),
-    "config": {"hidden": WIDTHS, "optimizer": one_of(optimizers.OPTIMIZERS), "lr": NUMBER, "betas": BETAS,
-               "eps": NUMBER, "weight_decay": NUMBER, "momentum": NUMBER, "inputs": one_of(mnist_mlp.INPUT_SCALINGS),
-               "batch_size": whole(1, 1_000_000), "seed": whole(0, 2**63 - 1), "dataset": one_of(mnist_mlp.DATASETS),
-               "val_size": whole(0, 1_000_000), "fused": (lambda value: type(value) is bool, "True or False"),
-               "threads": whole(1, 1 << 16), "run": IDENTITY, "model_source": IDENTITY},
+    "config": {
+        "hidden": WIDTHS,
+        "optimizer": one_of(optimizers.OPTIMIZERS),
+        "lr": NUMBER,
+        "betas": BETAS,
+        "eps": NUMBER,
+        "weight_decay": NUMBER,
+        "momentum": NUMBER,
+        "inputs": one_of(mnist_mlp.INPUT_SCALINGS),
+        "batch_size": whole(1, 1_000_000),
+        "seed": whole(0, 2**63 - 1),
+        "dataset": one_of(mnist_mlp.DATASETS),
+        "val_size": whole(0, 1_000_000),
+        "fused": (lambda value: type(value) is bool, "True or False"),
+        "threads": whole(1, 1 << 16),
+        "run": IDENTITY,
+        "model_source": IDENTITY,
+    },
     "metrics": {str: (lambda value: value is None or is_number(value), "a finite number")},  # str: any name
     "rng": {"data_order": TENSOR, "torch": TENSOR},
     "torch_version": (lambda value: isinstance(value, str), "a version"),
@@ -111,6 +155,7 @@ def check_fields(path, where, value, fields):
 
 
 # ----------------------------------------------------------------------------- saving and loading
+
 
 def all_finite(tensors):
     """True if no tensor in `tensors` (any nesting of dicts and lists) holds a NaN or infinity."""
@@ -153,9 +198,15 @@ def save_checkpoint(path, checkpoint):
 
 def training_state(model, optimizer, epoch, config, metrics, order_generator):
     """What a checkpoint of train.py holds (FIELDS): everything a resume needs to go on exactly."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config,
-            "metrics": metrics, "rng": {"data_order": order_generator.get_state(), "torch": torch.get_rng_state()},
-            "torch_version": str(torch.__version__)}
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "config": config,
+        "metrics": metrics,
+        "rng": {"data_order": order_generator.get_state(), "torch": torch.get_rng_state()},
+        "torch_version": str(torch.__version__),
+    }
 
 
 def load_checkpoint(path, trust_pickle=False):
@@ -170,8 +221,9 @@ def load_checkpoint(path, trust_pickle=False):
         with zipfile.ZipFile(path) as archive:
             unpacked, size = sum(entry.file_size for entry in archive.infolist()), os.path.getsize(path)
         if unpacked > 2 * size + (16 << 20):
-            raise UsageError(f"{path} would unpack to {unpacked:,} bytes from {size:,}: not a checkpoint "
-                             "torch.save wrote; refused")
+            raise UsageError(
+                f"{path} would unpack to {unpacked:,} bytes from {size:,}: not a checkpoint torch.save wrote; refused"
+            )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except RecursionError:
@@ -185,11 +237,15 @@ def load_checkpoint(path, trust_pickle=False):
             raise UsageError(f"{path} is not a checkpoint written by train.py ({reason(error, 120)})") from None
         if not trust_pickle:
             if any(name.startswith(("__main__.", "torch.nn.")) for name in unsafe):
-                raise UsageError(f"{path} is a pickled model (torch.save(model, ...)); loading it would run "
-                                 f"{', '.join(unsafe[:3])} from the file: pass --trust-pickle if you trust where "
-                                 "it came from") from None
-            raise UsageError(f"{path} is refused: loading it would run {unsafe[0]} (unsafe pickle); "
-                             "pass --trust-pickle only if you trust where it came from") from None
+                raise UsageError(
+                    f"{path} is a pickled model (torch.save(model, ...)); loading it would run "
+                    f"{', '.join(unsafe[:3])} from the file: pass --trust-pickle if you trust where "
+                    "it came from"
+                ) from None
+            raise UsageError(
+                f"{path} is refused: loading it would run {unsafe[0]} (unsafe pickle); "
+                "pass --trust-pickle only if you trust where it came from"
+            ) from None
         print(f"warning: --trust-pickle: loading {path} runs code from the file", file=sys.stderr)
         try:
             data = _load_trusting_pickle(path)
@@ -204,6 +260,7 @@ def _load_trusting_pickle(path):
     The tutorial pickled `__main__.NoteModel`; any class from a `__main__` we don't have is
     rebuilt as a plain nn.Module, which is all that is needed to read its weights.
     """
+
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
             try:
@@ -224,8 +281,10 @@ def checked_checkpoint(path, data):
     if isinstance(data, dict) and data and all(isinstance(value, torch.Tensor) for value in data.values()):
         data = {"model": data}  # a bare state_dict
     if not (isinstance(data, dict) and isinstance(data.get("model"), dict)):
-        raise UsageError(f"{path} is not a checkpoint written by train.py: it holds no model weights "
-                         "(expected a checkpoint or a state_dict)")
+        raise UsageError(
+            f"{path} is not a checkpoint written by train.py: it holds no model weights "
+            "(expected a checkpoint or a state_dict)"
+        )
     check_fields(path, "the checkpoint", data, FIELDS)
     check_fields(path, "its weights", data["model"], {str: TENSOR})
     checkpoint = {"epoch": 0, **data, "config": dict(data.get("config", {}))}
@@ -257,10 +316,20 @@ def model_from_checkpoint(path, checkpoint, device="cpu"):
 
 # ----------------------------------------------------------------------------- resuming
 
-FLAGS = {"hidden": "--hidden", "optimizer": "--optimizer", "lr": "--lr", "momentum": "--momentum",
-         "weight_decay": "--weight-decay", "inputs": "--inputs",
-         "batch_size": "--batch-size", "seed": "--seed", "dataset": "--dataset", "val_size": "--val-size",
-         "fused": "--fused", "threads": "--threads"}
+FLAGS = {
+    "hidden": "--hidden",
+    "optimizer": "--optimizer",
+    "lr": "--lr",
+    "momentum": "--momentum",
+    "weight_decay": "--weight-decay",
+    "inputs": "--inputs",
+    "batch_size": "--batch-size",
+    "seed": "--seed",
+    "dataset": "--dataset",
+    "val_size": "--val-size",
+    "fused": "--fused",
+    "threads": "--threads",
+}
 
 
 def resume_widths(path, saved, hidden):
@@ -269,9 +338,11 @@ def resume_widths(path, saved, hidden):
     if hidden is None:
         return models.args_for_current(saved["hidden"])
     if list(hidden) != list(saved["hidden"]):
-        raise UsageError(f"{path} has widths {list(saved['hidden'])}, but --hidden is {' '.join(map(str, hidden))}; "
-                         f"pass --hidden {' '.join(map(str, saved['hidden']))}, or leave --hidden out to take the "
-                         "checkpoint's")
+        raise UsageError(
+            f"{path} has widths {list(saved['hidden'])}, but --hidden is {' '.join(map(str, hidden))}; "
+            f"pass --hidden {' '.join(map(str, saved['hidden']))}, or leave --hidden out to take the "
+            "checkpoint's"
+        )
     return models.constructor_args(hidden)
 
 
@@ -279,12 +350,16 @@ def check_resume_config(path, saved, current):
     """Refuse to resume a run with other settings than the checkpoint's (the model is the weights' to fit)."""
     if "optimizer" not in saved:
         return  # a bare state_dict or a tutorial file: weights only
-    differences = [f"{FLAGS.get(key, key)}: checkpoint {saved[key]!r}, now {value!r}"  # not the run, nor the code:
-                   for key, value in current.items()                                   # models.py warns of that
-                   if key in saved and key not in ("run", "model_source", "hidden") and saved[key] != value]
+    differences = [
+        f"{FLAGS.get(key, key)}: checkpoint {saved[key]!r}, now {value!r}"  # not the run, nor the code:
+        for key, value in current.items()  # models.py warns of that
+        if key in saved and key not in ("run", "model_source", "hidden") and saved[key] != value
+    ]
     if differences:
-        raise UsageError(f"{path} was trained with other settings ({'; '.join(differences)}); "
-                         "pass the same flags to resume it exactly")
+        raise UsageError(
+            f"{path} was trained with other settings ({'; '.join(differences)}); "
+            "pass the same flags to resume it exactly"
+        )
 
 
 def restore_training_state(path, resumed, config, optimizer, order_generator):
@@ -299,8 +374,11 @@ def restore_training_state(path, resumed, config, optimizer, order_generator):
         raise UsageError(f"{path}: its optimizer state does not fit ({reason(error)})") from None
     rng = resumed.get("rng")
     if rng is None:
-        print(f"warning: {path} records no random-generator state: the batch order from here on will "
-              "differ from an uninterrupted run's", file=sys.stderr)
+        print(
+            f"warning: {path} records no random-generator state: the batch order from here on will "
+            "differ from an uninterrupted run's",
+            file=sys.stderr,
+        )
     else:
         try:
             order_generator.set_state(rng["data_order"])
@@ -315,8 +393,11 @@ def same(value, expected):
     tuples of them), never calling a tensor's == nor recursing deeper than `expected` goes."""
     if type(expected) in (list, tuple):
         return type(value) in (list, tuple) and len(value) == len(expected) and all(map(same, value, expected))
-    return type(value) in (int, float, bool, str, type(None)) and value == expected and \
-        (type(value) is bool) == (type(expected) is bool)
+    return (
+        type(value) in (int, float, bool, str, type(None))
+        and value == expected
+        and (type(value) is bool) == (type(expected) is bool)
+    )
 
 
 def check_optimizer_state(path, saved, optimizer, config):
@@ -324,12 +405,18 @@ def check_optimizer_state(path, saved, optimizer, config):
     group of this optimizer's entries, each equal to this run's (only how torch runs it, foreach and fused,
     may differ), and per parameter the state this optimizer keeps, each tensor of the parameter's shape and
     dtype and finite, and one step count for all."""
+
     def refuse(what):
         raise UsageError(f"{path}: its optimizer state {what}; resume from another checkpoint")
 
     parameters, ours = optimizer.param_groups[0]["params"], optimizer.param_groups[0]
-    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and type(saved.get("param_groups")) is list
-            and len(saved["param_groups"]) == 1 and isinstance(saved["param_groups"][0], dict)):
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("state"), dict)
+        and type(saved.get("param_groups")) is list
+        and len(saved["param_groups"]) == 1
+        and isinstance(saved["param_groups"][0], dict)
+    ):
         refuse("is not one param group and a state dict, as the optimizer saves them")
     group = saved["param_groups"][0]
     if not same(group.get("params"), list(range(len(parameters)))):
@@ -354,10 +441,17 @@ def check_optimizer_state(path, saved, optimizer, config):
         parameter = parameters[index]
         for name in kind.state_tensors:
             tensor = state[name]
-            if not (tensor is None and name == "momentum_buffer" or plain_tensor(tensor)  # None: SGD before a step
-                    and tensor.shape == parameter.shape and tensor.dtype == parameter.dtype):
-                refuse(f"{name} of parameter {index} is {brief(tensor)}, not a finite {parameter.dtype} tensor "
-                       f"of shape {list(parameter.shape)}")
+            if not (
+                tensor is None
+                and name == "momentum_buffer"
+                or plain_tensor(tensor)  # None: SGD before a step
+                and tensor.shape == parameter.shape
+                and tensor.dtype == parameter.dtype
+            ):
+                refuse(
+                    f"{name} of parameter {index} is {brief(tensor)}, not a finite {parameter.dtype} tensor "
+                    f"of shape {list(parameter.shape)}"
+                )
         if kind.counts_steps:
             step = state["step"]
             if isinstance(step, torch.Tensor):

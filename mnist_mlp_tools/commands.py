@@ -37,6 +37,7 @@ def reason(error, limit=300):
 
 # ----------------------------------------------------------------------------- flags
 
+
 def _parsed(text, kind, message):
     try:
         return kind(text)
@@ -46,11 +47,13 @@ def _parsed(text, kind, message):
 
 def bounded_int(low, high):
     """An argparse type: a whole number from low to high (inclusive)."""
+
     def parse(text):
         value = _parsed(text, int, "must be a whole number")
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be from {low:,} to {high:,}, got {text}")
         return value
+
     parse.__name__ = "int"
     return parse
 
@@ -174,6 +177,7 @@ def png_path(parser, flag, path):
 
 # ----------------------------------------------------------------------------- devices and threads
 
+
 @contextlib.contextmanager
 def torch_threads(count):
     """torch's CPU threads set to `count` inside the block, given back as they were after it."""
@@ -203,8 +207,9 @@ def resolve_device(name):
         raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine "
-                             f"(torch {torch.__version__}); use --device cpu")
+            raise UsageError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif device.type == "mps":
@@ -216,6 +221,7 @@ def resolve_device(name):
 
 
 # ----------------------------------------------------------------------------- the scripts' edge
+
 
 def run_main(body, argv):
     """body(argv) -> exit code, with the errors every script shares turned into exit codes.
@@ -261,6 +267,7 @@ def printable(text):
         if 0xDC80 <= ord(character) <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
             return f"\\x{ord(character) - 0xDC00:02x}"
         return character.encode("unicode_escape").decode("ascii")  # \n, \t, \u200b ...
+
     return "".join(map(shown, text))
 
 

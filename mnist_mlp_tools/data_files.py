@@ -9,8 +9,9 @@ import struct
 import zlib
 
 import mnist_mlp
-from .commands import UsageError, reason
+
 from . import safe_files
+from .commands import UsageError, reason
 from .safe_files import is_regular_file
 
 MAX_IMAGES = 1_000_000  # MNIST has 70,000; a header claiming more than this is refused
@@ -41,9 +42,11 @@ def require_decompressed(data_dir, dataset="mnist"):
     (load reads the .gz directly where the folder cannot be written)."""
     folder = raw_folder(data_dir, dataset)
     if not all(os.path.exists(os.path.join(folder, name)) for name in mnist_mlp.RAW_FILES):
-        raise UsageError(f"torchvision reads the data decompressed, and {folder} cannot be written: copy the data "
-                         f"folder somewhere writable and pass it as --data-dir (cp -r {data_dir} mnist-data; "
-                         "--data-dir mnist-data)")
+        raise UsageError(
+            f"torchvision reads the data decompressed, and {folder} cannot be written: copy the data "
+            f"folder somewhere writable and pass it as --data-dir (cp -r {data_dir} mnist-data; "
+            "--data-dir mnist-data)"
+        )
 
 
 def split_validation(train, val_size, seed):
@@ -121,8 +124,9 @@ def check_idx_header(header, size, ndim, shown_name):
         raise UsageError(f"{shown_name} is truncated: not an IDX file")
     magic, *dims = struct.unpack(f">{1 + ndim}I", header)
     if magic != 0x800 + ndim:
-        raise UsageError(f"{shown_name} is not an IDX file of {ndim}-D bytes (magic {magic:#010x}, "
-                         f"expected {0x800 + ndim:#010x})")
+        raise UsageError(
+            f"{shown_name} is not an IDX file of {ndim}-D bytes (magic {magic:#010x}, expected {0x800 + ndim:#010x})"
+        )
     if ndim == 3 and tuple(dims[1:]) != (28, 28):
         raise UsageError(f"{shown_name} holds images of {dims[1]}x{dims[2]} pixels, not 28x28")
     if dims[0] > MAX_IMAGES:  # checked before a byte is decompressed: a small .gz cannot fill the disk
@@ -149,5 +153,7 @@ def download_raw_files(data_dir, dataset):
 
 
 def missing_data_message(folder, dataset):
-    return (f"{dataset} data not found: put {', '.join(mnist_mlp.RAW_FILES)} (or their .gz) into {folder}, "
-            "or point --data-dir at a folder that has them")
+    return (
+        f"{dataset} data not found: put {', '.join(mnist_mlp.RAW_FILES)} (or their .gz) into {folder}, "
+        "or point --data-dir at a folder that has them"
+    )

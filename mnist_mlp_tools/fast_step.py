@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mnist_mlp
+
 from .commands import UsageError, reason
 
 
@@ -40,12 +41,12 @@ class FastStep:
         x = x.reshape(len(x), -1)  # (N, 1, 28, 28) images to (N, 784) rows: a view, no copy
         inputs = [x]  # each layer's input, kept for the backward pass
         for index, layer in enumerate(self.layers):
-            x = torch.addmm(layer.bias, x, layer.weight.t())     # y = x W^T + b  (what F.linear runs)
+            x = torch.addmm(layer.bias, x, layer.weight.t())  # y = x W^T + b  (what F.linear runs)
             if index < len(self.layers) - 1:
-                x = x.relu_()                                    # h = max(y, 0), in place: y is not needed again
+                x = x.relu_()  # h = max(y, 0), in place: y is not needed again
                 inputs.append(x)
         log_probs = torch.log_softmax(x, dim=1)
-        loss = F.nll_loss(log_probs, labels)                     # mean over the batch of -log p[label]
+        loss = F.nll_loss(log_probs, labels)  # mean over the batch of -log p[label]
 
         # Backward, by the kernels autograd runs: d(loss)/d(log_probs) is -1/N at each label
         # (nll_loss_backward: reduction 1 = mean, -100 = the default ignore_index, total weight N),
@@ -57,9 +58,9 @@ class FastStep:
         grad = torch.ops.aten._log_softmax_backward_data(grad, log_probs, 1, log_probs.dtype)
         for index in reversed(range(len(self.layers))):
             weight, (weight_grad, bias_grad) = self.layers[index].weight, grads[index]
-            torch.mm(grad.t(), inputs[index], out=weight_grad)   # dW = g^T x
-            torch.sum(grad, dim=0, out=bias_grad)                # db = g summed over the batch
-            if index > 0:                                        # dx = g W, passed where h > 0
+            torch.mm(grad.t(), inputs[index], out=weight_grad)  # dW = g^T x
+            torch.sum(grad, dim=0, out=bias_grad)  # db = g summed over the batch
+            if index > 0:  # dx = g W, passed where h > 0
                 grad = torch.ops.aten.threshold_backward(grad.mm(weight), inputs[index], 0)
         return loss, x
 
@@ -96,15 +97,21 @@ def fast_step_problem(model, criterion, batch_sizes):
         return "the model has parameters other than its Linear layers' weights and biases"
     if any(True for _ in model.buffers()):
         return "the model has buffers"
-    if any(parameter.dtype != torch.float32 or parameter.device != parameters[0].device or not parameter.requires_grad
-           for parameter in parameters):
+    if any(
+        parameter.dtype != torch.float32 or parameter.device != parameters[0].device or not parameter.requires_grad
+        for parameter in parameters
+    ):
         return "the parameters are not all trainable float32 tensors on one device"
     if any(a.out_features != b.in_features for a, b in zip(linears, linears[1:])):
         return "the Linear layers do not form a chain"
     if _has_hooks(model, parameters):
         return "the model has hooks registered"
-    if type(criterion) is not nn.CrossEntropyLoss or (criterion.weight, criterion.ignore_index, criterion.reduction,
-                                                       criterion.label_smoothing) != (None, -100, "mean", 0.0):
+    if type(criterion) is not nn.CrossEntropyLoss or (
+        criterion.weight,
+        criterion.ignore_index,
+        criterion.reduction,
+        criterion.label_smoothing,
+    ) != (None, -100, "mean", 0.0):
         return "the loss is not nn.CrossEntropyLoss() with its defaults"
 
     for batch_size in sorted(set(batch_sizes)):
@@ -122,8 +129,10 @@ def _probe(model, criterion, linears, parameters, batch_size):
     labels = torch.randint(0, linears[-1].out_features, (batch_size,), generator=generator).to(device)
     # written where the run's step writes them (an optimizer's flat buffer), given back after: where a
     # product's bits depend on its output's address, the proof must be made at that address
-    grads = [tuple(torch.empty_like(p) if p.grad is None else p.grad for p in (layer.weight, layer.bias))
-             for layer in linears]
+    grads = [
+        tuple(torch.empty_like(p) if p.grad is None else p.grad for p in (layer.weight, layer.bias))
+        for layer in linears
+    ]
     saved = [gradient.clone() for pair in grads for gradient in pair]
     try:
         return _compare(model, criterion, x, labels, grads)
@@ -158,24 +167,40 @@ def _compare(model, criterion, x, labels, grads):
     # agree to float rounding (the logits and loss must still be identical).
     same = torch.equal if device.type == "cpu" else (lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-7))
     if not all(a is not None and same(a, b) for a, b in zip(autograd_grads, [g for pair in grads for g in pair])):
-        return (f"the model's gradients differ from those of Linear layers with ReLU between (at batch {len(labels)}, "
-                f"{torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})")
+        return (
+            f"the model's gradients differ from those of Linear layers with ReLU between (at batch {len(labels)}, "
+            f"{torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})"
+        )
     return None
 
 
 def _has_hooks(model, parameters):
     from torch.nn.modules import module as module_globals  # where nn.Module keeps its global hooks
 
-    global_hooks = [getattr(module_globals, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")]
-    module_hooks = [getattr(module, name, None) for module in model.modules() for name in (
-        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")]
-    tensor_hooks = [getattr(parameter, name, None) for parameter in parameters
-                    for name in ("_backward_hooks", "_post_accumulate_grad_hooks")]
+    global_hooks = [
+        getattr(module_globals, name, None)
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+    ]
+    module_hooks = [
+        getattr(module, name, None)
+        for module in model.modules()
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    ]
+    tensor_hooks = [
+        getattr(parameter, name, None)
+        for parameter in parameters
+        for name in ("_backward_hooks", "_post_accumulate_grad_hooks")
+    ]
     return any(bool(hooks) for hooks in global_hooks + module_hooks + tensor_hooks)
 
 
 # ----------------------------------------------------------------------------- optimizers over flat buffers
+
 
 def adam_elementwise(params, grads, exp_avgs, exp_avg_sqs, step, group):
     """The tensor operations of torch.optim.Adam's default for-loop step (torch/optim/adam.py,
@@ -183,9 +208,9 @@ def adam_elementwise(params, grads, exp_avgs, exp_avg_sqs, step, group):
     beta1, beta2 = group["betas"]
     exp_avgs.lerp_(grads, 1 - beta1)
     exp_avg_sqs.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
-    bias_correction1 = 1 - beta1 ** step
-    bias_correction2 = 1 - beta2 ** step
-    denom = (exp_avg_sqs.sqrt() / bias_correction2 ** 0.5).add_(group["eps"])
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom = (exp_avg_sqs.sqrt() / bias_correction2**0.5).add_(group["eps"])
     params.addcdiv_(exp_avgs, denom, value=-(group["lr"] / bias_correction1))
 
 
@@ -223,14 +248,17 @@ def elementwise_is_position_independent(update, device):
     update(whole[0], grads, *whole[1:], 7, group)
     alone = [tensor.clone() for tensor in (params, *states)]
     for i in range(n):
-        update(alone[0][i:i + 1], grads[i:i + 1], *[tensor[i:i + 1] for tensor in alone[1:]], 7, group)
+        update(alone[0][i : i + 1], grads[i : i + 1], *[tensor[i : i + 1] for tensor in alone[1:]], 7, group)
     return all(torch.equal(a, b) for a, b in zip(whole, alone))
 
 
 def torch_defaults(optimizer_class):
     """The hyper-parameters torch.optim's class puts in a param group, with its default values."""
-    return {name: parameter.default for name, parameter in inspect.signature(optimizer_class.__init__).parameters.items()
-            if parameter.default is not inspect.Parameter.empty}
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(optimizer_class.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
 
 
 ALIGNMENT = 64  # floats: 256 bytes, the most that torch aligns a new tensor to (CUDA's allocator)
@@ -247,10 +275,10 @@ class FlatOptimizer:
     and back. A subclass names its torch class, its state tensors and its elementwise update.
     """
 
-    torch_class = None      # the torch.optim class whose arithmetic and state_dict this keeps
-    state_names = ()        # the state tensors per parameter, as the torch class names them
-    counts_steps = False    # whether the torch class keeps a "step" count per parameter
-    update = None           # the elementwise update, as the torch class's for-loop makes it
+    torch_class = None  # the torch.optim class whose arithmetic and state_dict this keeps
+    state_names = ()  # the state tensors per parameter, as the torch class names them
+    counts_steps = False  # whether the torch class keeps a "step" count per parameter
+    update = None  # the elementwise update, as the torch class's for-loop makes it
 
     def __init__(self, parameters, **options):
         parameters = list(parameters)
@@ -270,14 +298,16 @@ class FlatOptimizer:
         self.flat_params = parameters[0].new_zeros(sum(self._padded)) if parameters else torch.zeros(0)
         self.flat_grads = torch.zeros_like(self.flat_params)
         with torch.no_grad():
-            for parameter, param_view, grad_view in zip(parameters, self.views(self.flat_params),
-                                                        self.views(self.flat_grads)):
+            for parameter, param_view, grad_view in zip(
+                parameters, self.views(self.flat_params), self.views(self.flat_grads)
+            ):
                 param_view.copy_(parameter)
                 parameter.data = param_view
                 parameter.grad = grad_view
         self._grad_views = [parameter.grad for parameter in parameters]
         self._elementwise_exact = bool(defaults.get("fused")) or elementwise_is_position_independent(
-            type(self).update, str(self.flat_params.device))
+            type(self).update, str(self.flat_params.device)
+        )
         # torch keeps the step counts on the CPU unless fused or capturable
         step_device = self.flat_params.device if defaults.get("fused") else "cpu"
         self.flat_steps = torch.zeros(len(parameters), device=step_device)  # each parameter's step count
@@ -288,8 +318,10 @@ class FlatOptimizer:
 
     def views(self, flat):
         """Each parameter's view of a flat buffer, in the parameters' shapes."""
-        return [chunk[:size].view_as(parameter) for chunk, size, parameter in
-                zip(flat.split(self._padded), self._sizes, self.param_groups[0]["params"])]
+        return [
+            chunk[:size].view_as(parameter)
+            for chunk, size, parameter in zip(flat.split(self._padded), self._sizes, self.param_groups[0]["params"])
+        ]
 
     def _bind_state(self, index):
         """The state of parameter `index`, as views of the flat buffers (made at its first step)."""
@@ -297,7 +329,8 @@ class FlatOptimizer:
         if parameter not in self.state:
             views = [self.views(flat)[index] for flat in self.flat_states]
             self.state[parameter] = ({"step": self.flat_steps[index]} if self.counts_steps else {}) | dict(
-                zip(self.state_names, views))
+                zip(self.state_names, views)
+            )
         return self.state[parameter]
 
     def grads_into_buffer(self):
@@ -357,9 +390,14 @@ class FlatOptimizer:
         """torch.optim's layout: {"state": {index: {...}}, "param_groups": [{..., "params": [0, 1, ...]}]}."""
         parameters = self.param_groups[0]["params"]
         group = {key: value for key, value in self.param_groups[0].items() if key != "params"}
-        return {"state": {index: dict(self.state[parameter]) for index, parameter in enumerate(parameters)
-                          if self.state.get(parameter)},  # SGD without momentum keeps none
-                "param_groups": [{**group, "params": list(range(len(parameters)))}]}
+        return {
+            "state": {
+                index: dict(self.state[parameter])
+                for index, parameter in enumerate(parameters)
+                if self.state.get(parameter)
+            },  # SGD without momentum keeps none
+            "param_groups": [{**group, "params": list(range(len(parameters)))}],
+        }
 
     def load_state_dict(self, state_dict):
         """Load what this class or the torch class saved; a hyper-parameter this class does not
@@ -369,10 +407,19 @@ class FlatOptimizer:
         if saved_group["params"] != list(range(len(parameters))):
             raise ValueError("the saved state names other parameters")
         for key, value in saved_group.items():
-            if key not in ("params", "lr", "betas", "eps", "momentum", "foreach", "fused") and value != self.defaults.get(key):
+            if key not in (
+                "params",
+                "lr",
+                "betas",
+                "eps",
+                "momentum",
+                "foreach",
+                "fused",
+            ) and value != self.defaults.get(key):
                 raise ValueError(f"the saved state has {key}={value!r}, which {type(self).__name__} does not do")
-        self.param_groups[0].update({key: saved_group[key] for key in ("lr", "betas", "eps", "momentum")
-                                     if key in saved_group})
+        self.param_groups[0].update(
+            {key: saved_group[key] for key in ("lr", "betas", "eps", "momentum") if key in saved_group}
+        )
         with torch.no_grad():
             for index, saved in state_dict["state"].items():
                 if any(saved.get(name) is None for name in self.state_names):
@@ -383,8 +430,11 @@ class FlatOptimizer:
                 # a state without a step count (SGD's) has stepped at least once
                 self.flat_steps[index].fill_(float(saved["step"]) if self.counts_steps else 1.0)
         stepped = [index for index, parameter in enumerate(parameters) if parameter in self.state]
-        self.flat = (self._elementwise_exact and len(stepped) in (0, len(parameters))
-                     and len(set(self.flat_steps[stepped].tolist())) <= 1)
+        self.flat = (
+            self._elementwise_exact
+            and len(stepped) in (0, len(parameters))
+            and len(set(self.flat_steps[stepped].tolist())) <= 1
+        )
 
 
 class FlatAdam(FlatOptimizer):
@@ -407,9 +457,21 @@ class FlatAdam(FlatOptimizer):
         group = self.param_groups[0]
         if not group["fused"]:  # the step count as torch reads it: .item() of its CPU tensor
             return adam_elementwise(params, grads, *states, step.item(), group)
-        torch._fused_adam_([params], [grads], states[:1], states[1:], [], [step], lr=group["lr"],
-                           beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=0, eps=group["eps"],
-                           amsgrad=False, maximize=False)
+        torch._fused_adam_(
+            [params],
+            [grads],
+            states[:1],
+            states[1:],
+            [],
+            [step],
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            weight_decay=0,
+            eps=group["eps"],
+            amsgrad=False,
+            maximize=False,
+        )
 
 
 class FlatSGD(FlatOptimizer):
@@ -427,6 +489,7 @@ class FlatSGD(FlatOptimizer):
 
 
 # ----------------------------------------------------------------------------- CUDA graph
+
 
 class CudaGraphStep:
     """FastStep and its fused FlatAdam update captured once in a CUDA graph, then replayed each step.
@@ -481,8 +544,10 @@ def make_train_step(model, criterion, optimizer, choice="auto", batch_sizes=(64,
     if choice == "autograd" or problem is not None:
         reason_text = "as asked" if choice == "autograd" else problem
         graph = "; not as a CUDA graph, which only the fast step can be" if cuda_graph and on_cuda else ""
-        return (lambda x, labels: mnist_mlp.textbook_step(model, criterion, optimizer, x, labels),
-                f"autograd step ({reason_text}{graph})")
+        return (
+            lambda x, labels: mnist_mlp.textbook_step(model, criterion, optimizer, x, labels),
+            f"autograd step ({reason_text}{graph})",
+        )
     linears = list(model.children())
     for layer in linears:
         for parameter in (layer.weight, layer.bias):
@@ -500,6 +565,7 @@ def make_train_step(model, criterion, optimizer, choice="auto", batch_sizes=(64,
 
 
 # ----------------------------------------------------------------------------- denormals
+
 
 @contextlib.contextmanager
 def denormals_flushed():

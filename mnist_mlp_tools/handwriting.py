@@ -10,13 +10,20 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 import mnist_mlp
+
 from .commands import reason
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is larger than any phone's; more is refused, not decoded
 # EXIF orientation -> the turn that shows the picture upright (ImageOps.exif_transpose's table)
-ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 WORKING_SIDE = 600  # a picture is prepared at most this wide: a stroke is still several pixels there
 _OPENING = threading.Lock()  # the warnings filter is the process's: one decode at a time changes it
 
@@ -51,8 +58,10 @@ def _decode(source, max_pixels):
     try:
         width, height = image.size
         if width * height > max_pixels:
-            raise ValueError(f"{width}x{height} is {width * height:,} pixels, more than the {max_pixels:,} "
-                             "this reads; scale it down first")
+            raise ValueError(
+                f"{width}x{height} is {width * height:,} pixels, more than the {max_pixels:,} "
+                "this reads; scale it down first"
+            )
         if image.format == "JPEG":
             image.draft(image.mode, (WORKING_SIDE, WORKING_SIDE))
         image.load()  # a single-frame file is closed by PIL once loaded
@@ -101,8 +110,11 @@ def _digit_pixels(image):
     if gray.shape == (28, 28) and _border(gray).median() < 0.25:  # already MNIST-style
         if float(gray.max()) < 0.3:
             raise ValueError("no ink found: a blank image?")
-        return (gray * 255).round().to(torch.uint8) if image.mode != "L" else \
-            torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(28, 28)
+        return (
+            (gray * 255).round().to(torch.uint8)
+            if image.mode != "L"
+            else torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(28, 28)
+        )
     if max(gray.shape) > WORKING_SIDE:  # a photo: work at a size where a stroke is still several pixels wide
         scale = WORKING_SIDE / max(gray.shape)
         gray = _resize(gray, max(1, round(gray.shape[0] * scale)), max(1, round(gray.shape[1] * scale)))
@@ -168,8 +180,9 @@ def _border(values):
     """The pixels of the outer 5% frame of a (H, W) tensor."""
     height, width = values.shape
     band = max(1, round(0.05 * min(height, width)))
-    return torch.cat([values[:band].flatten(), values[-band:].flatten(),
-                      values[:, :band].flatten(), values[:, -band:].flatten()])
+    return torch.cat(
+        [values[:band].flatten(), values[-band:].flatten(), values[:, :band].flatten(), values[:, -band:].flatten()]
+    )
 
 
 def _ink_box(ink):
@@ -199,5 +212,5 @@ def _centre_by_mass(digit):
     top = min(max(round(14 - row_mass), 0), 28 - height)
     left = min(max(round(14 - column_mass), 0), 28 - width)
     frame = torch.zeros(28, 28)
-    frame[top:top + height, left:left + width] = digit
+    frame[top : top + height, left : left + width] = digit
     return frame

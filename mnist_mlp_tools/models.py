@@ -12,6 +12,7 @@ import sys
 import torch
 
 import mnist_mlp
+
 from .commands import MAX_WIDTH, UsageError, reason
 
 
@@ -24,7 +25,8 @@ def width_parameters():
     names, defaults = [], []
     for parameter in parameters:
         if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD) or not (
-                parameter.default is parameter.empty or type(parameter.default) is int):
+            parameter.default is parameter.empty or type(parameter.default) is int
+        ):
             break
         names.append(parameter.name)
         defaults.append(parameter.default)
@@ -45,16 +47,22 @@ def constructor_args(hidden):
     names, defaults = width_parameters()
     if hidden is None:
         if names is not None and inspect.Parameter.empty in defaults:
-            raise UsageError(f"{signature_text()} in mnist_mlp.py has widths without defaults: pass them as "
-                             f"--hidden {' '.join(name.upper() for name in names)}")
+            raise UsageError(
+                f"{signature_text()} in mnist_mlp.py has widths without defaults: pass them as "
+                f"--hidden {' '.join(name.upper() for name in names)}"
+            )
         return list(defaults) if names is not None else []
     if names is not None and len(hidden) != len(names):
         if not names:
-            raise UsageError("NoteModel in mnist_mlp.py takes no widths (its __init__ has no width parameters): "
-                             "leave out --hidden, or change the widths in NoteModel itself")
-        raise UsageError(f"--hidden got {len(hidden)} width{'s' * (len(hidden) != 1)} ({' '.join(map(str, hidden))}), "
-                         f"but {signature_text()} in mnist_mlp.py takes {len(names)}; another depth is an edit "
-                         "of NoteModel (docs/editing-the-model.md)")
+            raise UsageError(
+                "NoteModel in mnist_mlp.py takes no widths (its __init__ has no width parameters): "
+                "leave out --hidden, or change the widths in NoteModel itself"
+            )
+        raise UsageError(
+            f"--hidden got {len(hidden)} width{'s' * (len(hidden) != 1)} ({' '.join(map(str, hidden))}), "
+            f"but {signature_text()} in mnist_mlp.py takes {len(names)}; another depth is an edit "
+            "of NoteModel (docs/editing-the-model.md)"
+        )
     return list(hidden)
 
 
@@ -90,9 +98,11 @@ def fitting(args):
     size = sum(tensor.numel() * tensor.element_size() for tensor in [*model.parameters(), *model.buffers()])
     memory = machine_memory()
     if memory is not None and size * 6 > memory:
-        raise UsageError(f"{signature_text()} with {' '.join(map(str, args)) or 'its defaults'} makes "
-                         f"{size // 4:,} parameters, about {size * 6 / 2**30:.0f} GiB to train, more than this "
-                         f"machine's {memory / 2**30:.0f} GiB; choose smaller widths")
+        raise UsageError(
+            f"{signature_text()} with {' '.join(map(str, args)) or 'its defaults'} makes "
+            f"{size // 4:,} parameters, about {size * 6 / 2**30:.0f} GiB to train, more than this "
+            f"machine's {memory / 2**30:.0f} GiB; choose smaller widths"
+        )
     return args
 
 
@@ -110,14 +120,17 @@ def check_output(model, classes):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             output = model(mnist_mlp.normalize(torch.zeros(2, 784, dtype=torch.uint8, device=device)))
     except Exception as error:
-        raise UsageError(f"NoteModel's forward() in mnist_mlp.py fails on a batch of images (N, 1, 28, 28): "
-                         f"{reason(error)}") from None
+        raise UsageError(
+            f"NoteModel's forward() in mnist_mlp.py fails on a batch of images (N, 1, 28, 28): {reason(error)}"
+        ) from None
     finally:
         model.train(was_training)
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, len(classes)):
         shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise UsageError(f"NoteModel's forward() in mnist_mlp.py gives {shape} for 2 images; it must give "
-                         f"[2, {len(classes)}], one score per class of the dataset")
+        raise UsageError(
+            f"NoteModel's forward() in mnist_mlp.py gives {shape} for 2 images; it must give "
+            f"[2, {len(classes)}], one score per class of the dataset"
+        )
 
 
 def source_fingerprint():
@@ -153,7 +166,7 @@ def args_from_weights(state):
 def args_for_current(recorded):
     """A checkpoint's recorded widths as the current NoteModel takes them: all, the first few, or none."""
     names, _ = width_parameters()
-    return list(recorded) if names is None else list(recorded)[:len(names)]
+    return list(recorded) if names is None else list(recorded)[: len(names)]
 
 
 def _listed(names, limit=4):
@@ -167,14 +180,22 @@ def misfit(state, model):
     expected = model.state_dict()
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
-    reshaped = [f"{name} is {list(state[name].shape)} there, {list(tensor.shape)} in NoteModel"
-                for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
-    retyped = [f"{name} is {state[name].dtype} there, {tensor.dtype} in NoteModel"
-               for name, tensor in expected.items()
-               if name in state and state[name].shape == tensor.shape and state[name].dtype != tensor.dtype]
-    parts = ([f"NoteModel has {_listed(missing)} that the checkpoint lacks"] if missing else []) + \
-            ([f"the checkpoint has {_listed(unexpected)} that NoteModel lacks"] if unexpected else []) + \
-            ([_listed(reshaped, 3)] if reshaped else []) + ([_listed(retyped, 3)] if retyped else [])
+    reshaped = [
+        f"{name} is {list(state[name].shape)} there, {list(tensor.shape)} in NoteModel"
+        for name, tensor in expected.items()
+        if name in state and state[name].shape != tensor.shape
+    ]
+    retyped = [
+        f"{name} is {state[name].dtype} there, {tensor.dtype} in NoteModel"
+        for name, tensor in expected.items()
+        if name in state and state[name].shape == tensor.shape and state[name].dtype != tensor.dtype
+    ]
+    parts = (
+        ([f"NoteModel has {_listed(missing)} that the checkpoint lacks"] if missing else [])
+        + ([f"the checkpoint has {_listed(unexpected)} that NoteModel lacks"] if unexpected else [])
+        + ([_listed(reshaped, 3)] if reshaped else [])
+        + ([_listed(retyped, 3)] if retyped else [])
+    )
     return "; ".join(parts) or None
 
 
@@ -186,8 +207,10 @@ def check_fit(path, checkpoint, model):
     problem = misfit(checkpoint["model"], model)
     if problem:
         version = "another version of NoteModel" if changed else "another NoteModel"
-        raise UsageError(f"{path} does not fit NoteModel in mnist_mlp.py: {problem} (it was trained by {version}: "
-                         "restore that NoteModel, or train this one)")
+        raise UsageError(
+            f"{path} does not fit NoteModel in mnist_mlp.py: {problem} (it was trained by {version}: "
+            "restore that NoteModel, or train this one)"
+        )
     return changed
 
 
@@ -195,8 +218,11 @@ def load_weights(path, checkpoint, model):
     """Put a checked checkpoint's weights into `model` (the current NoteModel), strictly; weights that fit
     but were trained by another version of NoteModel get a warning line."""
     if check_fit(path, checkpoint, model):
-        print(f"warning: {path} was trained by another version of NoteModel (mnist_mlp.py has changed since); "
-              "its weights fit, so it is read with today's forward()", file=sys.stderr)
+        print(
+            f"warning: {path} was trained by another version of NoteModel (mnist_mlp.py has changed since); "
+            "its weights fit, so it is read with today's forward()",
+            file=sys.stderr,
+        )
     model.load_state_dict(checkpoint["model"])
     return model
 

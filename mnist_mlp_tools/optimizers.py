@@ -11,21 +11,31 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class OptimizerKind:
     help: str
-    state_tensors: tuple      # the state it keeps per parameter, as torch names it
-    counts_steps: bool        # whether it keeps a "step" count per parameter
-    hyper_parameters: tuple   # the param-group entries a checkpoint's config records
+    state_tensors: tuple  # the state it keeps per parameter, as torch names it
+    counts_steps: bool  # whether it keeps a "step" count per parameter
+    hyper_parameters: tuple  # the param-group entries a checkpoint's config records
 
 
 ADAM_STATE, ADAM_HYPER_PARAMETERS = ("exp_avg", "exp_avg_sq"), ("lr", "betas", "eps", "weight_decay")
 OPTIMIZERS = {
-    "adam": OptimizerKind("Adam, as the tutorial (torch.optim.Adam; --weight-decay adds an L2 term to the gradient)",
-                          ADAM_STATE, True, ADAM_HYPER_PARAMETERS),
-    "adamw": OptimizerKind("AdamW: Adam with decoupled --weight-decay, 0.01 by default (torch.optim.AdamW)",
-                           ADAM_STATE, True, ADAM_HYPER_PARAMETERS),
-    "sgd": OptimizerKind("SGD with --momentum (torch.optim.SGD)", ("momentum_buffer",), False,
-                         ("lr", "momentum", "weight_decay")),
-    "adam-no-bias-correction": OptimizerKind("Adam without dividing m and v by (1-beta^t) (mnist_mlp.adam_update)",
-                                             ADAM_STATE, True, ADAM_HYPER_PARAMETERS),
+    "adam": OptimizerKind(
+        "Adam, as the tutorial (torch.optim.Adam; --weight-decay adds an L2 term to the gradient)",
+        ADAM_STATE,
+        True,
+        ADAM_HYPER_PARAMETERS,
+    ),
+    "adamw": OptimizerKind(
+        "AdamW: Adam with decoupled --weight-decay, 0.01 by default (torch.optim.AdamW)",
+        ADAM_STATE,
+        True,
+        ADAM_HYPER_PARAMETERS,
+    ),
+    "sgd": OptimizerKind(
+        "SGD with --momentum (torch.optim.SGD)", ("momentum_buffer",), False, ("lr", "momentum", "weight_decay")
+    ),
+    "adam-no-bias-correction": OptimizerKind(
+        "Adam without dividing m and v by (1-beta^t) (mnist_mlp.adam_update)", ADAM_STATE, True, ADAM_HYPER_PARAMETERS
+    ),
 }
 
 
@@ -41,6 +51,7 @@ def make_optimizer(name, parameters, lr, momentum=0.9, weight_decay=None, fused=
     import torch  # here, not at the top: see the module's docstring
 
     import mnist_mlp  # with torch: see the docstring
+
     from .fast_step import FlatAdam, FlatSGD
 
     parameters = list(parameters)
@@ -52,13 +63,22 @@ def make_optimizer(name, parameters, lr, momentum=0.9, weight_decay=None, fused=
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, **decay)
     device = parameters[0].device if parameters else torch.device("cpu")
-    flat = not weight_decay and bool(parameters) and all(
-        parameter.dtype == torch.float32 and parameter.layout == torch.strided and parameter.device == device
-        for parameter in parameters)
+    flat = (
+        not weight_decay
+        and bool(parameters)
+        and all(
+            parameter.dtype == torch.float32 and parameter.layout == torch.strided and parameter.device == device
+            for parameter in parameters
+        )
+    )
     if name == "adam":
         if fused and flat and _optimizer_works(FlatAdam, device, lr=lr, fused=True):
             return FlatAdam(parameters, lr=lr, fused=True)
-        return FlatAdam(parameters, lr=lr) if flat and device.type == "cpu" else torch.optim.Adam(parameters, lr=lr, **decay)
+        return (
+            FlatAdam(parameters, lr=lr)
+            if flat and device.type == "cpu"
+            else torch.optim.Adam(parameters, lr=lr, **decay)
+        )
     if name != "sgd":
         raise ValueError(f"unknown optimizer {name!r}: one of {', '.join(OPTIMIZERS)}")
     if fused and _optimizer_works(torch.optim.SGD, device, lr=lr, momentum=momentum, fused=True, **decay):

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 import mnist_mlp
+
 from .safe_files import atomic_write
 
 MAX_TILES = 256  # a wide first layer shows its first 256 units: more would be too small to see
@@ -35,8 +36,10 @@ def silent_units(model, split, batch_size=1000):
     layer = first_linear(model)
     highest = torch.full((layer.out_features,), -math.inf, device=layer.weight.device)
     for start in range(0, len(split), batch_size):
-        rows = mnist_mlp.normalize(split.pixels[start:start + batch_size], split.scaling).reshape(-1, 28 * 28)  # (N, 784)
-        highest = torch.maximum(highest, layer(rows).amax(0))                                   # (units,)
+        rows = mnist_mlp.normalize(split.pixels[start : start + batch_size], split.scaling).reshape(
+            -1, 28 * 28
+        )  # (N, 784)
+        highest = torch.maximum(highest, layer(rows).amax(0))  # (units,)
     return highest <= 0
 
 
@@ -48,14 +51,14 @@ def weight_tiles(model, split, title=None, columns=16):
 
     layer = first_linear(model)
     silent = silent_units(model, split).cpu()
-    weights = layer.weight.detach().float().cpu()[:MAX_TILES]       # (units shown, 784)
+    weights = layer.weight.detach().float().cpu()[:MAX_TILES]  # (units shown, 784)
     units = len(weights)
     columns = min(columns, units)
     rows = math.ceil(units / columns)
     mosaic = torch.full((rows * 29 + 1, columns * 29 + 1), math.nan)  # 1-pixel gaps, drawn blank
     for unit, row in enumerate(weights):
         top, left = 1 + (unit // columns) * 29, 1 + (unit % columns) * 29
-        mosaic[top:top + 28, left:left + 28] = row.view(28, 28)
+        mosaic[top : top + 28, left : left + 28] = row.view(28, 28)
     limit = float(weights.abs().max()) or 1.0
     figure = Figure(figsize=(columns * 0.6 + 1.5, rows * 0.6 + 1.2), dpi=100, layout="constrained")
     axis = figure.subplots()
@@ -68,8 +71,9 @@ def weight_tiles(model, split, title=None, columns=16):
     figure.colorbar(image, ax=axis, shrink=0.8, label="weight")
     shown = f"the first {units} of {layer.out_features} units" if units < layer.out_features else f"{units} units"
     figure.suptitle(f"{title + ': ' if title else ''}first layer, {shown}, each unit's 784 weights as a 28x28 image")
-    axis.set_title(f"boxed: {int(silent[:units].sum())} units silent (output <= 0) on all {len(split):,} test images",
-                   fontsize=9)
+    axis.set_title(
+        f"boxed: {int(silent[:units].sum())} units silent (output <= 0) on all {len(split):,} test images", fontsize=9
+    )
     return figure
 
 
@@ -96,12 +100,23 @@ def confusion_heatmap(confusion, class_names, title=None):
         for column in range(classes):
             count = int(counts[row, column])
             dark = row != column and count > 0 and math.log(count) > 0.6 * math.log(most)  # white on deep red
-            axis.text(column, row, str(count), ha="center", va="center", fontsize=8,
-                      color="lightgray" if count == 0 else "white" if dark else "black",
-                      fontweight="bold" if row == column else "normal")
+            axis.text(
+                column,
+                row,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="lightgray" if count == 0 else "white" if dark else "black",
+                fontweight="bold" if row == column else "normal",
+            )
     names = [str(name) for name in class_names]
-    axis.set_xticks(range(classes), names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right"
-                    if max(map(len, names)) > 2 else "center")
+    axis.set_xticks(
+        range(classes),
+        names,
+        rotation=45 if max(map(len, names)) > 2 else 0,
+        ha="right" if max(map(len, names)) > 2 else "center",
+    )
     axis.set_yticks(range(classes), names)
     axis.set_xlabel("predicted class")
     axis.set_ylabel("true class")
@@ -131,15 +146,20 @@ def error_grid(model, split, class_names, title, limit=64):
     except OSError:
         font = heading = ImageFont.load_default()
         arrow = "->"
-    captions = [f"{class_names[int(split.labels[i])]} {arrow} {class_names[int(p)]} ({100 * float(c):.0f}%)"
-                for i, p, c in zip(indices, predictions, confidence)]
+    captions = [
+        f"{class_names[int(split.labels[i])]} {arrow} {class_names[int(p)]} ({100 * float(c):.0f}%)"
+        for i, p, c in zip(indices, predictions, confidence)
+    ]
     scale, columns = 3, 8
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     cell_width = max([28 * scale] + [int(measure.textlength(caption, font=font)) + 10 for caption in captions])
     cell_height = 28 * scale + 22
-    lines = [f"{title}: true {arrow} predicted (confidence)",
-             f"the first {len(captions)} of {wrong_total} misclassified images" if wrong_total > len(captions)
-             else f"all {wrong_total} misclassified images"]
+    lines = [
+        f"{title}: true {arrow} predicted (confidence)",
+        f"the first {len(captions)} of {wrong_total} misclassified images"
+        if wrong_total > len(captions)
+        else f"all {wrong_total} misclassified images",
+    ]
     header = 2 * 22 + 8
     width = max(columns * cell_width, *(int(measure.textlength(line, font=heading)) + 16 for line in lines))
     rows = max(1, math.ceil(len(captions) / columns))
@@ -159,6 +179,7 @@ def save(picture, path):
     """Write a Figure or a PIL image as a PNG at `path`, whole or not at all."""
     if hasattr(picture, "savefig"):
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # a Figure: matplotlib is there
+
         FigureCanvasAgg(picture)
         atomic_write(path, lambda file: picture.savefig(file, format="png"))
     else:

@@ -19,8 +19,18 @@ from .safe_files import is_regular_file
 
 CHECKPOINT_NAME = "noteLearning_{epoch}.pth"
 METRICS_NAME = "metrics.csv"
-METRICS_FIELDS = ["epoch", "train_loss", "val_loss", "val_accuracy", "test_loss", "test_accuracy",
-                  "seconds", "samples_per_s", "checkpoint", "run"]  # run: the run's identity (not in older files)
+METRICS_FIELDS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "seconds",
+    "samples_per_s",
+    "checkpoint",
+    "run",
+]  # run: the run's identity (not in older files)
 
 
 class FolderLock(filelock.FileLock):
@@ -36,11 +46,15 @@ class FolderLock(filelock.FileLock):
         try:
             return super().__enter__()
         except filelock.Timeout:
-            raise UsageError(f"another train.py is writing to {self.folder}; wait for it, or choose another "
-                             f"--checkpoint-dir (if none is running, remove {self.lock_file})") from None
+            raise UsageError(
+                f"another train.py is writing to {self.folder}; wait for it, or choose another "
+                f"--checkpoint-dir (if none is running, remove {self.lock_file})"
+            ) from None
         except OSError as error:
-            raise UsageError(f"cannot lock {self.lock_file} ({error.strerror or error}); remove it, or choose "
-                             "another --checkpoint-dir") from None
+            raise UsageError(
+                f"cannot lock {self.lock_file} ({error.strerror or error}); remove it, or choose "
+                "another --checkpoint-dir"
+            ) from None
 
     def __exit__(self, *exc):
         with contextlib.suppress(OSError):  # removed while still held: no other run can take a file that goes
@@ -117,8 +131,10 @@ def _conflict_message(folder, start_epoch, runs, run_id, progress):
     """What the folder holds, and the commands that go on from here."""
     later_own = sorted(epoch for epoch, run in runs.items() if epoch > start_epoch and run == run_id)
     if start_epoch > 0 and later_own and all(run == run_id for run in runs.values()):
-        return (f"resuming from epoch {start_epoch} would replace epochs {later_own[0]}-{later_own[-1]} of this same run "
-                f"in {folder}: pass --overwrite to replace them, or choose another --checkpoint-dir")
+        return (
+            f"resuming from epoch {start_epoch} would replace epochs {later_own[0]}-{later_own[-1]} of this same run "
+            f"in {folder}: pass --overwrite to replace them, or choose another --checkpoint-dir"
+        )
     identities = set(runs.values())
     if start_epoch == 0 and runs and len(identities) == 1 and None not in identities:  # one earlier run, whole
         newest = max(runs)
@@ -127,10 +143,14 @@ def _conflict_message(folder, start_epoch, runs, run_id, progress):
             go_on = f"continue it with: {progress.resume_command(path)}"
         else:
             go_on = f"evaluate it with: python evaluate.py {path}"
-        return (f"{folder} already holds a run that reached epoch {newest}; {go_on}; or pass --overwrite to start "
-                "over, or choose another --checkpoint-dir")
+        return (
+            f"{folder} already holds a run that reached epoch {newest}; {go_on}; or pass --overwrite to start "
+            "over, or choose another --checkpoint-dir"
+        )
     how = "resume it with --resume, " if start_epoch == 0 else ""
-    return f"{folder} already holds another run; {how}choose another --checkpoint-dir, or pass --overwrite to replace it"
+    return (
+        f"{folder} already holds another run; {how}choose another --checkpoint-dir, or pass --overwrite to replace it"
+    )
 
 
 def read_csv(path, advice=""):
@@ -162,8 +182,15 @@ def read_metrics(path):
 def metrics_row(epoch, metrics, checkpoint_name, run_id):
     """One metrics.csv row from a checkpoint's `metrics` entry."""
     row = {"epoch": epoch, "checkpoint": checkpoint_name, "run": run_id or ""}
-    for key, digits in (("train_loss", 4), ("val_loss", 4), ("val_accuracy", 2), ("test_loss", 4),
-                        ("test_accuracy", 2), ("seconds", 2), ("samples_per_s", 0)):
+    for key, digits in (
+        ("train_loss", 4),
+        ("val_loss", 4),
+        ("val_accuracy", 2),
+        ("test_loss", 4),
+        ("test_accuracy", 2),
+        ("seconds", 2),
+        ("samples_per_s", 0),
+    ):
         if isinstance(metrics.get(key), (int, float)):
             row[key] = f"{metrics[key]:.{digits}f}"
     return row
@@ -171,11 +198,16 @@ def metrics_row(epoch, metrics, checkpoint_name, run_id):
 
 def metrics_text(metrics):
     """An epoch's figures as train.py prints them."""
-    val = (f"  val loss {metrics['val_loss']:.4f}  val accuracy {metrics['val_accuracy']:.2f}%"
-           if "val_loss" in metrics else "")
-    return (f"train loss {metrics['train_loss']:.4f}{val}  test loss {metrics['test_loss']:.4f}  "
-            f"test accuracy {metrics['test_accuracy']:.2f}%  {metrics['seconds']:.1f} s  "
-            f"{metrics['samples_per_s']:.0f} samples/s")
+    val = (
+        f"  val loss {metrics['val_loss']:.4f}  val accuracy {metrics['val_accuracy']:.2f}%"
+        if "val_loss" in metrics
+        else ""
+    )
+    return (
+        f"train loss {metrics['train_loss']:.4f}{val}  test loss {metrics['test_loss']:.4f}  "
+        f"test accuracy {metrics['test_accuracy']:.2f}%  {metrics['seconds']:.1f} s  "
+        f"{metrics['samples_per_s']:.0f} samples/s"
+    )
 
 
 def add_metrics_row(folder, rows, epoch, metrics, run_id):
@@ -186,8 +218,10 @@ def add_metrics_row(folder, rows, epoch, metrics, run_id):
     try:
         write_metrics(folder, rows)
     except OSError as error:
-        raise WriteFailed(f"cannot write {os.path.join(folder, METRICS_NAME)} ({error.strerror or error}); "
-                          f"{os.path.join(folder, name)} was saved") from None
+        raise WriteFailed(
+            f"cannot write {os.path.join(folder, METRICS_NAME)} ({error.strerror or error}); "
+            f"{os.path.join(folder, name)} was saved"
+        ) from None
 
 
 def write_metrics(folder, rows):
@@ -201,8 +235,9 @@ def write_metrics(folder, rows):
         if epoch not in by_epoch and epoch < newest:
             with contextlib.suppress(UsageError):
                 checkpoint = checkpoints.load_checkpoint(path)
-                by_epoch[epoch] = metrics_row(epoch, checkpoint.get("metrics", {}), os.path.basename(path),
-                                              checkpoint["config"].get("run"))
+                by_epoch[epoch] = metrics_row(
+                    epoch, checkpoint.get("metrics", {}), os.path.basename(path), checkpoint["config"].get("run")
+                )
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=METRICS_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -211,6 +246,7 @@ def write_metrics(folder, rows):
 
 
 # ----------------------------------------------------------------------------- stopping and output
+
 
 class GracefulStop:
     """Turn the first Ctrl-C or SIGTERM into a request to stop between steps.
@@ -259,8 +295,12 @@ def say(*args, **kwargs):
         silence_stdout()
         if not isinstance(error, BrokenPipeError):  # a reader that left wanted no more: nothing to report
             with contextlib.suppress(OSError, ValueError):
-                print(f"warning: cannot write to stdout ({error.strerror or error}); training goes on, "
-                      "the checkpoints are still written", file=sys.stderr, flush=True)
+                print(
+                    f"warning: cannot write to stdout ({error.strerror or error}); training goes on, "
+                    "the checkpoints are still written",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 class Progress:
@@ -305,8 +345,10 @@ class Progress:
                 return
             print("no checkpoint was written yet; run the same command again to start over.", file=sys.stderr)
         else:
-            print(f"last complete checkpoint: {self.last_checkpoint}\nresume with: {self.resume_command()}",
-                  file=sys.stderr)
+            print(
+                f"last complete checkpoint: {self.last_checkpoint}\nresume with: {self.resume_command()}",
+                file=sys.stderr,
+            )
 
 
 class WriteFailed(Exception):

@@ -1,1 +1,1 @@
-"""The project's tests beyond the lesson's own (test_mnist_mlp.py at the root); conftest.py holds the shared fixtures."""
+"""The project's tests beyond the lesson's own (test_mnist_mlp.py at the root); conftest.py holds the fixtures."""

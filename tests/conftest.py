@@ -47,7 +47,7 @@ def make_tiny_mnist(root, n_train=256, n_test=64, seed=0, compress=False):
         labels = torch.arange(n) % 10
         images = torch.randint(0, 60, (n, 28, 28), generator=generator)
         for index, label in enumerate(labels.tolist()):
-            images[index, 2 + 2 * label:4 + 2 * label, 4:24] = 255
+            images[index, 2 + 2 * label : 4 + 2 * label, 4:24] = 255
         for kind, tensor in (("images-idx3", images), ("labels-idx1", labels)):
             path = os.path.join(folder, f"{prefix}-{kind}-ubyte")
             write_idx(path, tensor.to(torch.uint8))
@@ -108,8 +108,9 @@ def pytest_sessionstart(session):
         return
     folder = tempfile.mkdtemp(prefix="mnist-mlp-warm-")
     address = os.path.join(folder, "python.sock")
-    server = subprocess.Popen([sys.executable, WARM_SERVER, "--serve", address], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, WARM_SERVER, "--serve", address], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
     session.config.stash[WARM] = (server, folder, os.environ.get(warm_python.ADDRESS_VARIABLE))
     os.environ[warm_python.ADDRESS_VARIABLE] = address  # inherited by every process the tests start
 
@@ -153,9 +154,19 @@ def started_notebooks(tmp_path_factory):
     each): [(notebook, the executed copy it writes, its runner's Popen)]."""
     folder = tmp_path_factory.mktemp("notebooks")
     runs = [(path, folder / os.path.basename(path)) for path in NOTEBOOKS]
-    started = [(path, out, subprocess.Popen([sys.executable, "-c", NOTEBOOK_RUNNER, path, os.path.dirname(path), str(out)],
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-               for path, out in runs]
+    started = [
+        (
+            path,
+            out,
+            subprocess.Popen(
+                [sys.executable, "-c", NOTEBOOK_RUNNER, path, os.path.dirname(path), str(out)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+        for path, out in runs
+    ]
     yield started
     for _, _, process in started:
         process.kill()
@@ -173,8 +184,10 @@ def run_at_once(*runs, timeout=300):
         started.append((run["args"], subprocess.Popen(**run)))
     try:
         outputs = [process.communicate(timeout=timeout) for _, process in started]
-        return [subprocess.CompletedProcess(args, process.returncode, *output)
-                for (args, process), output in zip(started, outputs)]
+        return [
+            subprocess.CompletedProcess(args, process.returncode, *output)
+            for (args, process), output in zip(started, outputs)
+        ]
     finally:
         for _, process in started:
             process.kill()
@@ -235,7 +248,12 @@ class DeeperModel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.fc1, self.fc2, self.fc3, self.fc4 = nn.Linear(784, 50), nn.Linear(50, 40), nn.Linear(40, 30), nn.Linear(30, 10)
+        self.fc1, self.fc2, self.fc3, self.fc4 = (
+            nn.Linear(784, 50),
+            nn.Linear(50, 40),
+            nn.Linear(40, 30),
+            nn.Linear(30, 10),
+        )
 
     def forward(self, x):
         x = F.relu(self.fc1(x.view(-1, 784)))
@@ -244,8 +262,9 @@ class DeeperModel(nn.Module):
 
 
 def make_step(model, choice="auto", optimizer="adam", lr=0.001):
-    return fast_step.make_train_step(model, nn.CrossEntropyLoss(),
-                                     optimizers.make_optimizer(optimizer, model.parameters(), lr), choice)
+    return fast_step.make_train_step(
+        model, nn.CrossEntropyLoss(), optimizers.make_optimizer(optimizer, model.parameters(), lr), choice
+    )
 
 
 def tiny_run(tmp_path, *extra):

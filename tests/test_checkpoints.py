@@ -30,7 +30,9 @@ def test_evaluate_rejects_missing_and_non_checkpoint_files(tmp_path, capsys):
     assert_usage_error(*run_main(evaluate, [tmp_path / "nope.pth"], capsys)[::2], "no such file")
     assert_usage_error(*run_main(evaluate, [tmp_path], capsys)[::2], "is a folder")
     (tmp_path / "notes.pth").write_text("not a checkpoint at all\n")
-    assert_usage_error(*run_main(evaluate, [tmp_path / "notes.pth"], capsys)[::2], "not a checkpoint written by train.py")
+    assert_usage_error(
+        *run_main(evaluate, [tmp_path / "notes.pth"], capsys)[::2], "not a checkpoint written by train.py"
+    )
     torch.save({"weights": [1, 2, 3]}, tmp_path / "other.pth")
     assert_usage_error(*run_main(evaluate, [tmp_path / "other.pth"], capsys)[::2], "no model weights")
 
@@ -72,6 +74,7 @@ def test_broken_checkpoints_are_one_line_errors(make, trained, tmp_path, capsys)
         path.write_bytes(data[: len(data) // 2])
     else:
         from PIL import Image
+
         Image.new("L", (28, 28)).save(path, format="PNG")
     assert_usage_error(*run_main(evaluate, [path], capsys)[::2], "not a checkpoint written by train.py")
     code, _, err = run_main(train, ["--resume", path, "--checkpoint-dir", tmp_path / "out"], capsys)
@@ -80,17 +83,21 @@ def test_broken_checkpoints_are_one_line_errors(make, trained, tmp_path, capsys)
 
 
 # The tutorial's own program: its model class lives in __main__, and it pickles the whole model.
-TUTORIAL_SCRIPT = """
+TUTORIAL_SCRIPT = (
+    """
 import sys, torch
 from torch import nn
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
-""" + inspect.getsource(tutorial.NoteModel) + """
+"""
+    + inspect.getsource(tutorial.NoteModel)
+    + """
 model = NoteModel()
 model.load_state_dict(torch.load(sys.argv[1], weights_only=True)["model"])
 transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-test_loader = torch.utils.data.DataLoader(datasets.MNIST(sys.argv[2], train=False, transform=transform), batch_size=1000)
+test_set = datasets.MNIST(sys.argv[2], train=False, transform=transform)
+test_loader = torch.utils.data.DataLoader(test_set, batch_size=1000)
 correct = 0
 with torch.no_grad():
     for images, labels in test_loader:
@@ -98,6 +105,7 @@ with torch.no_grad():
 print(f"Accuracy: {100 * correct / 10000:.2f}%")
 torch.save(model, sys.argv[3])
 """
+)
 
 
 @pytest.mark.slow
@@ -105,8 +113,12 @@ def test_the_tutorials_pickled_model_loads_only_with_trust_pickle(trained, tmp_p
     script = tmp_path / "tutorial.py"
     script.write_text(TUTORIAL_SCRIPT)
     old = tmp_path / "old.pth"
-    result = subprocess.run([*WARM_PYTHON, str(script), str(trained[0] / "noteLearning_1.pth"),
-                             commands.DEFAULT_DATA_DIR, str(old)], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [*WARM_PYTHON, str(script), str(trained[0] / "noteLearning_1.pth"), commands.DEFAULT_DATA_DIR, str(old)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     printed = result.stdout.split("Accuracy: ")[1].split("%")[0]
 
     assert_usage_error(*run_main(evaluate, [old], capsys)[::2], "pickled model", "__main__.NoteModel", "--trust-pickle")
@@ -115,8 +127,13 @@ def test_the_tutorials_pickled_model_loads_only_with_trust_pickle(trained, tmp_p
     assert err.startswith("warning: ") and "runs code" in err and err.count("\n") == 1
 
     folder = tmp_path / "resumed"
-    code, _, _ = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder, "--lr", "1e-12",
-                                          "--resume", old, "--trust-pickle"), capsys)
+    code, _, _ = run_main(
+        train,
+        tiny_run(
+            tmp_path, "--epochs", "1", "--checkpoint-dir", folder, "--lr", "1e-12", "--resume", old, "--trust-pickle"
+        ),
+        capsys,
+    )
     assert code == 0
     start = torch.load(trained[0] / "noteLearning_1.pth", weights_only=True)["model"]
     after = torch.load(folder / "noteLearning_1.pth", weights_only=True)["model"]
@@ -127,45 +144,59 @@ def test_the_tutorials_pickled_model_loads_only_with_trust_pickle(trained, tmp_p
 def save_odd(tmp_path, change):
     """A good checkpoint with one field changed by change(checkpoint); returns its path."""
     model = mnist_mlp.NoteModel()
-    checkpoint = {"model": model.state_dict(), "epoch": 1,
-                  "config": {"hidden": [128, 64], "dataset": "mnist", "val_size": 0, "seed": 1}}
+    checkpoint = {
+        "model": model.state_dict(),
+        "epoch": 1,
+        "config": {"hidden": [128, 64], "dataset": "mnist", "val_size": 0, "seed": 1},
+    }
     change(checkpoint)
     path = tmp_path / "odd.pth"
     torch.save(checkpoint, path)
     return path
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda c: c.update(config=5), ["config"]),
-    (lambda c: c.update(config=[1, 2]), ["config"]),
-    (lambda c: c["config"].update(hidden=None), ["hidden"]),
-    (lambda c: c["config"].update(hidden="128"), ["hidden"]),
-    (lambda c: c["config"].update(hidden=[-5]), ["hidden"]),
-    (lambda c: c["config"].update(hidden=[10**7]), ["hidden"]),
-    (lambda c: c["model"].update({"fc1.weight": torch.tensor(1.0)}), ["fc1.weight"]),
-    (lambda c: c["config"].update(dataset="cifar10"), ["cifar10"]),
-    (lambda c: c["config"].update(val_size=5000.5), ["val_size"]),
-    (lambda c: (c["config"].update(val_size=5000), c["config"].pop("seed")), ["seed"]),
-    (lambda c: c.update(epoch=torch.tensor(3)), ["epoch"]),
-    (lambda c: c.update(epoch=None), ["epoch"]),
-    (lambda c: c.update(epoch="abc"), ["epoch"]),
-    (lambda c: c["model"].update({"fc1.weight": torch.zeros(1, 1).expand(10**7, 784),
-                                  "fc1.bias": torch.zeros(1).expand(10**7)}), ["fc1.weight", "stride"]),
-    (lambda c: c["model"]["fc2.weight"].fill_(float("nan")), ["NaN"]),
-    # the rule, not a list of known bad cases: dtypes, devices and types that no rule allows
-    (lambda c: c["model"].update({"fc1.weight": c["model"]["fc1.weight"].to(torch.float8_e4m3fn)}),
-     ["fc1.weight", "float8_e4m3fn", "not a finite (no NaN or infinity) CPU tensor of real numbers"]),
-    (lambda c: c["model"].update({"fc1.bias": torch.empty(128, device="meta")}), ["fc1.bias", "on meta"]),
-    (lambda c: c["model"].update({"extra": torch.zeros(3, dtype=torch.complex64)}), ["extra", "complex64"]),
-    (lambda c: c["model"].update({"fc1.weight": c["model"]["fc1.weight"].double()}),
-     ["fc1.weight is torch.float64 there, torch.float32 in NoteModel"]),
-    (lambda c: c["config"].update(dataset=["mnist"]), ["dataset", "one of mnist, fashion-mnist"]),
-    (lambda c: c["config"].update(model_source=["x"]), ["model_source"]),
-    (lambda c: c.update(metrics={"test_accuracy": [[1.0]]}), ["metrics's test_accuracy"]),
-    # a value of the wrong type anywhere, however it compares: an empty tensor for the learning rate
-    (lambda c: c["config"].update(lr=torch.tensor([])), ["config's lr", "not a finite number"]),
-    (lambda c: c.update(payload=torch.zeros(3)), ["not a checkpoint written by train.py", "payload"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda c: c.update(config=5), ["config"]),
+        (lambda c: c.update(config=[1, 2]), ["config"]),
+        (lambda c: c["config"].update(hidden=None), ["hidden"]),
+        (lambda c: c["config"].update(hidden="128"), ["hidden"]),
+        (lambda c: c["config"].update(hidden=[-5]), ["hidden"]),
+        (lambda c: c["config"].update(hidden=[10**7]), ["hidden"]),
+        (lambda c: c["model"].update({"fc1.weight": torch.tensor(1.0)}), ["fc1.weight"]),
+        (lambda c: c["config"].update(dataset="cifar10"), ["cifar10"]),
+        (lambda c: c["config"].update(val_size=5000.5), ["val_size"]),
+        (lambda c: (c["config"].update(val_size=5000), c["config"].pop("seed")), ["seed"]),
+        (lambda c: c.update(epoch=torch.tensor(3)), ["epoch"]),
+        (lambda c: c.update(epoch=None), ["epoch"]),
+        (lambda c: c.update(epoch="abc"), ["epoch"]),
+        (
+            lambda c: c["model"].update(
+                {"fc1.weight": torch.zeros(1, 1).expand(10**7, 784), "fc1.bias": torch.zeros(1).expand(10**7)}
+            ),
+            ["fc1.weight", "stride"],
+        ),
+        (lambda c: c["model"]["fc2.weight"].fill_(float("nan")), ["NaN"]),
+        # the rule, not a list of known bad cases: dtypes, devices and types that no rule allows
+        (
+            lambda c: c["model"].update({"fc1.weight": c["model"]["fc1.weight"].to(torch.float8_e4m3fn)}),
+            ["fc1.weight", "float8_e4m3fn", "not a finite (no NaN or infinity) CPU tensor of real numbers"],
+        ),
+        (lambda c: c["model"].update({"fc1.bias": torch.empty(128, device="meta")}), ["fc1.bias", "on meta"]),
+        (lambda c: c["model"].update({"extra": torch.zeros(3, dtype=torch.complex64)}), ["extra", "complex64"]),
+        (
+            lambda c: c["model"].update({"fc1.weight": c["model"]["fc1.weight"].double()}),
+            ["fc1.weight is torch.float64 there, torch.float32 in NoteModel"],
+        ),
+        (lambda c: c["config"].update(dataset=["mnist"]), ["dataset", "one of mnist, fashion-mnist"]),
+        (lambda c: c["config"].update(model_source=["x"]), ["model_source"]),
+        (lambda c: c.update(metrics={"test_accuracy": [[1.0]]}), ["metrics's test_accuracy"]),
+        # a value of the wrong type anywhere, however it compares: an empty tensor for the learning rate
+        (lambda c: c["config"].update(lr=torch.tensor([])), ["config's lr", "not a finite number"]),
+        (lambda c: c.update(payload=torch.zeros(3)), ["not a checkpoint written by train.py", "payload"]),
+    ],
+)
 def test_odd_checkpoint_fields_are_one_line_errors(change, words, tmp_path, capsys):
     path = save_odd(tmp_path, change)
     assert os.path.getsize(path) < 1_000_000
@@ -181,8 +212,11 @@ def test_malformed_optimizer_or_rng_entries_are_one_line_errors_on_resume(entry,
     checkpoint = torch.load(folder / "noteLearning_1.pth", weights_only=True)
     checkpoint[entry] = value
     torch.save(checkpoint, tmp_path / "odd.pth")
-    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next",
-                                            "--resume", tmp_path / "odd.pth"), capsys)
+    code, _, err = run_main(
+        train,
+        tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next", "--resume", tmp_path / "odd.pth"),
+        capsys,
+    )
     assert_usage_error(code, err, entry)
 
 
@@ -194,30 +228,37 @@ def nest(depth):
     return value
 
 
-@pytest.mark.parametrize("optimizer, change, words", [
-    ("adam", lambda o: o["param_groups"][0].update(lr=1e6), ["lr 1000000.0", "--lr"]),
-    ("adam", lambda o: o["param_groups"][0].update(betas=(0.5, 0.5)), ["betas (0.5, 0.5)", "the default"]),
-    ("adam", lambda o: o["state"][0].update(exp_avg=torch.zeros(1)), ["exp_avg of parameter 0", "[128, 784]"]),
-    ("adam", lambda o: o["state"][2].update(exp_avg_sq=torch.zeros(64, 128, dtype=torch.float64)), ["exp_avg_sq"]),
-    ("adam", lambda o: o["state"][1].update(step=torch.tensor(3.5)), ["step count"]),
-    ("adam", lambda o: o["state"][1].update(step=torch.tensor(12.0)), ["different step counts"]),
-    ("adam", lambda o: o["state"].update({9: {}}), ["no parameter"]),
-    ("adam", lambda o: o["state"][0].update(extra=[[[[1]]]]), ["holds"]),
-    ("adam", lambda o: o["param_groups"].append(dict(o["param_groups"][0])), ["one param group"]),
-    ("sgd", lambda o: o["state"][0].update(momentum_buffer=torch.zeros(3)), ["momentum_buffer of parameter 0"]),
-    ("sgd", lambda o: o["param_groups"][0].update(momentum=0.5), ["momentum", "--momentum"]),
-    # the group's rule, not known cases: what torch's optimizers compute with, other keys, other types
-    ("adam", lambda o: o["param_groups"][0].update(amsgrad=True), ["amsgrad True", "this run's is False"]),
-    ("adam", lambda o: o["param_groups"][0].update(maximize=True), ["maximize True"]),
-    ("sgd", lambda o: o["param_groups"][0].update(nesterov=True), ["nesterov True"]),
-    ("adam", lambda o: o["param_groups"][0].update(lr=nest(5000)), ["lr a list of 1"]),
-    ("adam", lambda o: o["param_groups"][0].update(betas=nest(5000)), ["betas"]),
-    ("adam", lambda o: o["param_groups"][0].update(params=nest(5000)), ["names parameters"]),
-    ("adam", lambda o: o["param_groups"][0].update(lookahead=0.5), ["lookahead", "adam does not make"]),
-    ("adam", lambda o: o["param_groups"][0].update(foreach="yes"), ["foreach yes"]),
-    ("adam", lambda o: o["state"][1].update(step=torch.empty((), device="meta")), ["step count of parameter 1", "meta"]),
-    ("adam", lambda o: o["state"][0].update(exp_avg=torch.zeros(1).expand(128, 784)), ["exp_avg of parameter 0"]),
-])
+@pytest.mark.parametrize(
+    "optimizer, change, words",
+    [
+        ("adam", lambda o: o["param_groups"][0].update(lr=1e6), ["lr 1000000.0", "--lr"]),
+        ("adam", lambda o: o["param_groups"][0].update(betas=(0.5, 0.5)), ["betas (0.5, 0.5)", "the default"]),
+        ("adam", lambda o: o["state"][0].update(exp_avg=torch.zeros(1)), ["exp_avg of parameter 0", "[128, 784]"]),
+        ("adam", lambda o: o["state"][2].update(exp_avg_sq=torch.zeros(64, 128, dtype=torch.float64)), ["exp_avg_sq"]),
+        ("adam", lambda o: o["state"][1].update(step=torch.tensor(3.5)), ["step count"]),
+        ("adam", lambda o: o["state"][1].update(step=torch.tensor(12.0)), ["different step counts"]),
+        ("adam", lambda o: o["state"].update({9: {}}), ["no parameter"]),
+        ("adam", lambda o: o["state"][0].update(extra=[[[[1]]]]), ["holds"]),
+        ("adam", lambda o: o["param_groups"].append(dict(o["param_groups"][0])), ["one param group"]),
+        ("sgd", lambda o: o["state"][0].update(momentum_buffer=torch.zeros(3)), ["momentum_buffer of parameter 0"]),
+        ("sgd", lambda o: o["param_groups"][0].update(momentum=0.5), ["momentum", "--momentum"]),
+        # the group's rule, not known cases: what torch's optimizers compute with, other keys, other types
+        ("adam", lambda o: o["param_groups"][0].update(amsgrad=True), ["amsgrad True", "this run's is False"]),
+        ("adam", lambda o: o["param_groups"][0].update(maximize=True), ["maximize True"]),
+        ("sgd", lambda o: o["param_groups"][0].update(nesterov=True), ["nesterov True"]),
+        ("adam", lambda o: o["param_groups"][0].update(lr=nest(5000)), ["lr a list of 1"]),
+        ("adam", lambda o: o["param_groups"][0].update(betas=nest(5000)), ["betas"]),
+        ("adam", lambda o: o["param_groups"][0].update(params=nest(5000)), ["names parameters"]),
+        ("adam", lambda o: o["param_groups"][0].update(lookahead=0.5), ["lookahead", "adam does not make"]),
+        ("adam", lambda o: o["param_groups"][0].update(foreach="yes"), ["foreach yes"]),
+        (
+            "adam",
+            lambda o: o["state"][1].update(step=torch.empty((), device="meta")),
+            ["step count of parameter 1", "meta"],
+        ),
+        ("adam", lambda o: o["state"][0].update(exp_avg=torch.zeros(1).expand(128, 784)), ["exp_avg of parameter 0"]),
+    ],
+)
 def test_an_optimizer_state_that_does_not_fit_the_run_is_refused_whole(optimizer, change, words, tmp_path, capsys):
     """Before this, such states were trained with (a saved lr of 1e6 overrode --lr), broadcast over the
     weights (Adam's m of the wrong shape) or crashed the process (SGD's momentum buffer: SIGSEGV)."""
@@ -232,14 +273,20 @@ def test_an_optimizer_state_that_does_not_fit_the_run_is_refused_whole(optimizer
         torch.save(checkpoint, tmp_path / "odd.pth")
     finally:
         sys.setrecursionlimit(limit)
-    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next", *flags,
-                                            "--resume", tmp_path / "odd.pth"), capsys)
+    code, _, err = run_main(
+        train,
+        tiny_run(
+            tmp_path, "--epochs", "2", "--checkpoint-dir", tmp_path / "next", *flags, "--resume", tmp_path / "odd.pth"
+        ),
+        capsys,
+    )
     assert_usage_error(code, err, "optimizer state", *words)
     assert not (tmp_path / "next" / "noteLearning_2.pth").exists()
 
 
 def test_a_small_file_that_unpacks_to_far_more_is_refused_before_loading(tmp_path, capsys):
     import zipfile
+
     bomb = tmp_path / "bomb.pth"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("archive/data.pkl", b"\0" * (64 << 20))  # 64 MiB of zeros in about 64 KB

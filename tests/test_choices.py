@@ -31,16 +31,23 @@ def offered(flag, capsys):
 def test_train_offers_the_lessons_input_scalings_and_the_registrys_optimizers(capsys):
     assert offered("--inputs", capsys) == list(mnist_mlp.INPUT_SCALINGS)
     assert offered("--optimizer", capsys) == list(optimizers.OPTIMIZERS)
-    assert_usage_error(*run_main(train, ["--optimizer", "adam-no-bias-correction", "--weight-decay", "0.01"],
-                                 capsys)[::2], "--weight-decay", "adam-no-bias-correction")
+    assert_usage_error(
+        *run_main(train, ["--optimizer", "adam-no-bias-correction", "--weight-decay", "0.01"], capsys)[::2],
+        "--weight-decay",
+        "adam-no-bias-correction",
+    )
     with pytest.raises(ValueError, match="unknown input scaling 'other'"):
         mnist_mlp.normalize(torch.zeros(1, 784, dtype=torch.uint8), "other")
 
 
 def test_a_zero_one_checkpoint_is_read_as_it_was_trained_by_every_command(tmp_path, capsys):
     out = tmp_path / "out"
-    assert train.main([str(arg) for arg in tiny_run(tmp_path, "--epochs", "1", "--inputs", "zero-one",
-                                                    "--checkpoint-dir", out)]) == 0
+    assert (
+        train.main(
+            [str(arg) for arg in tiny_run(tmp_path, "--epochs", "1", "--inputs", "zero-one", "--checkpoint-dir", out)]
+        )
+        == 0
+    )
     path = str(out / "noteLearning_1.pth")
     checkpoint = checkpoints.load_checkpoint(path)
     assert checkpoint["config"]["inputs"] == "zero-one" and checkpoints.input_scaling(checkpoint) == "zero-one"
@@ -66,12 +73,23 @@ def test_a_zero_one_checkpoint_is_read_as_it_was_trained_by_every_command(tmp_pa
     with open(digit, "rb") as file:
         assert reader.read(file.read())["probabilities"] == [float(value) for value in expected]
     # resuming with the other scaling is refused, naming the flag
-    assert_usage_error(*run_main(train, [*tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", out,
-                                                   "--resume", path)], capsys)[::2], "--inputs")
+    assert_usage_error(
+        *run_main(train, [*tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", out, "--resume", path)], capsys)[
+            ::2
+        ],
+        "--inputs",
+    )
 
 
-@pytest.mark.parametrize("name, extra", [("adam", ["--weight-decay", "0.01"]), ("adamw", []),
-                                         ("sgd", ["--weight-decay", "0.001"]), ("adam-no-bias-correction", [])])
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("adam", ["--weight-decay", "0.01"]),
+        ("adamw", []),
+        ("sgd", ["--weight-decay", "0.001"]),
+        ("adam-no-bias-correction", []),
+    ],
+)
 def test_every_optimizer_records_itself_resumes_and_refuses_other_settings(tmp_path, capsys, name, extra):
     out = tmp_path / "out"
     argv = [*tiny_run(tmp_path, "--optimizer", name, *extra, "--checkpoint-dir", out)]
@@ -83,6 +101,7 @@ def test_every_optimizer_records_itself_resumes_and_refuses_other_settings(tmp_p
     resume = [*argv, "--epochs", "2", "--resume", out / "noteLearning_1.pth"]
     assert run_main(train, resume, capsys)[0] == 0
     other = ["--weight-decay", "0.2"] if name != "adam-no-bias-correction" else ["--lr", "0.5"]
-    code, _, err = run_main(train, [*resume[:-2], "--epochs", "3", *other, "--resume", out / "noteLearning_2.pth"],
-                            capsys)
+    code, _, err = run_main(
+        train, [*resume[:-2], "--epochs", "3", *other, "--resume", out / "noteLearning_2.pth"], capsys
+    )
     assert_usage_error(code, err, "other settings", other[0])

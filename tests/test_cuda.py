@@ -10,7 +10,6 @@ import mnist_mlp
 import train
 from tests.conftest import make_step, run_main, tiny_run
 
-
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -25,7 +24,7 @@ def test_cuda_fast_step_equals_the_autograd_step_to_float_rounding(mnist):
         step, description = make_step(model, choice)
         assert description.startswith(choice)
         order = mnist_mlp.epoch_order(len(train_split), torch.Generator().manual_seed(4))
-        mnist_mlp.train_epoch(step, train_split, order[:40 * 64].to("cuda").split(64))
+        mnist_mlp.train_epoch(step, train_split, order[: 40 * 64].to("cuda").split(64))
         models.append(model)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -55,8 +54,16 @@ def test_cuda_resume_continues_exactly(graph, tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", straight, *flags), capsys)[0] == 0
     assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", split, *flags), capsys)[0] == 0
-    assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", split, *flags,
-                                    "--resume", split / "noteLearning_1.pth"), capsys)[0] == 0
+    assert (
+        run_main(
+            train,
+            tiny_run(
+                tmp_path, "--epochs", "3", "--checkpoint-dir", split, *flags, "--resume", split / "noteLearning_1.pth"
+            ),
+            capsys,
+        )[0]
+        == 0
+    )
     a = torch.load(straight / "noteLearning_3.pth", weights_only=True)["model"]
     b = torch.load(split / "noteLearning_3.pth", weights_only=True)["model"]
     assert all(torch.equal(a[key], b[key]) for key in a)
@@ -65,7 +72,23 @@ def test_cuda_resume_continues_exactly(graph, tmp_path, capsys):
 @needs_cuda
 def test_bench_runs_on_cuda(capsys):
     import bench
-    code, out, _ = run_main(bench, ["--device", "cuda", "--steps", "50", "--warmup-epochs", "0", "--json",
-                                    "--pipelines", "ours", "autograd", "floor"], capsys)
+
+    code, out, _ = run_main(
+        bench,
+        [
+            "--device",
+            "cuda",
+            "--steps",
+            "50",
+            "--warmup-epochs",
+            "0",
+            "--json",
+            "--pipelines",
+            "ours",
+            "autograd",
+            "floor",
+        ],
+        capsys,
+    )
     report = json.loads(out)
     assert code == 0 and report["ours_samples_per_s"] > 0 and report["autograd_samples_per_s"] > 0

@@ -25,10 +25,17 @@ def test_gz_files_are_decompressed_atomically_and_read_by_torchvision(tmp_path):
 
 def test_missing_data_names_the_files_and_the_flag(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(datasets.MNIST, "mirrors", [])  # no network in tests: the download fails at once
-    code, _, err = run_main(train, ["--data-dir", tmp_path / "nothing", "--checkpoint-dir", tmp_path / "out",
-                                    "--device", "cpu"], capsys)
-    assert_usage_error(code, err, "train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "--data-dir",
-                       str(tmp_path / "nothing" / "MNIST" / "raw"))
+    code, _, err = run_main(
+        train, ["--data-dir", tmp_path / "nothing", "--checkpoint-dir", tmp_path / "out", "--device", "cpu"], capsys
+    )
+    assert_usage_error(
+        code,
+        err,
+        "train-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        "--data-dir",
+        str(tmp_path / "nothing" / "MNIST" / "raw"),
+    )
     assert not (tmp_path / "out").exists() and not (tmp_path / "nothing").exists()  # no empty folders left
 
 
@@ -44,11 +51,14 @@ def write_raw(root, name, data):
     (folder / name).write_bytes(data)
 
 
-@pytest.mark.parametrize("damage, words", [
-    ("truncated", ["train-images-idx3-ubyte", "truncated"]),
-    ("magic", ["train-labels-idx1-ubyte", "magic"]),
-    ("gz", ["cannot decompress", "t10k-images-idx3-ubyte.gz"]),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("truncated", ["train-images-idx3-ubyte", "truncated"]),
+        ("magic", ["train-labels-idx1-ubyte", "magic"]),
+        ("gz", ["cannot decompress", "t10k-images-idx3-ubyte.gz"]),
+    ],
+)
 def test_damaged_data_files_are_one_line_errors(damage, words, tmp_path, capsys):
     root = make_tiny_mnist(tmp_path / "data")
     raw = root / "MNIST" / "raw"
@@ -61,7 +71,9 @@ def test_damaged_data_files_are_one_line_errors(damage, words, tmp_path, capsys)
     else:
         os.remove(raw / "t10k-images-idx3-ubyte")
         write_raw(root, "t10k-images-idx3-ubyte.gz", b"\x1f\x8b\x08\x00 not really gzip")
-    code, _, err = run_main(train, ["--data-dir", root, "--checkpoint-dir", tmp_path / "out", "--device", "cpu"], capsys)
+    code, _, err = run_main(
+        train, ["--data-dir", root, "--checkpoint-dir", tmp_path / "out", "--device", "cpu"], capsys
+    )
     assert_usage_error(code, err, *words)
     assert not (tmp_path / "out" / "noteLearning_1.pth").exists()
     assert not (raw / "t10k-images-idx3-ubyte").exists() or damage != "gz"
@@ -71,8 +83,24 @@ def test_fashion_mnist_from_local_gz_files(tmp_path, capsys):
     root = make_tiny_mnist(tmp_path / "data", compress=True)
     os.rename(root / "MNIST", root / "FashionMNIST")
     folder = tmp_path / "out"
-    code, out, _ = run_main(train, ["--dataset", "fashion-mnist", "--data-dir", root, "--epochs", "1",
-                                    "--checkpoint-dir", folder, "--device", "cpu", "--batch-size", "32"], capsys)
+    code, out, _ = run_main(
+        train,
+        [
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            root,
+            "--epochs",
+            "1",
+            "--checkpoint-dir",
+            folder,
+            "--device",
+            "cpu",
+            "--batch-size",
+            "32",
+        ],
+        capsys,
+    )
     assert code == 0 and "fashion-mnist" in out
     assert torch.load(folder / "noteLearning_1.pth", weights_only=True)["config"]["dataset"] == "fashion-mnist"
     code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", "--data-dir", root, "--per-class"], capsys)
@@ -123,6 +151,7 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path, capsys):
 
 def test_a_dataset_file_with_no_images_or_an_absurd_header_is_one_line_and_writes_nothing(tmp_path, capsys):
     import struct
+
     root = make_tiny_mnist(tmp_path / "data")
     raw = root / "MNIST" / "raw"
     (raw / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">4I", 0x803, 0, 28, 28))
@@ -146,8 +175,9 @@ def test_a_read_only_install_reads_the_gz_files_and_tutorial_py_says_what_to_do(
     decompressed files) says in one line to pass --data-dir to a writable copy."""
     import errno
 
-    from mnist_mlp_tools import safe_files
     import tutorial
+    from mnist_mlp_tools import safe_files
+
     root = make_tiny_mnist(tmp_path / "data", compress=True)
     raw = os.path.join(root, "MNIST", "raw")
     real_write = safe_files.atomic_write
@@ -157,12 +187,30 @@ def test_a_read_only_install_reads_the_gz_files_and_tutorial_py_says_what_to_do(
         if os.path.dirname(os.path.abspath(path)) == raw:
             raise OSError(*refusal)
         return real_write(path, write)
+
     monkeypatch.setattr(safe_files, "atomic_write", read_only)
     before = sorted(os.listdir(raw))
-    code, out, err = run_main(train, ["--data-dir", root, "--epochs", "1", "--batch-size", "32", "--device", "cpu",
-                                      "--checkpoint-dir", tmp_path / "out"], capsys)
+    code, out, err = run_main(
+        train,
+        [
+            "--data-dir",
+            root,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--checkpoint-dir",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
     assert code == 0 and err == "" and "256 mnist images" in out
     assert sorted(os.listdir(raw)) == before and all(name.endswith(".gz") for name in before)
     assert run_main(evaluate, [tmp_path / "out" / "noteLearning_1.pth", "--data-dir", root], capsys)[0] == 0
-    assert_usage_error(*run_main(tutorial, ["--data-dir", root, "--epochs", "1", "--checkpoint-dir", tmp_path / "t"],
-                                 capsys)[::2], "torchvision reads the data decompressed", "--data-dir")
+    assert_usage_error(
+        *run_main(tutorial, ["--data-dir", root, "--epochs", "1", "--checkpoint-dir", tmp_path / "t"], capsys)[::2],
+        "torchvision reads the data decompressed",
+        "--data-dir",
+    )

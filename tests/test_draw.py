@@ -62,7 +62,7 @@ def test_the_page_is_served_self_contained(server):
     assert 'id="prediction"' in page and 'id="clear"' in page and "touch-action: none" in page
     assert '"0", "1", "2"' in page  # the checkpoint's class names, filled in
     assert '"reading with noteLearning_1.pth (epoch 1)"' in page  # and which checkpoint reads
-    for outside in ("http://", "https://", "src=\"//", "@import"):  # nothing is fetched from elsewhere
+    for outside in ("http://", "https://", 'src="//', "@import"):  # nothing is fetched from elsewhere
         assert outside not in page
 
 
@@ -70,8 +70,9 @@ def test_drawn_digits_are_read_and_answered_in_full(server, mnist):
     _, test_split = mnist
     right = 0
     for index in range(10):
-        status, answer = request(server, "POST", "/predict", drawn_digit(test_split.pixels[index]),
-                                 {"Content-Type": "image/png"})
+        status, answer = request(
+            server, "POST", "/predict", drawn_digit(test_split.pixels[index]), {"Content-Type": "image/png"}
+        )
         assert status == 200
         assert answer["classes"] == [str(digit) for digit in range(10)] and len(answer["probabilities"]) == 10
         assert abs(sum(answer["probabilities"]) - 1) < 1e-5
@@ -87,12 +88,15 @@ def test_drawn_digits_are_read_and_answered_in_full(server, mnist):
     assert status == 200 and answer["prediction"] == str(int(test_split.labels[0]))
 
 
-@pytest.mark.parametrize("body, words", [
-    (b"not a picture at all", "not an image"),
-    (png_of(Image.new("L", (280, 280), 255)), "no ink"),
-    (png_of(Image.new("L", (280, 280), 255))[:60], "cannot read"),
-    (b"data:image/png;base64,@@@", "base64"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"not a picture at all", "not an image"),
+        (png_of(Image.new("L", (280, 280), 255)), "no ink"),
+        (png_of(Image.new("L", (280, 280), 255))[:60], "cannot read"),
+        (b"data:image/png;base64,@@@", "base64"),
+    ],
+)
 def test_bad_bodies_are_400_json_errors(server, body, words):
     status, answer = request(server, "POST", "/predict", body, {"Content-Type": "image/png"})
     assert status == 400 and words in answer["error"]
@@ -150,8 +154,13 @@ def test_without_a_checkpoint_it_says_how_to_make_one(tmp_path, monkeypatch, cap
 def test_it_takes_the_newest_checkpoint_and_stops_on_ctrl_c_with_130(trained, tmp_path):
     for epoch in (1, 2):  # the later epoch is the one served
         shutil.copy(trained[0] / "noteLearning_1.pth", tmp_path / f"noteLearning_{epoch}.pth")
-    process = subprocess.Popen([*WARM_PYTHON, os.path.join(ROOT, "draw.py"), "--port", "0", "--host", "0.0.0.0"],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*WARM_PYTHON, os.path.join(ROOT, "draw.py"), "--port", "0", "--host", "0.0.0.0"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("http://127.0.0.1:") and "noteLearning_2.pth" in line
@@ -166,6 +175,7 @@ def test_it_takes_the_newest_checkpoint_and_stops_on_ctrl_c_with_130(trained, tm
 
 
 # ----------------------------------------------------------------------------- in a real browser
+
 
 def chromium_or_skip():
     """Selenium and Debian's Chromium, or a skip (a failure where MNIST_MLP_REQUIRE_BROWSER=1)."""
@@ -190,8 +200,14 @@ def browser():
     profile = tempfile.mkdtemp(prefix="draw-test-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-                     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--window-size=1000,800"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        "--window-size=1000,800",
+    ):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=shutil.which("chromedriver")))
@@ -213,8 +229,12 @@ def page(browser, server):
 DIGITS = {
     "1": [[(150, 40), (150, 240)]],
     "7": [[(70, 55), (210, 55), (120, 240)]],
-    "0": [[(140 + 60 * x, 140 + 95 * y) for x, y in
-           [(0, -1), (0.7, -0.7), (1, 0), (0.7, 0.7), (0, 1), (-0.7, 0.7), (-1, 0), (-0.7, -0.7), (0, -1)]]],
+    "0": [
+        [
+            (140 + 60 * x, 140 + 95 * y)
+            for x, y in [(0, -1), (0.7, -0.7), (1, 0), (0.7, 0.7), (0, 1), (-0.7, 0.7), (-1, 0), (-0.7, -0.7), (0, -1)]
+        ]
+    ],
     "4": [[(170, 40), (70, 170), (215, 170)], [(170, 100), (170, 245)]],  # two strokes
 }
 
@@ -260,7 +280,9 @@ def test_digits_drawn_with_a_mouse_are_read_right(page, tmp_path):
         answer = wait_for_answer(page)
         page.save_screenshot(str(tmp_path / f"drawn-{digit}.png"))
         assert answer == digit, (digit, tmp_path)
-        bars = page.execute_script("return [...document.querySelectorAll('#bars .fill')].map(e => parseFloat(e.style.width))")
+        bars = page.execute_script(
+            "return [...document.querySelectorAll('#bars .fill')].map(e => parseFloat(e.style.width))"
+        )
         assert len(bars) == 10 and abs(sum(bars) - 100) < 1 and max(bars) == bars[int(digit)]
         assert page.execute_script("return document.getElementById('seen').naturalWidth") == 28
         guesses = page.find_element("id", "guesses").text  # "top three: 7 (92.1%) · 1 (5.3%) · 9 (1.2%)"
@@ -277,16 +299,19 @@ def test_clear_empties_the_canvas_the_bars_and_the_image(page):
     wait_for_answer(page)
     page.find_element("id", "clear").click()
     state = page.execute_script("""
-        const c = document.getElementById('canvas'), data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        const c = document.getElementById('canvas');
+        const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         return {white: data.every(v => v === 255), prediction: document.getElementById('prediction').textContent,
                 bars: [...document.querySelectorAll('#bars .fill')].map(e => parseFloat(e.style.width)),
-                seen: document.getElementById('seen').hidden && !document.getElementById('seen').getAttribute('src')};""")
+                seen: document.getElementById('seen').hidden
+                      && !document.getElementById('seen').getAttribute('src')};""")
     assert state == {"white": True, "prediction": "–", "bars": [0] * 10, "seen": True}
 
 
 def test_a_finger_draws_on_a_phone_without_scrolling_the_page(page):
-    page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                         {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    page.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+    )
     page.execute_cdp_cmd("Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 5})
     page.refresh()
     assert page.execute_script("return document.documentElement.scrollWidth") <= 390  # fits: no sideways scroll
@@ -309,6 +334,7 @@ def test_a_checkpoint_name_cannot_break_the_pages_script(trained, tmp_path):
 
 # ----------------------------------------------------------------------------- what the server shares, bounded
 
+
 @pytest.fixture(scope="module")
 def bounded_server(trained):
     """`python draw.py` in a process of its own under the usual 1,024-descriptor limit: (address, pid)."""
@@ -316,9 +342,14 @@ def bounded_server(trained):
 
     def limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "draw.py"), str(trained[0] / "noteLearning_1.pth"),
-                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=limit)
+
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "draw.py"), str(trained[0] / "noteLearning_1.pth"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=limit,
+    )
     try:
         line = process.stdout.readline()
         yield ("127.0.0.1", int(line.split(":")[2].split("/")[0])), process.pid
@@ -337,18 +368,24 @@ def peak_memory(pid):
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak memory from Linux's /proc")
 def test_big_drawings_at_once_keep_the_servers_memory_bounded(bounded_server, mnist):
     from PIL import ImageDraw
+
     address, pid = bounded_server
     _, test_split = mnist
-    assert request(address, "POST", "/predict", drawn_digit(test_split.pixels[0]), {"Content-Type": "image/png"})[0] == 200
+    assert (
+        request(address, "POST", "/predict", drawn_digit(test_split.pixels[0]), {"Content-Type": "image/png"})[0] == 200
+    )
     before = peak_memory(pid)
     big = Image.new("RGBA", (2800, 2800), "white")  # 7.8 megapixels, just under the cap: 31 MB decoded
     ImageDraw.Draw(big).line([(1400, 400), (1400, 2400)], fill="black", width=200)
     body = png_of(big)
     assert len(body) < draw.MAX_BODY
     results = []
-    threads = [threading.Thread(target=lambda: results.append(request(address, "POST", "/predict", body,
-                                                                       {"Content-Type": "image/png"})[0]))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(request(address, "POST", "/predict", body, {"Content-Type": "image/png"})[0])
+        )
+        for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -366,6 +403,7 @@ def test_big_drawings_at_once_keep_the_servers_memory_bounded(bounded_server, mn
 @pytest.mark.slow
 def test_a_flood_of_slow_connections_does_not_starve_real_requests(bounded_server):
     import resource
+
     address, _ = bounded_server
     slow, stop = [], threading.Event()
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)  # this side holds 1,100 sockets: room for them here
@@ -384,6 +422,7 @@ def test_a_flood_of_slow_connections_does_not_starve_real_requests(bounded_serve
                 slow.append(connection)
             except OSError:
                 pass
+
     flooding = threading.Thread(target=flood, daemon=True)
     flooding.start()
     try:
@@ -401,12 +440,15 @@ def test_a_flood_of_slow_connections_does_not_starve_real_requests(bounded_serve
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
 
-@pytest.mark.parametrize("raw, status", [
-    (b"GARBAGE\r\n\r\n", 400),                                   # not a request line
-    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),     # a request line over http.server's 64 KB
-    (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),  # more headers than http.server takes
-    (b"BREW / HTTP/1.1\r\n\r\n", 501),                           # a method nobody serves
-])
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"GARBAGE\r\n\r\n", 400),  # not a request line
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),  # a request line over http.server's 64 KB
+        (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),  # more headers than http.server takes
+        (b"BREW / HTTP/1.1\r\n\r\n", 501),  # a method nobody serves
+    ],
+)
 def test_every_error_is_json_whoever_raises_it(server, raw, status):
     with socket.create_connection(server, timeout=10) as connection:
         connection.sendall(raw)
@@ -418,6 +460,7 @@ def test_every_error_is_json_whoever_raises_it(server, raw, status):
 
 def test_any_decoder_failure_is_a_400(server):
     from PIL import Image as PILImage
+
     samples = []
     for kind in ("DDS", "BLP", "TIFF", "GIF", "WEBP", "ICO"):
         try:
@@ -426,7 +469,7 @@ def test_any_decoder_failure_is_a_400(server):
         except (KeyError, OSError, ValueError):
             continue
         data = buffer.getvalue()
-        samples.append((kind + " cut in half", data[:len(data) // 2]))  # the header intact, the data cut
+        samples.append((kind + " cut in half", data[: len(data) // 2]))  # the header intact, the data cut
         samples.append((kind + " cut at 40 bytes", data[:40]))
     assert len(samples) >= 6
     for kind, body in samples:
@@ -453,5 +496,8 @@ def test_ipv6_hosts_and_a_missing_page_are_served_and_said(trained, monkeypatch,
         httpd.shutdown()
         httpd.server_close()
     monkeypatch.setattr(draw, "PAGE", str(trained[0] / "no-such-page.html"))
-    assert_usage_error(*run_main(draw, [trained[0] / "noteLearning_1.pth", "--port", "0"], capsys)[::2],
-                       "cannot read the page", "draw.html")
+    assert_usage_error(
+        *run_main(draw, [trained[0] / "noteLearning_1.pth", "--port", "0"], capsys)[::2],
+        "cannot read the page",
+        "draw.html",
+    )

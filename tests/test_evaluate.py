@@ -47,23 +47,28 @@ def test_per_class_and_confusion_agree_with_accuracy(trained, capsys):
     confusion = torch.tensor(result["confusion"])
     assert confusion.shape == (10, 10) and int(confusion.sum()) == 10000
     assert int(confusion.trace()) == result["correct"]
-    assert torch.equal(confusion.sum(1), torch.bincount(data_files.load(
-        commands.DEFAULT_DATA_DIR, download=False)[1].labels, minlength=10))
+    assert torch.equal(
+        confusion.sum(1),
+        torch.bincount(data_files.load(commands.DEFAULT_DATA_DIR, download=False)[1].labels, minlength=10),
+    )
     per_class = (100 * confusion.diag() / confusion.sum(1)).tolist()
     assert result["per_class"] == [round(value, 2) for value in per_class]
     code, out, _ = run_main(evaluate, [path, "--per-class", "--confusion"], capsys)
     lines = out.splitlines()
     assert lines[1] == "accuracy per class:" and lines[2].split() == ["0", f"{result['per_class'][0]:.2f}%"]
-    matrix_rows = lines[lines.index("confusion matrix (rows = true class, columns = predicted):") + 2:]
+    matrix_rows = lines[lines.index("confusion matrix (rows = true class, columns = predicted):") + 2 :]
     assert [int(value) for value in matrix_rows[3].split()[1:]] == result["confusion"][3]
 
 
 def test_save_errors_writes_a_titled_png_grid_of_misclassified_images(trained, tmp_path, capsys):
     from PIL import Image
+
     path = tmp_path / "errors.png"
     checkpoint = trained[0] / "noteLearning_1.pth"
     code, out, _ = run_main(evaluate, [checkpoint, "--save-errors", path], capsys)
-    assert code == 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"saved misclassified examples to {path}" in out
+    assert (
+        code == 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"saved misclassified examples to {path}" in out
+    )
     with Image.open(path) as image:  # a two-line title, then 8 rows of 84-pixel digits with their captions
         assert image.format == "PNG" and image.size[1] == 52 + 8 * (28 * 3 + 22) and image.size[0] >= 8 * 28 * 3
     result = json.loads(run_main(evaluate, [checkpoint, "--json"], capsys)[1])
@@ -74,21 +79,29 @@ def test_save_errors_writes_a_titled_png_grid_of_misclassified_images(trained, t
     assert_usage_error(*run_main(evaluate, [checkpoint, "--save-errors", tmp_path / "errors.jpg"], capsys)[::2], ".png")
 
 
-def test_the_confusion_heatmap_writes_the_jsons_counts_and_the_weights_box_the_silent_units(trained, tmp_path, capsys,
-                                                                                           monkeypatch):
+def test_the_confusion_heatmap_writes_the_jsons_counts_and_the_weights_box_the_silent_units(
+    trained, tmp_path, capsys, monkeypatch
+):
     pytest.importorskip("matplotlib")
     from PIL import Image
+
     checkpoint = trained[0] / "noteLearning_1.pth"
     drawn = {}
     real_save = pictures.save
-    monkeypatch.setattr(pictures, "save", lambda picture, path: drawn.setdefault(str(path), picture) and real_save(picture, path))
+    monkeypatch.setattr(
+        pictures, "save", lambda picture, path: drawn.setdefault(str(path), picture) and real_save(picture, path)
+    )
     heatmap, tiles = tmp_path / "confusion.png", tmp_path / "weights.png"
-    code, out, _ = run_main(evaluate, [checkpoint, "--json", "--save-confusion", heatmap, "--save-weights", tiles], capsys)
+    code, out, _ = run_main(
+        evaluate, [checkpoint, "--json", "--save-confusion", heatmap, "--save-weights", tiles], capsys
+    )
     assert code == 0
     confusion = json.loads(out)["confusion"]
     for path, smallest, largest in ((heatmap, (500, 450), (2000, 2000)), (tiles, (800, 400), (3000, 2000))):
         with Image.open(path) as image:
-            assert image.format == "PNG" and all(a <= b <= c for a, b, c in zip(smallest, image.size, largest)), image.size
+            assert image.format == "PNG" and all(a <= b <= c for a, b, c in zip(smallest, image.size, largest)), (
+                image.size
+            )
     cells = {tuple(map(round, text.get_position())): int(text.get_text()) for text in drawn[str(heatmap)].axes[0].texts}
     assert cells == {(column, row): confusion[row][column] for row in range(10) for column in range(10)}
     # the boxed tiles are the units whose fc1 output is <= 0 on every test image, computed here apart
@@ -99,47 +112,73 @@ def test_the_confusion_heatmap_writes_the_jsons_counts_and_the_weights_box_the_s
     boxes = drawn[str(tiles)].axes[0].patches
     assert 0 < len(boxes) == int((~active).sum()) < 128
     assert {(round(box.get_x()) // 29) + 16 * (round(box.get_y()) // 29) for box in boxes} == set(
-        (~active).nonzero().flatten().tolist())
+        (~active).nonzero().flatten().tolist()
+    )
 
 
 def test_pictures_say_in_one_line_what_they_need(trained, tmp_path, capsys, monkeypatch):
     checkpoint = trained[0] / "noteLearning_1.pth"
-    assert_usage_error(*run_main(evaluate, [checkpoint, checkpoint, "--save-weights", tmp_path / "w.png"], capsys)[::2],
-                       "--save-weights takes exactly one checkpoint")
-    assert_usage_error(*run_main(evaluate, [checkpoint, "--save-weights", tmp_path / "a.png", "--save-confusion",
-                                            tmp_path / "a.png"], capsys)[::2], "a file of its own")
+    assert_usage_error(
+        *run_main(evaluate, [checkpoint, checkpoint, "--save-weights", tmp_path / "w.png"], capsys)[::2],
+        "--save-weights takes exactly one checkpoint",
+    )
+    assert_usage_error(
+        *run_main(
+            evaluate, [checkpoint, "--save-weights", tmp_path / "a.png", "--save-confusion", tmp_path / "a.png"], capsys
+        )[::2],
+        "a file of its own",
+    )
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     for flag in ("--save-weights", "--save-confusion"):
-        assert_usage_error(*run_main(evaluate, [checkpoint, flag, tmp_path / "x.png"], capsys)[::2],
-                           f"evaluate.py {flag} needs matplotlib", "pip install matplotlib")
+        assert_usage_error(
+            *run_main(evaluate, [checkpoint, flag, tmp_path / "x.png"], capsys)[::2],
+            f"evaluate.py {flag} needs matplotlib",
+            "pip install matplotlib",
+        )
     assert not (tmp_path / "x.png").exists()
     code, _, _ = run_main(evaluate, [checkpoint, "--save-errors", tmp_path / "e.png"], capsys)  # PIL alone draws it
     assert code == 0 and (tmp_path / "e.png").exists()
     with pytest.raises(ValueError, match="needs a first layer nn.Linear\\(784, units\\); this model's first is Conv2d"):
-        pictures.first_linear(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(2704, 10)))
+        pictures.first_linear(
+            torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(2704, 10))
+        )
 
 
 def test_save_errors_to_a_missing_folder_or_a_folder_fails_before_evaluating(trained, tmp_path, capsys):
     path = trained[0] / "noteLearning_1.pth"
-    assert_usage_error(*run_main(evaluate, [path, "--save-errors", tmp_path / "nowhere" / "e.png"], capsys)[::2],
-                       "no folder")
+    assert_usage_error(
+        *run_main(evaluate, [path, "--save-errors", tmp_path / "nowhere" / "e.png"], capsys)[::2], "no folder"
+    )
     (tmp_path / "dir.png").mkdir()
     assert_usage_error(*run_main(evaluate, [path, "--save-errors", tmp_path / "dir.png"], capsys)[::2], "folder")
 
 
 def test_evaluate_json_never_prints_nan_and_picks_the_best_by_validation(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "out"
-    assert run_main(train, tiny_run(tmp_path, "--epochs", "2", "--val-size", "56", "--checkpoint-dir", folder), capsys)[0] == 0
-    results = [{"checkpoint": "a", "accuracy": 99.0, "loss": 0.1, "validation": {"accuracy": 80.0}},
-               {"checkpoint": "b", "accuracy": 90.0, "loss": 0.2, "validation": {"accuracy": 85.0}}]
+    assert (
+        run_main(train, tiny_run(tmp_path, "--epochs", "2", "--val-size", "56", "--checkpoint-dir", folder), capsys)[0]
+        == 0
+    )
+    results = [
+        {"checkpoint": "a", "accuracy": 99.0, "loss": 0.1, "validation": {"accuracy": 80.0}},
+        {"checkpoint": "b", "accuracy": 90.0, "loss": 0.2, "validation": {"accuracy": 85.0}},
+    ]
     assert evaluate.best_index(results) == (1, "validation accuracy")
-    code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", folder / "noteLearning_2.pth",
-                                       "--data-dir", tmp_path / "data"], capsys)
+    code, out, _ = run_main(
+        evaluate,
+        [folder / "noteLearning_1.pth", folder / "noteLearning_2.pth", "--data-dir", tmp_path / "data"],
+        capsys,
+    )
     assert code == 0 and "<- best validation accuracy" in out
     real_evaluate = mnist_mlp.evaluate
-    monkeypatch.setattr(mnist_mlp, "evaluate", lambda *args, **kwargs: dataclasses.replace(
-        real_evaluate(*args, **kwargs), loss=float("inf")))  # huge logits: cross-entropy overflows
-    code, out, _ = run_main(evaluate, [folder / "noteLearning_1.pth", "--data-dir", tmp_path / "data", "--json"], capsys)
+    monkeypatch.setattr(
+        mnist_mlp,
+        "evaluate",
+        lambda *args, **kwargs: dataclasses.replace(real_evaluate(*args, **kwargs), loss=float("inf")),
+    )  # huge logits: cross-entropy overflows
+    code, out, _ = run_main(
+        evaluate, [folder / "noteLearning_1.pth", "--data-dir", tmp_path / "data", "--json"], capsys
+    )
     assert code == 0 and json.loads(out)["loss"] is None
     for files in ([folder / "noteLearning_1.pth"], [folder / "noteLearning_1.pth", folder / "noteLearning_2.pth"]):
         code, out, err = run_main(evaluate, [*files, "--data-dir", tmp_path / "data"], capsys)  # the text report too
@@ -169,8 +208,12 @@ def test_evaluation_runs_in_eval_mode_and_gives_the_mode_back(mnist):
 
 def test_several_checkpoints_are_listed_in_epoch_order_with_what_the_best_is_chosen_by(tmp_path, capsys):
     import shutil
+
     folder = tmp_path / "out"
-    assert run_main(train, tiny_run(tmp_path, "--epochs", "2", "--val-size", "56", "--checkpoint-dir", folder), capsys)[0] == 0
+    assert (
+        run_main(train, tiny_run(tmp_path, "--epochs", "2", "--val-size", "56", "--checkpoint-dir", folder), capsys)[0]
+        == 0
+    )
     shutil.copy(folder / "noteLearning_2.pth", folder / "noteLearning_10.pth")
     shell_order = [folder / f"noteLearning_{epoch}.pth" for epoch in (1, 10, 2)]  # what noteLearning_*.pth gives
     code, out, _ = run_main(evaluate, [*shell_order, "--data-dir", tmp_path / "data"], capsys)

@@ -6,37 +6,57 @@ import os
 import sys
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import mnist_mlp
 import train
 from mnist_mlp_tools import checkpoints, commands, fast_step, optimizers
-from tests.conftest import ROOT, DeeperModel, DropoutModel, SigmoidModel, assert_usage_error, make_step, make_tiny_mnist, run_at_once, run_main, tiny_run
+from tests.conftest import (
+    ROOT,
+    DeeperModel,
+    DropoutModel,
+    SigmoidModel,
+    assert_usage_error,
+    make_step,
+    make_tiny_mnist,
+    run_at_once,
+    run_main,
+    tiny_run,
+)
 
 
 def test_the_plain_model_takes_the_fast_step_and_edited_models_the_autograd_step():
     step, description = make_step(mnist_mlp.NoteModel())
     assert isinstance(step, fast_step.FastStep) and description.startswith("fast step")
-    for model, words in ((SigmoidModel(), "computes something other"), (DropoutModel(), "Dropout"),
-                         (DeeperModel(), None)):
+    for model, words in (
+        (SigmoidModel(), "computes something other"),
+        (DropoutModel(), "Dropout"),
+        (DeeperModel(), None),
+    ):
         step, description = make_step(model)
         if words is None:
             assert isinstance(step, fast_step.FastStep)
         else:
-            assert not isinstance(step, fast_step.FastStep) and description.startswith("autograd step") \
-                and words in description, description
+            assert (
+                not isinstance(step, fast_step.FastStep)
+                and description.startswith("autograd step")
+                and words in description
+            ), description
     hooked = mnist_mlp.NoteModel()
     hooked.fc2.register_forward_hook(lambda module, inputs, output: None)
     assert "hooks" in make_step(hooked)[1]
     assert "as asked" in make_step(mnist_mlp.NoteModel(), "autograd")[1]
     with pytest.raises(commands.UsageError, match="--step fast cannot train this model exactly"):
         make_step(SigmoidModel(), "fast")
-    loss_with_smoothing = fast_step.make_train_step(mnist_mlp.NoteModel(), nn.CrossEntropyLoss(label_smoothing=0.1),
-                                                    torch.optim.SGD(mnist_mlp.NoteModel().parameters(), lr=0.1))
+    loss_with_smoothing = fast_step.make_train_step(
+        mnist_mlp.NoteModel(),
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        torch.optim.SGD(mnist_mlp.NoteModel().parameters(), lr=0.1),
+    )
     assert "nn.CrossEntropyLoss()" in loss_with_smoothing[1]
 
 
@@ -131,13 +151,16 @@ def test_flat_sgd_equals_torchs_sgd_and_shares_its_state_dict(momentum, threads)
 
 def test_a_flat_optimizer_refuses_a_state_it_does_not_compute():
     model = mnist_mlp.NoteModel(8, 8)
-    for saved_by, words in ((torch.optim.Adam(model.parameters(), amsgrad=True), "amsgrad=True"),
-                            (torch.optim.Adam(model.parameters(), weight_decay=0.1), "weight_decay=0.1")):
+    for saved_by, words in (
+        (torch.optim.Adam(model.parameters(), amsgrad=True), "amsgrad=True"),
+        (torch.optim.Adam(model.parameters(), weight_decay=0.1), "weight_decay=0.1"),
+    ):
         with pytest.raises(ValueError, match=words):
             fast_step.FlatAdam(mnist_mlp.NoteModel(8, 8).parameters()).load_state_dict(saved_by.state_dict())
     with pytest.raises(ValueError, match="nesterov=True"):
         fast_step.FlatSGD(mnist_mlp.NoteModel(8, 8).parameters(), momentum=0.9).load_state_dict(
-            torch.optim.SGD(model.parameters(), momentum=0.9, nesterov=True).state_dict())
+            torch.optim.SGD(model.parameters(), momentum=0.9, nesterov=True).state_dict()
+        )
 
 
 def test_flat_adam_steps_aside_where_the_kernels_are_not_position_independent(monkeypatch):
@@ -204,8 +227,12 @@ def test_an_edited_model_trains_what_it_computes(monkeypatch, tmp_path, capsys):
     assert "CUDA" not in out.splitlines()[0]  # on the CPU there is no graph to speak of
     accuracy = float(out.split("test accuracy ")[1].split("%")[0])
     assert accuracy >= 90.0
-    assert_usage_error(*run_main(train, ["--epochs", "1", "--checkpoint-dir", tmp_path / "fast", "--device", "cpu",
-                                         "--step", "fast"], capsys)[::2], "--step fast")
+    assert_usage_error(
+        *run_main(
+            train, ["--epochs", "1", "--checkpoint-dir", tmp_path / "fast", "--device", "cpu", "--step", "fast"], capsys
+        )[::2],
+        "--step fast",
+    )
 
 
 def test_a_model_with_an_added_dropout_trains(monkeypatch, tmp_path, capsys):
@@ -246,13 +273,18 @@ def test_a_batch_size_where_the_fast_step_rounds_otherwise_is_trained_by_autogra
     optimizer = optimizers.make_optimizer("adam", model.parameters(), 0.001)
     step, description = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, batch_sizes=[64, 32])
     assert description.startswith("autograd step") and "at batch 32, 1 thread" in description
-    assert isinstance(fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, batch_sizes=[64])[0],
-                      fast_step.FastStep)
+    assert isinstance(
+        fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, batch_sizes=[64])[0], fast_step.FastStep
+    )
 
 
 @settings(max_examples=12, deadline=None)
-@given(widths=st.tuples(st.integers(1, 40), st.integers(1, 40)), sizes=st.sets(st.integers(1, 70), min_size=1,
-       max_size=2), threads=st.integers(1, 2), optimizer=st.sampled_from(["adam", "sgd"]))
+@given(
+    widths=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    sizes=st.sets(st.integers(1, 70), min_size=1, max_size=2),
+    threads=st.integers(1, 2),
+    optimizer=st.sampled_from(["adam", "sgd"]),
+)
 def test_the_step_chosen_trains_as_the_textbook_step_on_its_threads_and_shapes(widths, sizes, threads, optimizer):
     """Whatever step make_train_step proves for a run's widths, batch sizes and threads, it updates the
     weights bit for bit as mnist_mlp.textbook_step with torch's own optimizer does."""
@@ -263,8 +295,11 @@ def test_the_step_chosen_trains_as_the_textbook_step_on_its_threads_and_shapes(w
         ours, theirs = mnist_mlp.NoteModel(*widths), mnist_mlp.NoteModel(*widths)
         theirs.load_state_dict(ours.state_dict())
         flat = optimizers.make_optimizer(optimizer, ours.parameters(), 0.01)
-        reference = (torch.optim.Adam(theirs.parameters(), lr=0.01) if optimizer == "adam"
-                     else torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9))
+        reference = (
+            torch.optim.Adam(theirs.parameters(), lr=0.01)
+            if optimizer == "adam"
+            else torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9)
+        )
         step, _ = fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat, batch_sizes=sizes)
         for size in sorted(sizes) * 2:
             x, labels = torch.randn(size, 784), torch.randint(0, 10, (size,))
@@ -296,10 +331,18 @@ def test_the_default_paths_never_import_torch_dynamo(tmp_path):
     """torch.optim.Optimizer's methods import torch._dynamo (about 2 s of start-up) on first use:
     the default optimizers, resume, saving, evaluate, predict and draw do without them."""
     data = make_tiny_mnist(tmp_path / "data")
-    script = NO_DYNAMO.format(here=ROOT, folder=str(tmp_path / "run"), data=str(data),
-                              image=os.path.join(ROOT, "docs", "figures", "draw_example.png"))
-    result, bare = run_at_once(*[dict(args=[sys.executable, "-c", code], capture_output=True, text=True)
-                                 for code in (script, "import sys, torch; print('torch._dynamo' in sys.modules)")])
+    script = NO_DYNAMO.format(
+        here=ROOT,
+        folder=str(tmp_path / "run"),
+        data=str(data),
+        image=os.path.join(ROOT, "docs", "figures", "draw_example.png"),
+    )
+    result, bare = run_at_once(
+        *[
+            dict(args=[sys.executable, "-c", code], capture_output=True, text=True)
+            for code in (script, "import sys, torch; print('torch._dynamo' in sys.modules)")
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     if bare.stdout.strip() == "True":
         pytest.skip("this torch version imports torch._dynamo with torch itself")

@@ -102,15 +102,19 @@ def png_bytes(path):
 
 
 @pytest.mark.parametrize("model_class", EDITS, ids=lambda model_class: model_class.__name__)
-def test_every_kind_of_edit_trains_evaluates_predicts_draws_and_resumes_exactly(model_class, tmp_path, monkeypatch,
-                                                                                capsys):
+def test_every_kind_of_edit_trains_evaluates_predicts_draws_and_resumes_exactly(
+    model_class, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(mnist_mlp, "NoteModel", model_class)
     folder, straight = tmp_path / "out", tmp_path / "straight"
     code, out, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)
     assert code == 0 and err == "", err
     checkpoint = folder / "noteLearning_1.pth"
-    code, out, err = run_main(evaluate, [checkpoint, "--data-dir", tmp_path / "data", "--json",
-                                         "--save-weights", tmp_path / "weights.png"], capsys)
+    code, out, err = run_main(
+        evaluate,
+        [checkpoint, "--data-dir", tmp_path / "data", "--json", "--save-weights", tmp_path / "weights.png"],
+        capsys,
+    )
     if model_class is SmallCNN:  # the weight picture needs a first Linear(784, units): said in one line
         assert_usage_error(code, err, "--save-weights", "nn.Linear(784, units)", "Conv2d")
         code, out, err = run_main(evaluate, [checkpoint, "--data-dir", tmp_path / "data", "--json"], capsys)
@@ -121,8 +125,9 @@ def test_every_kind_of_edit_trains_evaluates_predicts_draws_and_resumes_exactly(
     assert code == 0 and err == "" and len(json.loads(out)["predictions"]) == 8
     answer = draw.Reader(str(checkpoint)).read(png_bytes(os.path.join(DIGITS, "7_pen.png")))
     assert len(answer["probabilities"]) == 10 and abs(sum(answer["probabilities"]) - 1) < 1e-5
-    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder, "--resume", checkpoint),
-                            capsys)
+    code, _, err = run_main(
+        train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder, "--resume", checkpoint), capsys
+    )
     assert code == 0 and err == "", err
     assert run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", straight), capsys)[0] == 0
     resumed = torch.load(folder / "noteLearning_2.pth", weights_only=True)["model"]
@@ -141,21 +146,30 @@ def tutorial_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model_class", EDITS, ids=lambda model_class: model_class.__name__)
-def test_an_old_checkpoint_read_by_an_edited_model_is_one_line_or_a_warning(model_class, tutorial_checkpoint,
-                                                                             monkeypatch, capsys):
+def test_an_old_checkpoint_read_by_an_edited_model_is_one_line_or_a_warning(
+    model_class, tutorial_checkpoint, monkeypatch, capsys
+):
     path, data = tutorial_checkpoint
     old = torch.load(path, weights_only=True)["model"]
     monkeypatch.setattr(mnist_mlp, "NoteModel", model_class)
-    built = model_class(*([128, 64] if model_class in (OtherWidths, ThreeWidths, WithBatchNorm, DropoutModel,
-                                                        SigmoidModel) else []))
+    built = model_class(
+        *([128, 64] if model_class in (OtherWidths, ThreeWidths, WithBatchNorm, DropoutModel, SigmoidModel) else [])
+    )
     expected = built.state_dict()
     missing = [name for name in expected if name not in old]
     unexpected = [name for name in old if name not in expected]
     reshaped = [name for name in expected if name in old and old[name].shape != expected[name].shape]
     code, out, err = run_main(evaluate, [path, "--data-dir", data], capsys)
     if missing or unexpected or reshaped:  # does not fit: one line naming each difference, each side named
-        assert_usage_error(code, err, "does not fit NoteModel in mnist_mlp.py", "another version of NoteModel",
-                           *missing[:4], *unexpected[:4], *reshaped[:3])
+        assert_usage_error(
+            code,
+            err,
+            "does not fit NoteModel in mnist_mlp.py",
+            "another version of NoteModel",
+            *missing[:4],
+            *unexpected[:4],
+            *reshaped[:3],
+        )
         if missing:
             assert "that the checkpoint lacks" in err
         if unexpected:
@@ -198,47 +212,68 @@ class WrongShapes(NoWidths):
         return self.fc2(self.fc1(x.view(-1, 780)))
 
 
-@pytest.mark.parametrize("model_class, flags, words", [
-    (NoWidths, ["--hidden", "128", "64"], ["takes no widths", "leave out --hidden"]),
-    (mnist_mlp.NoteModel, ["--hidden", "256", "128", "64"],
-     ["--hidden got 3 widths (256 128 64)", "NoteModel(hidden1, hidden2)", "takes 2", "edit of NoteModel"]),
-    (ThreeWidths, ["--hidden", "32", "16"], ["--hidden got 2 widths", "NoteModel(hidden1, hidden2, hidden3)"]),
-    (NeedsWidths, [], ["widths without defaults", "--hidden HIDDEN1 HIDDEN2"]),
-    (BrokenInit, [], ["NoteModel() in mnist_mlp.py failed"]),
-    (TwelveOutputs, [], ["gives [2, 12] for 2 images", "[2, 10]"]),
-    (WrongShapes, [], ["forward() in mnist_mlp.py fails on a batch of images (N, 1, 28, 28)", "RuntimeError"]),
-])
-def test_a_model_or_flags_that_do_not_fit_are_one_line_and_nothing_is_written(model_class, flags, words, tmp_path,
-                                                                              monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "model_class, flags, words",
+    [
+        (NoWidths, ["--hidden", "128", "64"], ["takes no widths", "leave out --hidden"]),
+        (
+            mnist_mlp.NoteModel,
+            ["--hidden", "256", "128", "64"],
+            ["--hidden got 3 widths (256 128 64)", "NoteModel(hidden1, hidden2)", "takes 2", "edit of NoteModel"],
+        ),
+        (ThreeWidths, ["--hidden", "32", "16"], ["--hidden got 2 widths", "NoteModel(hidden1, hidden2, hidden3)"]),
+        (NeedsWidths, [], ["widths without defaults", "--hidden HIDDEN1 HIDDEN2"]),
+        (BrokenInit, [], ["NoteModel() in mnist_mlp.py failed"]),
+        (TwelveOutputs, [], ["gives [2, 12] for 2 images", "[2, 10]"]),
+        (WrongShapes, [], ["forward() in mnist_mlp.py fails on a batch of images (N, 1, 28, 28)", "RuntimeError"]),
+    ],
+)
+def test_a_model_or_flags_that_do_not_fit_are_one_line_and_nothing_is_written(
+    model_class, flags, words, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(mnist_mlp, "NoteModel", model_class)
     code, _, err = run_main(train, tiny_run(tmp_path, "--checkpoint-dir", tmp_path / "out", *flags), capsys)
     assert_usage_error(code, err, *words)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model_class, flags, recorded", [
-    (NoWidths, [], []),  # nothing passed, nothing recorded
-    (ThreeWidths, ["--hidden", "40", "30", "20"], [40, 30, 20]),
-    (ThreeWidths, [], [64, 32, 16]),  # its own defaults, recorded
-    (NeedsWidths, ["--hidden", "20", "7"], [20, 7]),
-])
-def test_widths_are_passed_only_to_a_model_that_takes_them_and_recorded(model_class, flags, recorded, tmp_path,
-                                                                         monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "model_class, flags, recorded",
+    [
+        (NoWidths, [], []),  # nothing passed, nothing recorded
+        (ThreeWidths, ["--hidden", "40", "30", "20"], [40, 30, 20]),
+        (ThreeWidths, [], [64, 32, 16]),  # its own defaults, recorded
+        (NeedsWidths, ["--hidden", "20", "7"], [20, 7]),
+    ],
+)
+def test_widths_are_passed_only_to_a_model_that_takes_them_and_recorded(
+    model_class, flags, recorded, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(mnist_mlp, "NoteModel", model_class)
-    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", tmp_path / "out", *flags),
-                            capsys)
+    code, _, err = run_main(
+        train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", tmp_path / "out", *flags), capsys
+    )
     assert code == 0, err
     checkpoint = torch.load(tmp_path / "out" / "noteLearning_1.pth", weights_only=True)
     assert checkpoint["config"]["hidden"] == recorded
-    assert run_main(evaluate, [tmp_path / "out" / "noteLearning_1.pth", "--data-dir", tmp_path / "data"], capsys)[0] == 0
+    assert (
+        run_main(evaluate, [tmp_path / "out" / "noteLearning_1.pth", "--data-dir", tmp_path / "data"], capsys)[0] == 0
+    )
 
 
 def test_a_resume_takes_the_checkpoints_widths_without_hidden(tmp_path, capsys):
     folder = tmp_path / "out"
-    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder, "--hidden", "32", "16"),
-                    capsys)[0] == 0
-    code, out, err = run_main(train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder,
-                                              "--resume", folder / "noteLearning_1.pth"), capsys)
+    assert (
+        run_main(
+            train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder, "--hidden", "32", "16"), capsys
+        )[0]
+        == 0
+    )
+    code, out, err = run_main(
+        train,
+        tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder, "--resume", folder / "noteLearning_1.pth"),
+        capsys,
+    )
     assert code == 0, err
     assert torch.load(folder / "noteLearning_2.pth", weights_only=True)["config"]["hidden"] == [32, 16]
 
@@ -290,8 +325,9 @@ def test_the_user_paths_run_with_the_posix_only_apis_hidden(tmp_path):
     signals, hidden before anything is imported: train, resume, evaluate, predict, draw's API, plot, the lock."""
     pytest.importorskip("matplotlib")
     make_tiny_mnist(tmp_path / "data")
-    program = HIDE_POSIX + USER_PATHS.format(here=ROOT, data=str(tmp_path / "data"), out=str(tmp_path / "out"),
-                                             digits=DIGITS)
+    program = HIDE_POSIX + USER_PATHS.format(
+        here=ROOT, data=str(tmp_path / "data"), out=str(tmp_path / "out"), digits=DIGITS
+    )
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "every path ran" in result.stdout, result.stderr[-3000:]
 
@@ -304,6 +340,7 @@ def test_the_lock_refuses_a_second_run_and_leaves_nothing(tmp_path):
 
 
 # ----------------------------------------------------------------------------- notebooks and the command line
+
 
 def test_main_without_arguments_reads_no_kernel_command_line(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1234.json"])
@@ -320,10 +357,12 @@ SCRIPTS = ["train", "evaluate", "predict", "draw", "plot", "bench", "study", "tu
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_a_bad_flag_and_a_missing_file_answer_before_torch_loads(script, tmp_path):
     def run(*argv):
-        program = (f"import runpy, sys\nsys.path.insert(0, {ROOT!r})\nsys.argv = {[script + '.py', *argv]!r}\n"
-                   f"try:\n    runpy.run_path({os.path.join(ROOT, script + '.py')!r}, run_name='__main__')\n"
-                   "except SystemExit as stop:\n    print('exit', stop.code)\n"
-                   "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
+        program = (
+            f"import runpy, sys\nsys.path.insert(0, {ROOT!r})\nsys.argv = {[script + '.py', *argv]!r}\n"
+            f"try:\n    runpy.run_path({os.path.join(ROOT, script + '.py')!r}, run_name='__main__')\n"
+            "except SystemExit as stop:\n    print('exit', stop.code)\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')"
+        )
         return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=tmp_path)
 
     for argv, code in ((["--help"], 0), (["--no-such-flag"], 2)):
@@ -336,8 +375,9 @@ def test_help_a_bad_flag_and_a_missing_file_answer_before_torch_loads(script, tm
 
 
 def test_a_mistyped_flag_gets_the_nearest_one_and_hidden_its_count(capsys):
-    assert_usage_error(*run_main(train, ["--epohcs", "3"], capsys)[::2], "unrecognized arguments: --epohcs",
-                       "did you mean --epochs?")
+    assert_usage_error(
+        *run_main(train, ["--epohcs", "3"], capsys)[::2], "unrecognized arguments: --epohcs", "did you mean --epochs?"
+    )
     assert_usage_error(*run_main(evaluate, ["x.pth", "--bach-size", "3"], capsys)[::2], "did you mean --batch-size?")
 
 
@@ -350,6 +390,7 @@ def test_every_command_defaults_to_the_same_device():
         argv = {"evaluate": [__file__], "predict": [__file__, "x.png"], "draw": [__file__]}.get(module.__name__, [])
         assert module.parse_args(argv).device == "auto", module.__name__
     import bench
+
     assert bench.parse_args([]).device == "auto"
 
 
@@ -370,8 +411,9 @@ def test_predict_reads_on_one_thread_and_gives_the_threads_back(trained, monkeyp
     from mnist_mlp_tools import handwriting
 
     seen, probabilities = [], handwriting.class_probabilities
-    monkeypatch.setattr(handwriting, "class_probabilities",
-                        lambda *args: seen.append(torch.get_num_threads()) or probabilities(*args))
+    monkeypatch.setattr(
+        handwriting, "class_probabilities", lambda *args: seen.append(torch.get_num_threads()) or probabilities(*args)
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -385,8 +427,13 @@ def test_predict_reads_on_one_thread_and_gives_the_threads_back(trained, monkeyp
 def test_python_mnist_mlp_py_runs_the_docstrings_program(tmp_path):
     shutil.copy(os.path.join(ROOT, "mnist_mlp.py"), tmp_path)
     make_tiny_mnist(tmp_path / "data", n_train=128, n_test=32)
-    result = subprocess.run([sys.executable, "mnist_mlp.py"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": ""})
+    result = subprocess.run(
+        [sys.executable, "mnist_mlp.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [f"epoch {epoch}" for epoch in range(1, 21)]
@@ -396,12 +443,18 @@ def test_python_mnist_mlp_py_runs_the_docstrings_program(tmp_path):
 
 # ----------------------------------------------------------------------------- second runs
 
+
 def test_a_second_run_is_told_the_command_that_continues_the_first(tmp_path, capsys):
     folder = tmp_path / "out"
     assert run_main(train, tiny_run(tmp_path, "--epochs", "3", "--checkpoint-dir", folder), capsys)[0] == 0
     code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "5", "--checkpoint-dir", folder), capsys)
-    assert_usage_error(code, err, "already holds a run that reached epoch 3", "continue it with: python",
-                       f"--epochs 5 --checkpoint-dir {folder} --resume {folder / 'noteLearning_3.pth'}")
+    assert_usage_error(
+        code,
+        err,
+        "already holds a run that reached epoch 3",
+        "continue it with: python",
+        f"--epochs 5 --checkpoint-dir {folder} --resume {folder / 'noteLearning_3.pth'}",
+    )
     command = err.split("continue it with: ")[1].split(";")[0].split()
     assert run_main(train, command[2:], capsys)[0] == 0  # the command as printed, less `python train.py`
     assert sorted(name for name in os.listdir(folder) if name.endswith(".pth"))[-1] == "noteLearning_5.pth"

@@ -18,10 +18,17 @@ def test_the_quick_study_writes_its_tables_and_reuses_its_runs(tmp_path, capsys)
     progress = [line for line in printed.splitlines() if line.startswith("[")]
     assert len(progress) == 14 and progress[-1].startswith("[14/14]") and "test accuracy" in progress[0]
     report = (out / "study.md").read_text()
-    for heading in ("Optimizers at the tutorial's settings", "Bias correction × learning rate",
-                    "each optimizer's lr chosen on validation", "Dead ReLU units", "AdamW",
-                    "How much test accuracy moves", "fit and generalisation", "What three seeds can show",
-                    "Inputs in [0, 1] against the tutorial's [−1, 1]"):
+    for heading in (
+        "Optimizers at the tutorial's settings",
+        "Bias correction × learning rate",
+        "each optimizer's lr chosen on validation",
+        "Dead ReLU units",
+        "AdamW",
+        "How much test accuracy moves",
+        "fit and generalisation",
+        "What three seeds can show",
+        "Inputs in [0, 1] against the tutorial's [−1, 1]",
+    ):
         assert heading in report
     assert "| multiplier | 3.16 | 6.53 | 6.57 | 3.24 | 1.28 | 1.26 | 1.00 |" in report
     assert "Its mean over epoch 1 (steps 1–938): 2.04." in report and "β2 > 1−(1−β1)² = 0.99" in report
@@ -40,7 +47,11 @@ def test_the_quick_study_writes_its_tables_and_reuses_its_runs(tmp_path, capsys)
     # a run is reused only where all of it matches: another --val-size makes its fair runs apart
     before = {path: path.stat().st_mtime_ns for path in (out / "runs").rglob("*")}
     code, printed, _ = run_main(study, ["--quick", "--out", out, "--data-dir", data, "--val-size", "60"], capsys)
-    assert code == 0 and printed.count(": reused") == 14 - 4 and "60 training images held out" in (out / "study.md").read_text()
+    assert (
+        code == 0
+        and printed.count(": reused") == 14 - 4
+        and "60 training images held out" in (out / "study.md").read_text()
+    )
     assert all(path.stat().st_mtime_ns == when for path, when in before.items())  # the first study's runs untouched
     # a steps.json cut short (a kill mid-write) is a run to redo, not a crash
     steps = next((out / "runs").glob("epochs1-val0/bias-adam-lr0.001-1")) / "steps.json"
@@ -56,6 +67,7 @@ def test_the_quick_study_writes_its_tables_and_reuses_its_runs(tmp_path, capsys)
 
 def test_a_failed_write_under_out_is_exit_1(tmp_path, capsys, monkeypatch):
     import train
+
     monkeypatch.setattr(train, "main", lambda argv, on_epoch=None: 1)  # train.py's answer to a full disk
     code, _, err = run_main(study, ["--quick", "--out", tmp_path / "study"], capsys)
     assert code == 1 and err.startswith("error: ") and "could not write" in err
@@ -70,11 +82,17 @@ def test_study_needs_an_output_folder(tmp_path, capsys):
 def test_the_optimizers_a_study_run_records_are_what_trained(tmp_path):
     """AdamW is recorded as itself, not as the Adam whose L2 decay it is compared with."""
     import torch
+
     import mnist_mlp
     from mnist_mlp_tools import optimizers
+
     model = mnist_mlp.NoteModel(8, 8)
-    recorded = {kind: optimizers.optimizer_config(optimizer)["optimizer"] for kind, optimizer in (
-        ("adamw", torch.optim.AdamW(model.parameters(), weight_decay=0.01)),
-        ("adam", torch.optim.Adam(model.parameters(), weight_decay=0.01)),
-        ("sgd", optimizers.make_optimizer("sgd", model.parameters(), 0.01)))}
+    recorded = {
+        kind: optimizers.optimizer_config(optimizer)["optimizer"]
+        for kind, optimizer in (
+            ("adamw", torch.optim.AdamW(model.parameters(), weight_decay=0.01)),
+            ("adam", torch.optim.Adam(model.parameters(), weight_decay=0.01)),
+            ("sgd", optimizers.make_optimizer("sgd", model.parameters(), 0.01)),
+        )
+    }
     assert recorded == {"adamw": "adamw", "adam": "adam", "sgd": "sgd"}

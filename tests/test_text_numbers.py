@@ -34,16 +34,25 @@ def test_file_names_with_other_digits_are_no_epoch_and_no_label(text, tmp_path):
 def test_a_metrics_csv_with_other_digits_is_refused_in_one_line(text, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import plot
+
     folder = tmp_path / "run"
     folder.mkdir()
     header = ",".join(run_folder.METRICS_FIELDS)
-    row = {field: "" for field in run_folder.METRICS_FIELDS} | {"epoch": text, "train_loss": "0.3", "test_accuracy": "90"}
-    (folder / "metrics.csv").write_text(header + "\n" + ",".join(row[field] for field in run_folder.METRICS_FIELDS) + "\n")
+    row = {field: "" for field in run_folder.METRICS_FIELDS} | {
+        "epoch": text,
+        "train_loss": "0.3",
+        "test_accuracy": "90",
+    }
+    (folder / "metrics.csv").write_text(
+        header + "\n" + ",".join(row[field] for field in run_folder.METRICS_FIELDS) + "\n"
+    )
     with pytest.raises(commands.UsageError, match="cannot read"):
         run_folder.read_metrics(str(folder / "metrics.csv"))
     assert_usage_error(*run_main(plot, [folder, "-o", tmp_path / "x.png"], capsys)[::2], "epoch", "not a whole number")
     row |= {"epoch": "1", "test_accuracy": "9" + text}
-    (folder / "metrics.csv").write_text(header + "\n" + ",".join(row[field] for field in run_folder.METRICS_FIELDS) + "\n")
+    (folder / "metrics.csv").write_text(
+        header + "\n" + ",".join(row[field] for field in run_folder.METRICS_FIELDS) + "\n"
+    )
     assert_usage_error(*run_main(plot, [folder, "-o", tmp_path / "x.png"], capsys)[::2], "test_accuracy")
 
 
@@ -51,10 +60,13 @@ def test_a_metrics_csv_with_other_digits_is_refused_in_one_line(text, tmp_path, 
 def test_plot_refuses_figures_no_run_can_have(value, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import plot
+
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "metrics.csv").write_text(f"epoch,train_loss,test_accuracy\n1,0.5,{value}\n")
-    assert_usage_error(*run_main(plot, [folder, "-o", tmp_path / "x.png"], capsys)[::2], "test_accuracy", "from 0 to 100")
+    assert_usage_error(
+        *run_main(plot, [folder, "-o", tmp_path / "x.png"], capsys)[::2], "test_accuracy", "from 0 to 100"
+    )
 
 
 @pytest.mark.parametrize("length", NOT_ASCII + ["-1", "1e3", ""])

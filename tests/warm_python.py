@@ -74,8 +74,13 @@ def serve(address):
     base_path = sys.path[1:]  # a fresh `python SCRIPT` has the script's folder, then these
     sys.path.insert(0, root)
     project = ("checkpoints", "data_files", "fast_step", "handwriting", "pictures", "run_folder")
-    for name in ("torch", "torchvision.datasets", "torchvision.transforms", "mnist_mlp",
-                 *(f"mnist_mlp_tools.{module}" for module in project)):
+    for name in (
+        "torch",
+        "torchvision.datasets",
+        "torchvision.transforms",
+        "mnist_mlp",
+        *(f"mnist_mlp_tools.{module}" for module in project),
+    ):
         importlib.import_module(name)  # the seconds this server exists to spend once
 
     def report_exit(connection, child):
@@ -114,9 +119,13 @@ def serve(address):
         if number in request["streams"]:
             os.dup2(descriptors[request["streams"].index(number)], number)
             before = getattr(sys, name)  # made for the server's stream: a pipe here is another kind of file
-            stream = io.TextIOWrapper(io.open(number, "rb" if number == 0 else "wb", closefd=False),
-                                      encoding=before.encoding, errors=before.errors, newline="\n",
-                                      line_buffering=number == 2 or os.isatty(number))
+            stream = io.TextIOWrapper(
+                io.open(number, "rb" if number == 0 else "wb", closefd=False),
+                encoding=before.encoding,
+                errors=before.errors,
+                newline="\n",
+                line_buffering=number == 2 or os.isatty(number),
+            )
         else:
             os.close(number)
         setattr(sys, name, stream)
