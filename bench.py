@@ -5,11 +5,10 @@ All run the same number of steps of batch 64 on the same device, in one process:
             autograd and the default Adam, as the tutorial writes it;
   ours      train.py's loop as it runs by default: the fast step, data resident, denormals flushed,
             and Adam's for-loop arithmetic over flat buffers (bit-identical to the tutorial's);
-  fused     the same with torch's fused Adam kernel (train.py --fused --no-cuda-graph): what the
-            exact Adam costs is ours minus fused;
+  fused     the same with torch's fused Adam kernel (train.py --fused): what the exact Adam costs
+            is ours minus fused;
   autograd  train.py's loop with the textbook step (what --step autograd and edited models run);
-  floor     only the forward and backward matrix multiplications of the same shapes;
-  graph     (CUDA only) fused replayed as one CUDA graph a step: train.py --fused on CUDA.
+  floor     only the forward and backward matrix multiplications of the same shapes.
 Each first runs --warmup-epochs untimed epochs, so the figures are the steady state that a
 20-epoch run lives in (Adam's state turns denormal after about two epochs, which slows x86);
 the first of those epochs is also timed and reported on its own.
@@ -31,16 +30,13 @@ import time
 
 from mnist_mlp_tools import commands
 
+torch, torchvision, mnist_mlp, tutorial, data_files, fast_step = commands.lazy_import(
+    "torch", "torchvision", "mnist_mlp", "tutorial", "mnist_mlp_tools.data_files", "mnist_mlp_tools.fast_step"
+)
+
 STEPS_PER_EPOCH = 938  # 60000 images in batches of 64: 937 full ones and one of 32
 HERE = os.path.dirname(os.path.abspath(__file__))
-PIPELINES = [
-    "classic",
-    "ours",
-    "fused",
-    "autograd",
-    "floor",
-    "graph",
-]  # graph: fused replayed as a CUDA graph (CUDA only)
+PIPELINES = ["classic", "ours", "fused", "autograd", "floor"]
 
 
 def parse_args(argv):
@@ -73,7 +69,7 @@ def parse_args(argv):
         nargs="+",
         choices=PIPELINES,
         default=None,
-        help="which to time (default: all; graph only on CUDA)",
+        help="which to time (default: all)",
     )
     commands.add_data_dir_flag(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -97,19 +93,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer before torch loads
-    commands.flags_first(parse_args)
-
-import torch  # noqa: E402  (after the flags, on purpose)
-from torch import nn  # noqa: E402
-from torch.utils import data  # noqa: E402
-from torchvision import datasets, transforms  # noqa: E402
-
-import mnist_mlp  # noqa: E402
-import tutorial  # noqa: E402
-from mnist_mlp_tools import data_files, fast_step, optimizers  # noqa: E402
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -126,16 +109,17 @@ def batch_sizes(n, batch_size, steps):
 def classic_runner(data_dir, device):
     """run(count): `count` more steps of the blog's pipeline, epoch after epoch: tutorial.py's transforms,
     DataLoader, NoteModel, loss, Adam and step, as its run() writes them (the loss read every 100 steps)."""
+    transforms = torchvision.transforms
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
-    train_loader = data.DataLoader(
-        dataset=datasets.MNIST(data_dir, transform=transform, train=True),
+    train_loader = torch.utils.data.DataLoader(
+        dataset=torchvision.datasets.MNIST(data_dir, transform=transform, train=True),
         batch_size=64,
         shuffle=True,
         generator=torch.Generator().manual_seed(1),
     )
     torch.manual_seed(1)
     model = tutorial.NoteModel().to(device)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = torch.nn.CrossEntropyLoss()
     opt = torch.optim.Adam(model.parameters(), lr=0.001)
     position = [0]
 
@@ -162,18 +146,17 @@ def classic_runner(data_dir, device):
     return run
 
 
-def train_py_runner(data_dir, device, step_choice, fused=False, graph=False, optimizer_name="adam"):
+def train_py_runner(data_dir, device, step_choice, fused=False, optimizer_name="adam"):
     """run(count): `count` more steps of train.py's loop with --step step_choice (--fused: torch's fused
-    optimizer; graph: the fused step replayed as a CUDA graph), with train.py's default Adam or its
-    --optimizer sgd (--momentum 0.9, --lr 0.01)."""
+    optimizer), with train.py's default Adam or its --optimizer sgd (--momentum 0.9, --lr 0.01)."""
     train_split, _ = data_files.load(data_dir, download=False)
     train_split = train_split.to(device)
     torch.manual_seed(1)
     model = mnist_mlp.NoteModel().to(device)
-    optimizer = optimizers.make_optimizer(
-        optimizer_name, model.parameters(), 0.001 if optimizer_name == "adam" else 0.01, fused=fused
+    settings = {"optimizer": optimizer_name, "lr": 0.001 if optimizer_name == "adam" else 0.01, "momentum": 0.9}
+    step, optimizer, _ = fast_step.make_training(
+        model, torch.nn.CrossEntropyLoss(), {**settings, "fused": fused}, step_choice
     )
-    step, _ = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, step_choice, cuda_graph=graph)
     generator = torch.Generator().manual_seed(1)
 
     def run(count):
@@ -257,10 +240,7 @@ def run(argv):
     args = parse_args(argv)
     device = commands.resolve_device(args.device)
     data_files.load(args.data_dir, download=False)  # decompress and check before timing
-    if args.pipelines is None:
-        args.pipelines = [name for name in PIPELINES if name != "graph" or device.type == "cuda"]
-    if "graph" in args.pipelines and device.type != "cuda":
-        raise commands.UsageError("the graph pipeline needs --device cuda")
+    args.pipelines = args.pipelines or PIPELINES
     if args.whole:
         report = whole_programs(args)
         print(json.dumps(report, indent=2, allow_nan=False) if args.json else whole_text(report))
@@ -276,7 +256,6 @@ def run(argv):
                 "fused": lambda: train_py_runner(args.data_dir, device, "fast", fused=True, optimizer_name=name),
                 "autograd": lambda: train_py_runner(args.data_dir, device, "autograd", optimizer_name=name),
                 "floor": lambda: floor_runner(device),
-                "graph": lambda: train_py_runner(args.data_dir, device, "fast", fused=True, graph=True),
             }
             timings = {
                 name: time_runner(runners[name](), device, args.steps, args.warmup_epochs)
@@ -327,8 +306,6 @@ def make_report(args, device, timings):
         report["autograd_multiple"] = round(seconds["autograd"] / seconds["ours"], 2)
     if "fused" in seconds and "ours" in seconds:
         report["exact_adam_extra_ms_per_step"] = round(1000 * (seconds["ours"] - seconds["fused"]) / args.steps, 4)
-    if "classic" in seconds and "graph" in seconds:
-        report["graph_speedup"] = round(seconds["classic"] / seconds["graph"], 2)
     return report
 
 

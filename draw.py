@@ -21,8 +21,12 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from PIL import Image
+
 from mnist_mlp_tools import commands, run_folder
 from mnist_mlp_tools.commands import UsageError
+
+checkpoints, handwriting = commands.lazy_import("mnist_mlp_tools.checkpoints", "mnist_mlp_tools.handwriting")
 
 
 def newest_checkpoint(folder="."):
@@ -51,13 +55,6 @@ def parse_args(argv):
     args.checkpoint = commands.existing_file(args.checkpoint or newest_checkpoint(), "checkpoint")
     return args
 
-
-if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
-    commands.flags_first(parse_args)
-
-from PIL import Image  # noqa: E402  (after the flags, on purpose)
-
-from mnist_mlp_tools import checkpoints, handwriting  # noqa: E402
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_mlp_tools", "draw.html")
 # What the server shares, bounded: a classroom's network must not exhaust the machine.

@@ -9,6 +9,10 @@ import sys
 
 from mnist_mlp_tools import commands
 
+mnist_mlp, checkpoints, data_files, pictures = commands.lazy_import(
+    "mnist_mlp", "mnist_mlp_tools.checkpoints", "mnist_mlp_tools.data_files", "mnist_mlp_tools.pictures"
+)
+
 
 def parse_args(argv):
     parser = commands.ArgumentParser(description="Report test accuracy and loss of NoteModel checkpoints.")
@@ -58,13 +62,6 @@ def picture_flags(args):
         )
         if path
     ]
-
-
-if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
-    commands.flags_first(parse_args)
-
-import mnist_mlp  # noqa: E402
-from mnist_mlp_tools import checkpoints, data_files, pictures  # noqa: E402
 
 
 def evaluate_checkpoints(args):

@@ -7,14 +7,9 @@ as adam-1, adam-2, adam-3) are drawn as their mean with a band from their min to
 Needs matplotlib (pip install matplotlib), an optional dependency of this project.
 """
 
-import signal
-import sys
-
-if __name__ == "__main__":  # a Ctrl-C while torch is still loading: leave quietly
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
-
 import os
 import re
+import sys
 
 from mnist_mlp_tools import commands, run_folder, safe_files
 from mnist_mlp_tools.commands import UsageError

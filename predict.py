@@ -11,9 +11,13 @@ import os
 import re
 import sys
 
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
 from mnist_mlp_tools import commands
 from mnist_mlp_tools.commands import UsageError
 from mnist_mlp_tools.safe_files import atomic_write, is_regular_file
+
+checkpoints, handwriting = commands.lazy_import("mnist_mlp_tools.checkpoints", "mnist_mlp_tools.handwriting")
 
 IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
 
@@ -41,14 +45,6 @@ def parse_args(argv):
         commands.png_path(parser, "--show", args.show)
     commands.existing_file(args.checkpoint, "checkpoint")
     return args
-
-
-if __name__ == "__main__":  # the flags first: --help, a mistyped flag or file answer before torch loads
-    commands.flags_first(parse_args)
-
-from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
-
-from mnist_mlp_tools import checkpoints, handwriting  # noqa: E402
 
 
 def image_paths(arguments):

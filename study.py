@@ -18,8 +18,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from mnist_mlp_tools import commands
+import plot
+import train
+from mnist_mlp_tools import commands, run_folder, safe_files
 from mnist_mlp_tools.commands import UsageError
+
+mnist_mlp, checkpoints, data_files, pictures = commands.lazy_import(
+    "mnist_mlp", "mnist_mlp_tools.checkpoints", "mnist_mlp_tools.data_files", "mnist_mlp_tools.pictures"
+)
 
 
 def parse_args(argv):
@@ -35,14 +41,6 @@ def parse_args(argv):
     commands.add_data_dir_flag(parser)
     return parser.parse_args(argv)
 
-
-if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer before torch loads
-    commands.flags_first(parse_args)
-
-import mnist_mlp  # noqa: E402  (torch loads here, after the flags, on purpose)
-import plot  # noqa: E402
-import train  # noqa: E402
-from mnist_mlp_tools import checkpoints, data_files, pictures, run_folder, safe_files  # noqa: E402
 
 BETAS = (0.9, 0.999)
 

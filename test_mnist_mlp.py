@@ -16,7 +16,7 @@ import bench
 import mnist_mlp
 import train
 import tutorial
-from mnist_mlp_tools import checkpoints, commands, data_files, fast_step, optimizers
+from mnist_mlp_tools import checkpoints, commands, data_files, fast_step
 from tests.conftest import (  # noqa: F401 (mnist: a fixture, used by name)
     ROOT,
     TUTORIAL_TRANSFORM,
@@ -156,9 +156,8 @@ def test_our_loop_equals_the_tutorials_pipeline_bit_for_bit(mnist, optimizer, fu
     torch.manual_seed(seed)
     model = mnist_mlp.NoteModel()
     train_split, _ = mnist
-    step, _ = fast_step.make_train_step(
-        model, nn.CrossEntropyLoss(), optimizers.make_optimizer(optimizer, model.parameters(), 0.01, fused=fused)
-    )
+    settings = {"optimizer": optimizer, "lr": 0.01, "momentum": 0.9, "fused": fused}
+    step, _, _ = fast_step.make_training(model, nn.CrossEntropyLoss(), settings)
     assert isinstance(step, fast_step.FastStep)
     order = mnist_mlp.epoch_order(len(train_split), torch.Generator().manual_seed(seed))
     for batch in order.split(64)[:steps]:
@@ -211,7 +210,7 @@ def test_adam_by_hand_optimizer_equals_torch_adam_and_can_drop_the_correction():
         model.load_state_dict(models[0].state_dict())
     adams = [
         torch.optim.Adam(models[0].parameters(), lr=1e-3, foreach=False),
-        optimizers.make_optimizer("adam-no-bias-correction", models[1].parameters(), 1e-3),
+        fast_step.make_optimizer("adam-no-bias-correction", models[1].parameters(), {"lr": 1e-3}),
         mnist_mlp.AdamByHand(models[2].parameters(), lr=1e-3),
     ]
     x, labels = torch.randn(32, 784), torch.randint(0, 10, (32,))
@@ -220,7 +219,7 @@ def test_adam_by_hand_optimizer_equals_torch_adam_and_can_drop_the_correction():
             mnist_mlp.textbook_step(model, nn.CrossEntropyLoss(), optimizer, x, labels)
     for a, c in zip(models[0].parameters(), models[2].parameters()):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-6)
-    assert optimizers.optimizer_config(adams[1])["optimizer"] == "adam-no-bias-correction"
+    assert fast_step.optimizer_config(adams[1])["optimizer"] == "adam-no-bias-correction"
     assert set(adams[1].state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     moved = [float((b - a).detach().abs().max()) for a, b in zip(models[0].parameters(), models[1].parameters())]
     assert max(moved) > 1e-3  # the uncorrected run went elsewhere: its early steps were larger

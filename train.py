@@ -9,8 +9,17 @@ import signal
 import time
 import uuid
 
-from mnist_mlp_tools import commands, optimizers
+from mnist_mlp_tools import commands, optimizers, run_folder, safe_files
 from mnist_mlp_tools.commands import UsageError
+
+torch, mnist_mlp, checkpoints, data_files, fast_step, models = commands.lazy_import(
+    "torch",
+    "mnist_mlp",
+    "mnist_mlp_tools.checkpoints",
+    "mnist_mlp_tools.data_files",
+    "mnist_mlp_tools.fast_step",
+    "mnist_mlp_tools.models",
+)
 
 
 def parse_args(argv):
@@ -83,27 +92,14 @@ def parse_args(argv):
         "equal to; auto: fast where proven, autograd elsewhere",
     )
     group.add_argument(
-        "--fused",
-        action="store_true",
-        help="torch's fused optimizer: faster, Adam's last bits differ "
-        "from the tutorial's; on CUDA the step then replays as a CUDA graph",
+        "--fused", action="store_true", help="torch's fused optimizer: faster, its last bits differ from the tutorial's"
     )
-    group.add_argument("--no-cuda-graph", action="store_true", help="with --fused on CUDA, no CUDA graph")
     args = parser.parse_args(argv)
     if args.weight_decay and args.optimizer == "adam-no-bias-correction":
         raise UsageError("--weight-decay: adam-no-bias-correction takes none (adam or adamw do)")
     if args.resume is not None:
         commands.existing_file(args.resume, "checkpoint", "--resume")
     return args
-
-
-if __name__ == "__main__":  # the flags first: --help and a mistyped flag answer before torch loads (seconds)
-    commands.flags_first(parse_args)
-
-import torch  # noqa: E402  (after the flags, on purpose)
-
-import mnist_mlp  # noqa: E402
-from mnist_mlp_tools import checkpoints, data_files, fast_step, models, run_folder, safe_files  # noqa: E402
 
 
 class Run:
@@ -124,14 +120,22 @@ class Run:
             models.load_weights(args.resume, resumed, self.model)
         self.model.to(device)
         models.check_output(self.model, mnist_mlp.DATASETS[args.dataset][1])
+        # the data now: the step is proven on the epoch's own batch sizes
+        splits = [
+            dataclasses.replace(part, scaling=args.inputs) for part in data_files.load(args.data_dir, args.dataset)
+        ]
+        train_split, val_split = data_files.split_validation(splits[0], args.val_size, args.seed)
+        self.train_split, self.test_split = train_split.to(device), splits[1].to(device)
+        self.val_split = val_split.to(device) if val_split is not None else None
         self.order_generator = torch.Generator().manual_seed(args.seed)
-        self.criterion = torch.nn.CrossEntropyLoss()
-        self.optimizer = optimizers.make_optimizer(
-            args.optimizer, self.model.parameters(), args.lr, args.momentum, args.weight_decay, args.fused
+        images, batch = len(train_split), min(args.batch_size, len(train_split))
+        settings = {key: getattr(args, key) for key in ("optimizer", "lr", "momentum", "weight_decay", "fused")}
+        self.step, self.optimizer, self.step_description = fast_step.make_training(
+            self.model, torch.nn.CrossEntropyLoss(), settings, args.step, {batch, images % batch} - {0}
         )
         self.config = {
             "hidden": model_args,
-            **optimizers.optimizer_config(self.optimizer),
+            **fast_step.optimizer_config(self.optimizer),
             "inputs": args.inputs,
             "batch_size": args.batch_size,
             "seed": args.seed,
@@ -140,42 +144,23 @@ class Run:
             "fused": args.fused,  # threads: the matmuls' rounding
             **({"threads": torch.get_num_threads()} if device.type == "cpu" else {}),
             "run": (resumed or {}).get("config", {}).get("run") or uuid.uuid4().hex,  # the run's identity
-            "model_source": models.source_fingerprint(),
-        }  # a checkpoint read by other code is told apart
-        self.start_epoch = (
-            0
-            if resumed is None
-            else checkpoints.restore_training_state(
+            "model_source": models.source_fingerprint(),  # a checkpoint read by other code is told apart
+        }
+        self.start_epoch = 0
+        if resumed is not None:
+            self.start_epoch = checkpoints.restore_training_state(
                 args.resume, resumed, self.config, self.optimizer, self.order_generator
             )
-        )
         if self.start_epoch >= args.epochs:
             raise UsageError(
                 f"{args.resume} is already at epoch {self.start_epoch}; "
                 f"pass --epochs larger than {self.start_epoch} to train more"
             )
 
-    def open(self):
-        """Read the data and claim the folder (after every check of the input: it may delete files)."""
-        args = self.args
-        train_split, test_split = (
-            dataclasses.replace(split, scaling=args.inputs) for split in data_files.load(args.data_dir, args.dataset)
-        )
-        train_split, val_split = data_files.split_validation(train_split, args.val_size, args.seed)
+    def claim_folder(self):
+        """Claim the checkpoint folder: after every check of the input, since it may delete files."""
         self.metrics_rows = run_folder.claim_folder(
-            args.checkpoint_dir, self.start_epoch, self.progress, args.overwrite, self.config["run"]
-        )
-        self.train_split, self.test_split = train_split.to(self.device), test_split.to(self.device)
-        self.val_split = val_split.to(self.device) if val_split is not None else None
-        self.model.train()
-        images, batch = len(self.train_split), min(args.batch_size, len(self.train_split))  # proven on each size
-        self.step, self.step_description = fast_step.make_train_step(
-            self.model,
-            self.criterion,
-            self.optimizer,
-            args.step,
-            {batch, images % batch} - {0},
-            cuda_graph=not args.no_cuda_graph,
+            self.args.checkpoint_dir, self.start_epoch, self.progress, self.args.overwrite, self.config["run"]
         )
 
     def train_one_epoch(self, epoch, stop):
@@ -275,7 +260,7 @@ def train(args, progress, on_epoch=None):
     ):
         run = Run(args, device, progress)
         with run_folder.FolderLock(args.checkpoint_dir):
-            run.open()
+            run.claim_folder()
             return train_loop(run, stop, on_epoch)
 
 

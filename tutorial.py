@@ -11,9 +11,16 @@ pickle the whole model: read them with `evaluate.py --trust-pickle`.
 
 import os  # added: the output folder
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils import data
+from torchvision import datasets, transforms
+
 from mnist_mlp_tools import (
-    commands,
-)  # added: the flags answered before torch loads, errors as one line, Ctrl-C as exit 130
+    commands,  # added: the flags, errors as one line, Ctrl-C as exit 130
+    data_files,  # added: the bundled MNIST, decompressed where torchvision looks for it
+)
 
 
 def parse_args(argv):  # added: the flags
@@ -33,18 +40,6 @@ def parse_args(argv):  # added: the flags
         help="a folder of its own, so that train.py's noteLearning_*.pth are never overwritten",
     )
     return parser.parse_args(argv)
-
-
-if __name__ == "__main__":  # added: the flags first
-    commands.flags_first(parse_args)
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils import data  # noqa: E402
-from torchvision import datasets, transforms  # noqa: E402
-
-from mnist_mlp_tools import data_files  # noqa: E402  (added: the bundled MNIST, decompressed where torchvision looks for it)
 
 
 class NoteModel(nn.Module):

@@ -8,6 +8,7 @@ Exit codes: 0 done, 1 a file could not be written, 2 bad input (one `error:` lin
 import argparse
 import contextlib
 import difflib
+import importlib
 import math
 import os
 import re
@@ -175,14 +176,35 @@ def png_path(parser, flag, path):
         parser.error(f"{flag}: folder {folder} is not writable")
 
 
+class LazyModule:
+    """A module imported at its first use: a script binds its heavy imports so, and --help or a mistyped
+    flag answers before torch loads (seconds). Unlike importlib's LazyLoader it is not in sys.modules
+    before then, where code that looks through every module (inspect) would load it midway."""
+
+    __slots__ = ("module_name",)
+
+    def __init__(self, module_name):
+        self.module_name = module_name
+
+    def __getattr__(self, attribute):
+        return getattr(importlib.import_module(self.module_name), attribute)
+
+
+def lazy_import(*names):
+    """LazyModule for each of `names`: one, or a list."""
+    modules = [LazyModule(name) for name in names]
+    return modules if len(modules) > 1 else modules[0]
+
+
+torch = lazy_import("torch")  # at first use: the flags are parsed, and plot.py runs, without it
+
+
 # ----------------------------------------------------------------------------- devices and threads
 
 
 @contextlib.contextmanager
 def torch_threads(count):
     """torch's CPU threads set to `count` inside the block, given back as they were after it."""
-    import torch  # here, not above: the flags are parsed before torch loads
-
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -197,8 +219,6 @@ def resolve_device(name):
     MPS is used only when asked for: for this small model at batch 64, per-kernel launch costs
     make it slower than the CPU (as for small models on CUDA without CUDA graphs).
     """
-    import torch  # here, not above: plot.py uses these helpers without needing torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -298,21 +318,8 @@ def silence_stdout():
     os.close(devnull)
 
 
-def flags_first(parse_args):
-    """At the top of a script run as the program, before torch loads (about 3 s): a Ctrl-C during the
-    imports is a quiet exit 130, and --help or a bad flag is answered now rather than after torch."""
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
-    try:
-        parse_args(sys.argv[1:])
-    except UsageError as error:
-        print(f"error: {printable(str(error))}", file=sys.stderr)
-        sys.exit(2)
-
-
 def script(main):
-    """Run a script's main() as the program: Ctrl-C raises KeyboardInterrupt again now that torch has
-    loaded (flags_first made a Ctrl-C during the imports a quiet exit 130)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """Run a script's main() as the program, its exit code the process's."""
     code = main(sys.argv[1:])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl-C must not turn the exit into a traceback
     sys.exit(code)

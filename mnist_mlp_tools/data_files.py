@@ -10,9 +10,11 @@ import zlib
 
 import mnist_mlp
 
-from . import safe_files
+from . import commands, safe_files
 from .commands import UsageError, reason
 from .safe_files import is_regular_file
+
+torchvision = commands.lazy_import("torchvision")  # at first use: only a download needs it
 
 MAX_IMAGES = 1_000_000  # MNIST has 70,000; a header claiming more than this is refused
 
@@ -139,12 +141,10 @@ def check_idx_header(header, size, ndim, shown_name):
 
 def download_raw_files(data_dir, dataset):
     """Ask torchvision to download the four raw files into data_dir/<Dataset>/raw/."""
-    from torchvision import datasets  # imported here: only a download needs it
-
     folder = raw_folder(data_dir, dataset)
     try:
         with safe_files.folders_removed_if_left_empty(folder):  # a failed download leaves no empty folders
-            getattr(datasets, mnist_mlp.DATASETS[dataset][0])(data_dir, train=True, download=True)
+            getattr(torchvision.datasets, mnist_mlp.DATASETS[dataset][0])(data_dir, train=True, download=True)
     except Exception as error:  # torchvision raises many kinds: offline, corrupt, permissions
         raise UsageError(f"{missing_data_message(folder, dataset)} (download failed: {reason(error)})") from None
     missing = [name for name in mnist_mlp.RAW_FILES if not prepare_raw_file(folder, name)]

@@ -1,9 +1,7 @@
-"""The training step made fast, used only where it is proven equal to mnist_mlp.textbook_step.
-
-FastStep writes the backward pass out beside the forward; FlatAdam and FlatSGD keep parameters,
-gradients and the optimizer's state in flat buffers and update them in a few calls; CudaGraphStep replays the whole step
-as one CUDA graph; denormals_flushed keeps x86 from slowing down on tiny numbers. make_train_step
-chooses, and says which step trains and why.
+"""The training step made fast, used only where it is proven equal to mnist_mlp.textbook_step with torch's
+optimizer: FastStep writes the backward pass out beside the forward; FlatAdam and FlatSGD keep the parameters,
+gradients and state in flat buffers, each updated by one call; denormals_flushed keeps x86 from slowing down on
+tiny numbers. make_training chooses the step and its optimizer together, and says which and why.
 """
 
 import contextlib
@@ -16,6 +14,7 @@ from torch import nn
 
 import mnist_mlp
 
+from . import optimizers
 from .commands import UsageError, reason
 
 
@@ -66,14 +65,8 @@ class FastStep:
 
     def __call__(self, x, labels):
         """One step; returns the batch's mean loss as a 0-d tensor, left on the device."""
-        flat = isinstance(self.optimizer, FlatOptimizer) and self.optimizer.flat
-        if flat:
-            self.optimizer.grads_into_buffer()  # an autograd step in between may have put new .grad tensors
         loss, _ = self.forward_backward(x, labels, [(layer.weight.grad, layer.bias.grad) for layer in self.layers])
-        if flat:
-            self.optimizer.step_unhooked()  # the gradients were written straight into its flat buffer
-        else:
-            self.optimizer.step()
+        self.optimizer.step()
         return loss
 
 
@@ -266,125 +259,73 @@ ALIGNMENT = 64  # floats: 256 bytes, the most that torch aligns a new tensor to 
 
 class FlatOptimizer:
     """A torch.optim optimizer's arithmetic and state_dict layout over flat buffers: the parameters,
-    gradients and each state tensor live in one contiguous buffer, updated by a few calls over the
-    whole buffer instead of a Python loop over the tensors.
+    gradients and each state tensor live in one contiguous buffer, updated by one call over the whole
+    buffer instead of a Python loop over the tensors. Made only for FastStep, which writes every
+    gradient into the buffer before each step, and only where the update is position-independent.
 
     Not a torch.optim.Optimizer: its methods import torch._dynamo on their first call, which costs
     more start-up (about 2 s) than a whole epoch. What train.py uses of one is here: param_groups,
-    state, step, zero_grad, state_dict and load_state_dict, so checkpoints load into the torch class
-    and back. A subclass names its torch class, its state tensors and its elementwise update.
+    state, step, state_dict and load_state_dict, so checkpoints load into the torch class and back.
     """
 
     torch_class = None  # the torch.optim class whose arithmetic and state_dict this keeps
     state_names = ()  # the state tensors per parameter, as the torch class names them
     counts_steps = False  # whether the torch class keeps a "step" count per parameter
-    update = None  # the elementwise update, as the torch class's for-loop makes it
 
     def __init__(self, parameters, **options):
         parameters = list(parameters)
-        torch_options = torch_defaults(self.torch_class)
-        unknown = set(options) - set(torch_options)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} takes no {sorted(unknown)}")
-        self.defaults = defaults = {**torch_options, **options}
-        self.param_groups = [{"params": parameters, **defaults}]
+        torch_options = {
+            name: parameter.default
+            for name, parameter in inspect.signature(self.torch_class.__init__).parameters.items()
+            if parameter.default is not inspect.Parameter.empty
+        }
+        self.defaults = {**torch_options, **options}
+        self.param_groups = [{"params": parameters, **self.defaults}]
         self.state = {}
         # Each parameter starts 256 bytes into the buffer, as a tensor of its own does: with 2 threads a
         # matrix product's last bits depend on its output's address (seen on AMD EPYC: 2 of fc3's 170
-        # weight gradients, for a tensor starting 56 bytes past a 64-byte boundary).
-        self._sizes = [parameter.numel() for parameter in parameters]
-        # (the last unpadded: its tail stays the buffer's, where fused Adam's kernel rounds as on its own tensor)
-        self._padded = [-(-size // ALIGNMENT) * ALIGNMENT for size in self._sizes[:-1]] + self._sizes[-1:]
-        self.flat_params = parameters[0].new_zeros(sum(self._padded)) if parameters else torch.zeros(0)
+        # weight gradients, for a tensor starting 56 bytes past a 64-byte boundary). The last is not
+        # padded: its tail stays the buffer's, where fused Adam rounds as on its own tensor.
+        self.sizes = [parameter.numel() for parameter in parameters]
+        self.padded = [-(-size // ALIGNMENT) * ALIGNMENT for size in self.sizes[:-1]] + self.sizes[-1:]
+        self.flat_params = parameters[0].new_zeros(sum(self.padded))
         self.flat_grads = torch.zeros_like(self.flat_params)
+        self.flat_states = [torch.zeros_like(self.flat_params) for _ in self.state_names]
         with torch.no_grad():
             for parameter, param_view, grad_view in zip(
                 parameters, self.views(self.flat_params), self.views(self.flat_grads)
             ):
                 param_view.copy_(parameter)
-                parameter.data = param_view
-                parameter.grad = grad_view
-        self._grad_views = [parameter.grad for parameter in parameters]
-        self._elementwise_exact = bool(defaults.get("fused")) or elementwise_is_position_independent(
-            type(self).update, str(self.flat_params.device)
+                parameter.data, parameter.grad = param_view, grad_view
+        # torch keeps the step counts on the CPU unless fused; one 0-d view each, as torch's own tensors
+        self.flat_steps = torch.zeros(
+            len(parameters), device=self.flat_params.device if options.get("fused") else "cpu"
         )
-        # torch keeps the step counts on the CPU unless fused or capturable
-        step_device = self.flat_params.device if defaults.get("fused") else "cpu"
-        self.flat_steps = torch.zeros(len(parameters), device=step_device)  # each parameter's step count
-        self._one = torch.ones((), device=step_device)
-        self.flat_states = [torch.zeros_like(self.flat_params) for _ in self.state_names]
-        # one call serves all parameters while they share one step count and the kernels allow it
-        self.flat = self._elementwise_exact
 
     def views(self, flat):
         """Each parameter's view of a flat buffer, in the parameters' shapes."""
         return [
             chunk[:size].view_as(parameter)
-            for chunk, size, parameter in zip(flat.split(self._padded), self._sizes, self.param_groups[0]["params"])
+            for chunk, size, parameter in zip(flat.split(self.padded), self.sizes, self.param_groups[0]["params"])
         ]
 
-    def _bind_state(self, index):
-        """The state of parameter `index`, as views of the flat buffers (made at its first step)."""
-        parameter = self.param_groups[0]["params"][index]
-        if parameter not in self.state:
-            views = [self.views(flat)[index] for flat in self.flat_states]
-            self.state[parameter] = ({"step": self.flat_steps[index]} if self.counts_steps else {}) | dict(
-                zip(self.state_names, views)
+    def _bind_state(self):
+        """torch's state per parameter, as views of the flat buffers (made at the first step, as torch's)."""
+        for index, parameter in enumerate(self.param_groups[0]["params"]):
+            steps = {"step": self.flat_steps[index]} if self.counts_steps else {}
+            self.state[parameter] = steps | dict(
+                zip(self.state_names, (views[index] for views in map(self.views, self.flat_states)))
             )
-        return self.state[parameter]
-
-    def grads_into_buffer(self):
-        """Make each parameter's .grad its view of the flat gradient buffer again."""
-        for parameter, view in zip(self.param_groups[0]["params"], self._grad_views):
-            if parameter.grad is not view:
-                parameter.grad = view
-
-    def zero_grad(self, set_to_none=True):
-        """As torch's: .grad becomes None (or zero)."""
-        for parameter in self.param_groups[0]["params"]:
-            if set_to_none:
-                parameter.grad = None
-            elif parameter.grad is not None:
-                parameter.grad.zero_()
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One update from the parameters' .grad, as the torch class's step()."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        parameters = self.param_groups[0]["params"]
-        grads = [parameter.grad for parameter in parameters]
-        if not self.flat or any(grad is None for grad in grads):
-            self.flat = False  # a parameter without a gradient is skipped, as torch does: the step counts part ways
-            self._step_each(parameters, grads)
-            return loss
-        for grad, view in zip(grads, self._grad_views):
-            if grad is not view:  # autograd made new .grad tensors: copy them in (exact) for the flat update
-                view.copy_(grad)
-        self.step_unhooked()
-        return loss
-
-    def step_unhooked(self):
-        """step() for gradients already in the flat buffer: FastStep writes its gradients there itself."""
-        self.flat_steps.add_(self._one)
+    def step(self):
+        """One update from the gradients in the flat buffer, as the torch class's step()."""
         if not self.state:
-            for index in range(len(self._sizes)):
-                self._bind_state(index)
-        self._update(self.flat_params, self.flat_grads, self.flat_states, self.flat_steps[0])
-
-    def _step_each(self, parameters, grads):
-        """torch's per-tensor loop: where the kernels round by position, or the step counts differ."""
-        for index, (parameter, grad) in enumerate(zip(parameters, grads)):
-            if grad is None:
-                continue
-            state = self._bind_state(index)
-            self.flat_steps[index].add_(self._one)
-            self._update(parameter, grad, [state[name] for name in self.state_names], self.flat_steps[index])
-
-    def _update(self, params, grads, states, step):
-        type(self).update(params, grads, *states, step.item(), self.param_groups[0])
+            self._bind_state()
+        self.flat_steps.add_(1)
+        self.update(
+            self.flat_params, self.flat_grads, *self.flat_states, self.flat_steps[0].item(), self.param_groups[0]
+        )
 
     def state_dict(self):
         """torch.optim's layout: {"state": {index: {...}}, "param_groups": [{..., "params": [0, 1, ...]}]}."""
@@ -399,71 +340,46 @@ class FlatOptimizer:
             "param_groups": [{**group, "params": list(range(len(parameters)))}],
         }
 
+    @torch.no_grad()
     def load_state_dict(self, state_dict):
-        """Load what this class or the torch class saved; a hyper-parameter this class does not
-        implement (amsgrad, weight decay, ...) other than at its default is refused."""
-        parameters = self.param_groups[0]["params"]
-        (saved_group,) = state_dict["param_groups"]
-        if saved_group["params"] != list(range(len(parameters))):
-            raise ValueError("the saved state names other parameters")
-        for key, value in saved_group.items():
-            if key not in (
-                "params",
-                "lr",
-                "betas",
-                "eps",
-                "momentum",
-                "foreach",
-                "fused",
-            ) and value != self.defaults.get(key):
-                raise ValueError(f"the saved state has {key}={value!r}, which {type(self).__name__} does not do")
-        self.param_groups[0].update(
-            {key: saved_group[key] for key in ("lr", "betas", "eps", "momentum") if key in saved_group}
-        )
-        with torch.no_grad():
-            for index, saved in state_dict["state"].items():
-                if any(saved.get(name) is None for name in self.state_names):
-                    continue  # torch's SGD may keep a None buffer: the parameter has not stepped yet
-                state = self._bind_state(index)
+        """Load what this class or the torch class saved, as checkpoints.check_optimizer_state allows it:
+        one step count for all parameters, the hyper-parameters this run's."""
+        saved = state_dict["state"]
+        if saved and any(
+            saved.get(index, {}).get(name) is None for index in range(len(self.sizes)) for name in self.state_names
+        ):
+            raise ValueError("the saved state steps some parameters and not others")
+        if saved:
+            self._bind_state()
+            for index, parameter in enumerate(self.param_groups[0]["params"]):
                 for name in self.state_names:
-                    state[name].copy_(saved[name])
-                # a state without a step count (SGD's) has stepped at least once
-                self.flat_steps[index].fill_(float(saved["step"]) if self.counts_steps else 1.0)
-        stepped = [index for index, parameter in enumerate(parameters) if parameter in self.state]
-        self.flat = (
-            self._elementwise_exact
-            and len(stepped) in (0, len(parameters))
-            and len(set(self.flat_steps[stepped].tolist())) <= 1
-        )
+                    self.state[parameter][name].copy_(saved[index][name])
+            # a state without a step count (SGD's) has stepped at least once
+            self.flat_steps.fill_(float(saved[0]["step"]) if self.counts_steps else 1.0)
 
 
 class FlatAdam(FlatOptimizer):
-    """torch.optim.Adam's default step over flat buffers (each call one that torch's for-loop Adam
-    makes per tensor, in its order: adam_elementwise), so the weights are bit-identical to the
-    tutorial's Adam wherever the kernels are position-independent (checked on the machine at hand;
-    where they are not, it steps tensor by tensor). fused=True takes torch's one-kernel fused Adam
-    instead: the same update, faster, rounded differently in the last bits.
-    """
+    """torch.optim.Adam's default step over flat buffers: each call one that torch's for-loop Adam makes per
+    tensor, in its order (adam_elementwise), bit-identical where the kernels are position-independent. With
+    fused=True, torch's one-kernel fused Adam: the same update, faster, rounded differently in the last bits."""
 
     torch_class = torch.optim.Adam
     state_names = ("exp_avg", "exp_avg_sq")
     counts_steps = True
-    update = staticmethod(adam_elementwise)
 
-    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, fused=False):
-        super().__init__(parameters, lr=lr, betas=betas, eps=eps, **({"fused": True} if fused else {}))
+    def __init__(self, parameters, lr=1e-3, fused=False):
+        super().__init__(parameters, lr=lr, **({"fused": True} if fused else {}))
 
-    def _update(self, params, grads, states, step):
-        group = self.param_groups[0]
-        if not group["fused"]:  # the step count as torch reads it: .item() of its CPU tensor
-            return adam_elementwise(params, grads, *states, step.item(), group)
+    def update(self, params, grads, exp_avgs, exp_avg_sqs, step, group):
+        if not group["fused"]:
+            return adam_elementwise(params, grads, exp_avgs, exp_avg_sqs, step, group)
         torch._fused_adam_(
             [params],
             [grads],
-            states[:1],
-            states[1:],
+            [exp_avgs],
+            [exp_avg_sqs],
             [],
-            [step],
+            [self.flat_steps[0]],
             lr=group["lr"],
             beta1=group["betas"][0],
             beta2=group["betas"][1],
@@ -475,96 +391,107 @@ class FlatAdam(FlatOptimizer):
 
 
 class FlatSGD(FlatOptimizer):
-    """torch.optim.SGD's default step (with momentum, no weight decay or nesterov) over flat buffers,
-    bit-identical to it where the kernels are position-independent, as FlatAdam."""
+    """torch.optim.SGD's default step (with momentum, no weight decay or nesterov) over flat buffers."""
 
     torch_class = torch.optim.SGD
-    state_names = ("momentum_buffer",)
-    update = staticmethod(sgd_elementwise)
+    counts_steps = False
 
     def __init__(self, parameters, lr=1e-3, momentum=0.0):
+        self.state_names = ("momentum_buffer",) if momentum else ()  # torch's SGD keeps none without momentum
         super().__init__(parameters, lr=lr, momentum=momentum)
-        if momentum == 0:
-            self.state_names = ()  # torch's SGD keeps no state without momentum
+
+    def update(self, params, grads, *states_step_group):
+        sgd_elementwise(params, grads, *states_step_group) if self.state_names else params.add_(
+            grads, alpha=-states_step_group[-1]["lr"]
+        )
 
 
-# ----------------------------------------------------------------------------- CUDA graph
+# ----------------------------------------------------------------------------- choosing
 
 
-class CudaGraphStep:
-    """FastStep and its fused FlatAdam update captured once in a CUDA graph, then replayed each step.
+def make_optimizer(name, parameters, settings, flat=False):
+    """The optimizer OPTIMIZERS names, over `parameters`, with settings {lr, momentum, weight_decay (None: the
+    torch class's default), fused}. flat: FlatAdam or FlatSGD, for FastStep, where they compute what torch's
+    optimizer computes bit for bit (plain Adam or SGD, float32 on the CPU, kernels position-independent) or
+    where fused asks for torch's fused kernel; elsewhere the torch.optim class itself."""
+    parameters = list(parameters)
+    lr, momentum, weight_decay, fused = (
+        settings.get(key, default)
+        for key, default in (("lr", 1e-3), ("momentum", 0.0), ("weight_decay", None), ("fused", False))
+    )
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
+    if name == "adam-no-bias-correction":
+        return mnist_mlp.AdamByHand(parameters, lr=lr, bias_correction=False)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, **decay)
+    device = parameters[0].device
+    flat = (
+        flat
+        and not weight_decay
+        and all(parameter.dtype == torch.float32 and parameter.device == device for parameter in parameters)
+    )
+    if name == "adam":
+        if flat and (
+            fused
+            and _fused_adam_works(device)
+            or device.type == "cpu"
+            and not fused
+            and elementwise_is_position_independent(adam_elementwise, "cpu")
+        ):
+            return FlatAdam(parameters, lr=lr, fused=fused)
+        return torch.optim.Adam(parameters, lr=lr, **decay, **({"fused": True} if fused else {}))
+    if flat and not fused and device.type == "cpu" and elementwise_is_position_independent(sgd_elementwise, "cpu"):
+        return FlatSGD(parameters, lr=lr, momentum=momentum)
+    return torch.optim.SGD(parameters, lr=lr, momentum=momentum, **decay, **({"fused": True} if fused else {}))
 
-    A step of this small model is ~40 tiny kernels, each costing more to launch than to run;
-    a replay launches them all at once. The batch is copied into fixed input buffers first,
-    and a batch of another size (an epoch's short last one) runs FastStep directly.
+
+@functools.lru_cache(maxsize=None)
+def _fused_adam_works(device):
+    """Some torch versions accept fused=True and fail only at the first step: one step on a scratch tensor."""
+    scratch = torch.zeros(3, device=device)
+    try:
+        FlatAdam([torch.nn.Parameter(scratch)], fused=True).step()
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def optimizer_config(optimizer):
+    """The name and hyper-parameters that rebuild `optimizer`: plain values for the checkpoint's config."""
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, (torch.optim.SGD, FlatSGD)):
+        name = "sgd"
+    elif isinstance(optimizer, torch.optim.AdamW):
+        name = "adamw"  # decoupled decay is another optimizer
+    else:
+        name = "adam-no-bias-correction" if group.get("bias_correction") is False else "adam"
+    config = {
+        key: list(group[key]) if key == "betas" else group[key] for key in optimizers.OPTIMIZERS[name].hyper_parameters
+    }
+    return {"optimizer": name, **config}
+
+
+def make_training(model, criterion, settings, choice="auto", batch_sizes=(64,)):
+    """(step, optimizer, description) for train.py: step(x, labels) -> the batch's loss.
+
+    "autograd" is textbook_step with torch's optimizer. "fast" is FastStep, allowed only where
+    fast_step_problem finds none, on each of batch_sizes (every size the step will be given) and the
+    threads it runs on; "auto" takes FastStep where it is proven equal and textbook_step elsewhere, and
+    the description says which and why, so an edited model is never silently trained as another.
+    settings: make_optimizer's, with the optimizer's name under "optimizer".
     """
-
-    def __init__(self, fast_step, batch_size, in_features):
-        device = fast_step.layers[0].weight.device
-        self.fast_step = fast_step
-        self.x = torch.zeros(batch_size, in_features, device=device)
-        self.labels = torch.zeros(batch_size, dtype=torch.long, device=device)
-        grads = [(layer.weight.grad, layer.bias.grad) for layer in fast_step.layers]
-        # Warm up on a side stream (cuBLAS sets up its workspace outside the capture); this
-        # writes only the gradients, which every step overwrites.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fast_step.forward_backward(self.x, self.labels, grads)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # recorded, not run: no weight moves here
-            self.loss, _ = fast_step.forward_backward(self.x, self.labels, grads)
-            fast_step.optimizer.step_unhooked()
-
-    def __call__(self, x, labels):
-        if len(labels) != len(self.labels):
-            return self.fast_step(x, labels)
-        self.x.copy_(x.reshape(len(x), -1))  # (N, 1, 28, 28) images into the (N, 784) buffer
-        self.labels.copy_(labels)
-        self.graph.replay()
-        return self.loss.clone()  # the graph rewrites its loss tensor at the next replay
-
-
-def make_train_step(model, criterion, optimizer, choice="auto", batch_sizes=(64,), cuda_graph=False):
-    """(step, description): the step train.py runs, step(x, labels) -> the batch's loss.
-
-    "autograd" is textbook_step. "fast" is FastStep, allowed only where fast_step_problem finds
-    none; "auto" takes FastStep where it is proven equal and textbook_step elsewhere, and the
-    description says which and why, so an edited model is never silently trained as another.
-    cuda_graph=True replays the fast step as a CUDA graph (CudaGraphStep) where the model is
-    on CUDA and the optimizer is the fused FlatAdam; the description says when it cannot.
-    batch_sizes: every batch size the step will be given (the proof holds for those alone).
-    """
-    problem = None if choice == "autograd" else fast_step_problem(model, criterion, batch_sizes)
+    problem = "as asked" if choice == "autograd" else fast_step_problem(model, criterion, batch_sizes)
     if choice == "fast" and problem is not None:
         raise UsageError(f"--step fast cannot train this model exactly: {problem}; use --step auto or autograd")
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    if choice == "autograd" or problem is not None:
-        reason_text = "as asked" if choice == "autograd" else problem
-        graph = "; not as a CUDA graph, which only the fast step can be" if cuda_graph and on_cuda else ""
-        return (
-            lambda x, labels: mnist_mlp.textbook_step(model, criterion, optimizer, x, labels),
-            f"autograd step ({reason_text}{graph})",
-        )
-    linears = list(model.children())
-    for layer in linears:
-        for parameter in (layer.weight, layer.bias):
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-    step = FastStep(linears, optimizer)
-    description = "fast step (hand-written backward, checked equal to autograd on this model)"
-    if cuda_graph and on_cuda:
-        if isinstance(optimizer, FlatAdam) and optimizer.flat and optimizer.param_groups[0]["fused"]:
-            step = CudaGraphStep(step, max(batch_sizes), linears[0].in_features)
-            description += ", replayed as a CUDA graph"
-        else:
-            description += "; not as a CUDA graph, which needs --fused Adam"
-    return step, description
-
-
-# ----------------------------------------------------------------------------- denormals
+    optimizer = make_optimizer(settings["optimizer"], model.parameters(), settings, flat=problem is None)
+    if problem is not None:
+        step = functools.partial(mnist_mlp.textbook_step, model, criterion, optimizer)
+        return step, optimizer, f"autograd step ({problem})"
+    for parameter in model.parameters():
+        if parameter.grad is None:  # FastStep writes into .grad; torch's optimizers read it there
+            parameter.grad = torch.zeros_like(parameter)
+    step = FastStep(list(model.children()), optimizer)
+    return step, optimizer, "fast step (hand-written backward, checked equal to autograd on this model)"
 
 
 @contextlib.contextmanager

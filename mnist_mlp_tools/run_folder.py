@@ -17,6 +17,8 @@ from . import commands, safe_files
 from .commands import UsageError, reason, silence_stdout
 from .safe_files import is_regular_file
 
+checkpoints = commands.lazy_import("mnist_mlp_tools.checkpoints")  # at first use: plot.py needs no torch
+
 CHECKPOINT_NAME = "noteLearning_{epoch}.pth"
 METRICS_NAME = "metrics.csv"
 METRICS_FIELDS = [
@@ -92,8 +94,6 @@ def claim_folder(folder, start_epoch, progress, overwrite, run_id):
     from before, which a resume from an earlier epoch would replace). Returns the metrics rows to
     keep (this run's, up to start_epoch).
     """
-    from . import checkpoints  # here, not above: plot.py reads metrics.csv without needing torch
-
     metrics_path = os.path.join(folder, METRICS_NAME)
     resume_path = os.path.abspath(progress.last_checkpoint) if progress.last_checkpoint else None
     runs = {}  # epoch -> run identity (None: unreadable) of every checkpoint here but the one resumed from
@@ -227,8 +227,6 @@ def add_metrics_row(folder, rows, epoch, metrics, run_id):
 def write_metrics(folder, rows):
     """Write metrics.csv atomically from `rows`, adding any row a checkpoint in `folder` has and
     `rows` lacks (a stop between a checkpoint's save and this write would otherwise lose it)."""
-    from . import checkpoints  # here, not above: plot.py reads metrics.csv without needing torch
-
     by_epoch = {int(row["epoch"]): row for row in rows}
     newest = max(by_epoch)
     for epoch, path in checkpoint_epochs(folder).items():

@@ -22,7 +22,7 @@ from torchvision import transforms
 import draw
 import mnist_mlp
 import train
-from mnist_mlp_tools import commands, data_files, fast_step, optimizers
+from mnist_mlp_tools import commands, data_files, fast_step
 from tests import warm_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -261,10 +261,11 @@ class DeeperModel(nn.Module):
         return self.fc4(F.relu(self.fc3(x)))
 
 
-def make_step(model, choice="auto", optimizer="adam", lr=0.001):
-    return fast_step.make_train_step(
-        model, nn.CrossEntropyLoss(), optimizers.make_optimizer(optimizer, model.parameters(), lr), choice
-    )
+def make_step(model, choice="auto", optimizer="adam", lr=0.001, batch_sizes=(64,)):
+    """(step, description) as train.py makes them for `model`."""
+    settings = {"optimizer": optimizer, "lr": lr, "momentum": 0.9}
+    step, _, description = fast_step.make_training(model, nn.CrossEntropyLoss(), settings, choice, batch_sizes)
+    return step, description
 
 
 def tiny_run(tmp_path, *extra):

@@ -14,7 +14,7 @@ from torch import nn
 
 import mnist_mlp
 import train
-from mnist_mlp_tools import checkpoints, commands, fast_step, optimizers
+from mnist_mlp_tools import checkpoints, commands, fast_step
 from tests.conftest import (
     ROOT,
     DeeperModel,
@@ -52,12 +52,10 @@ def test_the_plain_model_takes_the_fast_step_and_edited_models_the_autograd_step
     assert "as asked" in make_step(mnist_mlp.NoteModel(), "autograd")[1]
     with pytest.raises(commands.UsageError, match="--step fast cannot train this model exactly"):
         make_step(SigmoidModel(), "fast")
-    loss_with_smoothing = fast_step.make_train_step(
-        mnist_mlp.NoteModel(),
-        nn.CrossEntropyLoss(label_smoothing=0.1),
-        torch.optim.SGD(mnist_mlp.NoteModel().parameters(), lr=0.1),
+    loss_with_smoothing = fast_step.make_training(
+        mnist_mlp.NoteModel(), nn.CrossEntropyLoss(label_smoothing=0.1), {"optimizer": "sgd", "lr": 0.1}
     )
-    assert "nn.CrossEntropyLoss()" in loss_with_smoothing[1]
+    assert "nn.CrossEntropyLoss()" in loss_with_smoothing[2]
 
 
 def test_the_fast_step_check_leaves_no_trace():
@@ -76,62 +74,25 @@ def test_the_fast_step_check_leaves_no_trace():
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
-@pytest.mark.parametrize("fused, threads, widths", [(False, 1, (65, 17)), (False, 2, (65, 17)), (True, 1, (32, 16))])
-def test_flat_adam_equals_torchs_adam_and_shares_its_state_dict(fused, threads, widths):
-    """The default (for-loop) update with odd widths, so that no tensor starts where a vector of the
-    flat buffer does, and on 2 threads the buffer is cut into the threads' shares elsewhere than the
-    tensors are. The fused kernel is position-dependent (its vector tails round differently), so it
-    equals torch's fused Adam only where every tensor's size is a multiple of the vector width."""
+def fast_and_reference(widths, settings, threads, steps):
+    """Two copies of NoteModel(*widths): one trained `steps` steps by train.py's fast step and its optimizer,
+    one by the textbook step and torch's own optimizer (fused where settings say), on `threads` threads."""
     torch.manual_seed(0)
     ours, theirs = mnist_mlp.NoteModel(*widths), mnist_mlp.NoteModel(*widths)
     theirs.load_state_dict(ours.state_dict())
-    flat = fast_step.FlatAdam(ours.parameters(), lr=0.01, fused=fused)
-    reference = torch.optim.Adam(theirs.parameters(), lr=0.01, **({"fused": True} if fused else {}))
-    assert flat.flat
+    torch_class = torch.optim.Adam if settings["optimizer"] == "adam" else torch.optim.SGD
+    options = {key: settings[key] for key in ("lr", "momentum") if key in settings}
+    reference = torch_class(theirs.parameters(), **options, **({"fused": True} if settings.get("fused") else {}))
+    x, labels = torch.randn(50, 784), torch.randint(0, 10, (50,))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    x, labels = torch.randn(50, 784), torch.randint(0, 10, (50,))
     try:
-        for _ in range(25):
-            for model, optimizer in ((ours, flat), (theirs, reference)):
-                mnist_mlp.textbook_step(model, nn.CrossEntropyLoss(), optimizer, x, labels)
-    finally:
-        torch.set_num_threads(threads_before)
-    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
-    saved, expected = flat.state_dict(), reference.state_dict()
-    assert saved["param_groups"][0]["params"] == expected["param_groups"][0]["params"]
-    for index, state in expected["state"].items():
-        assert set(saved["state"][index]) == set(state)
-        assert all(torch.equal(saved["state"][index][key], value) for key, value in state.items())
-    # and back: torch's Adam takes our state, ours takes torch's, and both go on identically
-    copy = mnist_mlp.NoteModel(*widths)
-    copy.load_state_dict(ours.state_dict())
-    reloaded = fast_step.FlatAdam(copy.parameters(), lr=0.01, fused=fused)
-    reloaded.load_state_dict(checkpoints.plain_copy(expected))
-    step = fast_step.FastStep(list(copy.children()), reloaded)  # gradients written into the flat buffer
-    step(x, labels)
-    mnist_mlp.textbook_step(theirs, nn.CrossEntropyLoss(), reference, x, labels)
-    assert all(torch.equal(a, b) for a, b in zip(copy.parameters(), theirs.parameters()))
-
-
-@pytest.mark.parametrize("momentum, threads", [(0.9, 1), (0.9, 2), (0.0, 1)])
-def test_flat_sgd_equals_torchs_sgd_and_shares_its_state_dict(momentum, threads):
-    torch.manual_seed(0)
-    ours, theirs = mnist_mlp.NoteModel(65, 17), mnist_mlp.NoteModel(65, 17)
-    theirs.load_state_dict(ours.state_dict())
-    flat = optimizers.make_optimizer("sgd", ours.parameters(), 0.05, momentum)
-    reference = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=momentum)
-    assert isinstance(flat, fast_step.FlatSGD) and flat.flat
-    assert flat.state_dict() == reference.state_dict()  # nothing yet, the same group, key for key
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    x, labels = torch.randn(50, 784), torch.randint(0, 10, (50,))
-    try:
-        for _ in range(6):
+        step, flat, _ = fast_step.make_training(ours, nn.CrossEntropyLoss(), settings, "fast", [50])
+        assert isinstance(flat, fast_step.FlatOptimizer)
+        assert flat.state_dict() == reference.state_dict()  # nothing yet, the same group, key for key
+        for _ in range(steps):
+            step(x, labels)
             mnist_mlp.textbook_step(theirs, nn.CrossEntropyLoss(), reference, x, labels)
-        for _ in range(3):  # both steps of ours: autograd's .grad copied in, and FastStep's written in place
-            mnist_mlp.textbook_step(ours, nn.CrossEntropyLoss(), flat, x, labels)
-            fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat, batch_sizes=[len(x)])[0](x, labels)
     finally:
         torch.set_num_threads(threads_before)
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
@@ -140,46 +101,39 @@ def test_flat_sgd_equals_torchs_sgd_and_shares_its_state_dict(momentum, threads)
     for index, state in expected["state"].items():
         assert all(torch.equal(saved["state"][index][key], value) for key, value in state.items())
     # and back: ours takes torch's state and goes on as torch does
-    copy = mnist_mlp.NoteModel(65, 17)
+    copy = mnist_mlp.NoteModel(*widths)
     copy.load_state_dict(ours.state_dict())
-    reloaded = fast_step.FlatSGD(copy.parameters(), lr=0.05, momentum=momentum)
+    step, reloaded, _ = fast_step.make_training(copy, nn.CrossEntropyLoss(), settings, "fast", [50])
     reloaded.load_state_dict(checkpoints.plain_copy(expected))
-    for model, optimizer in ((copy, reloaded), (theirs, reference)):
-        mnist_mlp.textbook_step(model, nn.CrossEntropyLoss(), optimizer, x, labels)
+    step(x, labels)
+    mnist_mlp.textbook_step(theirs, nn.CrossEntropyLoss(), reference, x, labels)
     assert all(torch.equal(a, b) for a, b in zip(copy.parameters(), theirs.parameters()))
 
 
-def test_a_flat_optimizer_refuses_a_state_it_does_not_compute():
-    model = mnist_mlp.NoteModel(8, 8)
-    for saved_by, words in (
-        (torch.optim.Adam(model.parameters(), amsgrad=True), "amsgrad=True"),
-        (torch.optim.Adam(model.parameters(), weight_decay=0.1), "weight_decay=0.1"),
-    ):
-        with pytest.raises(ValueError, match=words):
-            fast_step.FlatAdam(mnist_mlp.NoteModel(8, 8).parameters()).load_state_dict(saved_by.state_dict())
-    with pytest.raises(ValueError, match="nesterov=True"):
-        fast_step.FlatSGD(mnist_mlp.NoteModel(8, 8).parameters(), momentum=0.9).load_state_dict(
-            torch.optim.SGD(model.parameters(), momentum=0.9, nesterov=True).state_dict()
-        )
+@pytest.mark.parametrize("fused, threads, widths", [(False, 1, (65, 17)), (False, 2, (65, 17)), (True, 1, (32, 16))])
+def test_flat_adam_equals_torchs_adam_and_shares_its_state_dict(fused, threads, widths):
+    """The default (for-loop) update with odd widths, so that no tensor ends where a vector of the
+    flat buffer does, and on 2 threads the buffer is cut into the threads' shares elsewhere than the
+    tensors are. The fused kernel is position-dependent (its vector tails round differently), so it
+    equals torch's fused Adam only where every tensor's size is a multiple of the vector width."""
+    fast_and_reference(widths, {"optimizer": "adam", "lr": 0.01, "fused": fused}, threads, 25)
 
 
-def test_flat_adam_steps_aside_where_the_kernels_are_not_position_independent(monkeypatch):
+@pytest.mark.parametrize("momentum, threads", [(0.9, 1), (0.9, 2), (0.0, 1)])
+def test_flat_sgd_equals_torchs_sgd_and_shares_its_state_dict(momentum, threads):
+    fast_and_reference((65, 17), {"optimizer": "sgd", "lr": 0.05, "momentum": momentum}, threads, 6)
+
+
+def test_the_flat_optimizers_step_aside_where_the_kernels_are_not_position_independent(monkeypatch):
     """Where a kernel rounds an element differently in its vector body than in its scalar tail, one
-    call over the flat buffer would not be torch's per-tensor loop: FlatAdam then runs torch's own."""
+    call over the flat buffer would not be torch's per-tensor loop: the fast step then runs torch's own."""
     for update in (fast_step.adam_elementwise, fast_step.sgd_elementwise):  # the kernels of this machine, asked
         assert fast_step.elementwise_is_position_independent(update, "cpu")
     monkeypatch.setattr(fast_step, "elementwise_is_position_independent", lambda update, device: False)
-    torch.manual_seed(0)
-    ours, theirs = mnist_mlp.NoteModel(65, 17), mnist_mlp.NoteModel(65, 17)
-    theirs.load_state_dict(ours.state_dict())
-    flat, reference = fast_step.FlatAdam(ours.parameters(), lr=0.01), torch.optim.Adam(theirs.parameters(), lr=0.01)
-    assert not flat.flat
-    step, _ = fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat, batch_sizes=[50])
-    x, labels = torch.randn(50, 784), torch.randint(0, 10, (50,))
-    for _ in range(5):
-        step(x, labels)
-        mnist_mlp.textbook_step(theirs, nn.CrossEntropyLoss(), reference, x, labels)
-    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    for name in ("adam", "sgd"):
+        model = mnist_mlp.NoteModel(65, 17)
+        step, optimizer, _ = fast_step.make_training(model, nn.CrossEntropyLoss(), {"optimizer": name, "lr": 0.01})
+        assert isinstance(step, fast_step.FastStep) and type(optimizer) in (torch.optim.Adam, torch.optim.SGD)
 
 
 @pytest.mark.slow
@@ -189,8 +143,7 @@ def test_flushing_denormals_keeps_the_weights_bit_identical_over_two_real_epochs
     for flush in (True, False):
         torch.manual_seed(1)
         model = mnist_mlp.NoteModel()
-        optimizer = optimizers.make_optimizer("adam", model.parameters(), 0.001)
-        step, _ = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer)
+        step, optimizer, _ = fast_step.make_training(model, nn.CrossEntropyLoss(), {"optimizer": "adam", "lr": 0.001})
         generator = torch.Generator().manual_seed(1)
         with fast_step.denormals_flushed() if flush else contextlib.nullcontext():
             for _ in range(2):
@@ -270,12 +223,9 @@ def test_a_batch_size_where_the_fast_step_rounds_otherwise_is_trained_by_autogra
 
     monkeypatch.setattr(fast_step.FastStep, "forward_backward", off_at_32)
     model = mnist_mlp.NoteModel()
-    optimizer = optimizers.make_optimizer("adam", model.parameters(), 0.001)
-    step, description = fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, batch_sizes=[64, 32])
+    step, description = make_step(model, batch_sizes=[64, 32])
     assert description.startswith("autograd step") and "at batch 32, 1 thread" in description
-    assert isinstance(
-        fast_step.make_train_step(model, nn.CrossEntropyLoss(), optimizer, batch_sizes=[64])[0], fast_step.FastStep
-    )
+    assert isinstance(make_step(mnist_mlp.NoteModel(), batch_sizes=[64])[0], fast_step.FastStep)
 
 
 @settings(max_examples=12, deadline=None)
@@ -286,7 +236,7 @@ def test_a_batch_size_where_the_fast_step_rounds_otherwise_is_trained_by_autogra
     optimizer=st.sampled_from(["adam", "sgd"]),
 )
 def test_the_step_chosen_trains_as_the_textbook_step_on_its_threads_and_shapes(widths, sizes, threads, optimizer):
-    """Whatever step make_train_step proves for a run's widths, batch sizes and threads, it updates the
+    """Whatever step make_training proves for a run's widths, batch sizes and threads, it updates the
     weights bit for bit as mnist_mlp.textbook_step with torch's own optimizer does."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -294,13 +244,13 @@ def test_the_step_chosen_trains_as_the_textbook_step_on_its_threads_and_shapes(w
         torch.manual_seed(0)
         ours, theirs = mnist_mlp.NoteModel(*widths), mnist_mlp.NoteModel(*widths)
         theirs.load_state_dict(ours.state_dict())
-        flat = optimizers.make_optimizer(optimizer, ours.parameters(), 0.01)
         reference = (
             torch.optim.Adam(theirs.parameters(), lr=0.01)
             if optimizer == "adam"
             else torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9)
         )
-        step, _ = fast_step.make_train_step(ours, nn.CrossEntropyLoss(), flat, batch_sizes=sizes)
+        settings = {"optimizer": optimizer, "lr": 0.01, "momentum": 0.9}
+        step, _, _ = fast_step.make_training(ours, nn.CrossEntropyLoss(), settings, "auto", sizes)
         for size in sorted(sizes) * 2:
             x, labels = torch.randn(size, 784), torch.randint(0, 10, (size,))
             step(x, labels)

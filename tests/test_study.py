@@ -84,15 +84,15 @@ def test_the_optimizers_a_study_run_records_are_what_trained(tmp_path):
     import torch
 
     import mnist_mlp
-    from mnist_mlp_tools import optimizers
+    from mnist_mlp_tools import fast_step
 
     model = mnist_mlp.NoteModel(8, 8)
     recorded = {
-        kind: optimizers.optimizer_config(optimizer)["optimizer"]
+        kind: fast_step.optimizer_config(optimizer)["optimizer"]
         for kind, optimizer in (
             ("adamw", torch.optim.AdamW(model.parameters(), weight_decay=0.01)),
             ("adam", torch.optim.Adam(model.parameters(), weight_decay=0.01)),
-            ("sgd", optimizers.make_optimizer("sgd", model.parameters(), 0.01)),
+            ("sgd", fast_step.make_optimizer("sgd", model.parameters(), {"lr": 0.01, "momentum": 0.9}, flat=True)),
         )
     }
     assert recorded == {"adamw": "adamw", "adam": "adam", "sgd": "sgd"}
