@@ -24,19 +24,23 @@ from torch import nn
 import mnist_mlp
 
 from . import models, optimizers, safe_files
-from .commands import MAX_WIDTH, UsageError, existing_file, reason
+from .commands import MAX_WIDTH, UsageError, existing_file, printable, reason
 
 
 def brief(value, limit=30):
-    """`value` for a one-line message, at most `limit` characters, without recursing into it: the repr
-    of a list nested thousands deep is a RecursionError."""
+    """`value` for a one-line message, at most `limit` characters, without recursing into it (the repr
+    of a list nested thousands deep is a RecursionError), what a terminal cannot show escaped."""
+    return printable(_brief(value, limit))
+
+
+def _brief(value, limit):
     containers = (list, tuple, dict, set)
     if type(value) in (list, tuple) and len(value) <= 4 and not any(isinstance(item, containers) for item in value):
         return repr(value)[:limit]  # (0.9, 0.999)
     if isinstance(value, containers):
         text, first = f"a {type(value).__name__} of {len(value)}", next(iter(value), None)
         if value and not isinstance(first, containers):  # one level shown, never more
-            text += f" starting {brief(first, limit)}"
+            text += f" starting {_brief(first, limit)}"
         return text[:limit]
     if isinstance(value, torch.Tensor):
         return f"a {tuple(value.shape)} {value.dtype} tensor on {value.device.type}"

@@ -8,12 +8,14 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import evaluate
 import mnist_mlp
 import train
 import tutorial
-from mnist_mlp_tools import commands
+from mnist_mlp_tools import checkpoints, commands, fast_step, models
 from tests.conftest import WARM_PYTHON, assert_usage_error, run_main, tiny_run
 
 
@@ -292,3 +294,156 @@ def test_a_small_file_that_unpacks_to_far_more_is_refused_before_loading(tmp_pat
         archive.writestr("archive/data.pkl", b"\0" * (64 << 20))  # 64 MiB of zeros in about 64 KB
     assert os.path.getsize(bomb) < 1 << 20
     assert_usage_error(*run_main(evaluate, [bomb], capsys)[::2], "would unpack to 67,108,864 bytes", "refused")
+
+
+# ----------------------------------------------------------------------------- the rules, on generated inputs
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool, torch.complex64]
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+)
+TENSORS = st.builds(
+    lambda shape, dtype, fill: torch.full(shape, fill).to(dtype),
+    st.lists(st.integers(0, 3), max_size=3).map(tuple),
+    st.sampled_from(DTYPES),
+    st.sampled_from([0.0, 1.5, float("nan"), float("inf")]),
+)
+VALUES = st.recursive(
+    TENSORS | SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6) | st.integers(0, 9), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+PLACES = [
+    ("epoch",),
+    ("metrics",),
+    ("metrics", "test_accuracy"),
+    ("rng",),
+    ("rng", "data_order"),
+    ("model", "fc1.bias"),
+    ("model", "extra"),
+    ("torch_version",),
+    ("payload",),
+] + [
+    ("config", key)
+    for key in (
+        "hidden",
+        "optimizer",
+        "lr",
+        "betas",
+        "inputs",
+        "batch_size",
+        "seed",
+        "dataset",
+        "val_size",
+        "fused",
+        "threads",
+        "run",
+        "model_source",
+        "other",
+    )
+]
+
+
+def good_checkpoint():
+    torch.manual_seed(0)
+    model = mnist_mlp.NoteModel(8, 8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    model(torch.zeros(2, 784)).sum().backward()
+    optimizer.step()
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": 1,
+        "config": {
+            "hidden": [8, 8],
+            "optimizer": "adam",
+            "lr": 0.001,
+            "betas": [0.9, 0.999],
+            "eps": 1e-8,
+            "weight_decay": 0,
+            "dataset": "mnist",
+            "seed": 1,
+            "val_size": 0,
+            "batch_size": 64,
+        },
+        "metrics": {"test_accuracy": 10.0},
+        "rng": {"data_order": torch.Generator().get_state(), "torch": torch.get_rng_state()},
+        "torch_version": "2",
+    }
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(place=st.sampled_from(PLACES), value=VALUES, depth=st.sampled_from([0, 0, 0, 3000]))
+def test_any_value_anywhere_in_a_checkpoint_is_read_or_refused_in_one_line(place, value, depth, tmp_path):
+    """The rule, not a list of cases: whatever a field holds (a wrong type, NaN, a tensor of any dtype or
+    shape, nesting thousands deep), loading and building the model either works or is one UsageError."""
+    checkpoint = good_checkpoint()
+    for _ in range(depth):
+        value = [value]
+    *parents, key = place
+    target = checkpoint
+    for parent in parents:
+        target = target[parent]
+    target[key] = value
+    path = tmp_path / "generated.pth"
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(50_000)  # pickling a deep nesting needs it; reading it back must not
+    try:
+        torch.save(checkpoint, path)
+    finally:
+        sys.setrecursionlimit(limit)
+    try:
+        loaded = checkpoints.load_checkpoint(str(path))
+        models.model_from_checkpoint(str(path), loaded, checkpoints.dataset_classes(loaded))
+    except commands.UsageError as error:
+        assert "\n" not in str(error) and len(str(error)) < 1000
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    place=st.sampled_from(
+        [
+            ("state", 0, "exp_avg"),
+            ("state", 0, "step"),
+            ("state", 5),
+            ("state", "x"),
+            ("param_groups", 0, "lr"),
+            ("param_groups", 0, "betas"),
+            ("param_groups", 0, "params"),
+            ("param_groups", 0, "amsgrad"),
+            ("param_groups", 0, "foreach"),
+            ("param_groups", 0, "other"),
+            ("param_groups", 1),
+            ("state",),
+        ]
+    ),
+    value=VALUES,
+    depth=st.sampled_from([0, 0, 3000]),
+)
+def test_any_optimizer_state_is_loaded_or_refused_in_one_line(place, value, depth):
+    """A state that passes the rule loads into this run's optimizer; every other is one UsageError."""
+    saved = good_checkpoint()["optimizer"]
+    for _ in range(depth):
+        value = [value]
+    *parents, key = place
+    target = saved
+    for parent in parents:
+        target = target[parent]
+    if isinstance(target, list) and key >= len(target):
+        target.append(value)
+    else:
+        target[key] = value
+    model = mnist_mlp.NoteModel(8, 8)
+    _, optimizer, _ = fast_step.make_training(model, torch.nn.CrossEntropyLoss(), {"optimizer": "adam", "lr": 0.001})
+    try:
+        checkpoints.check_optimizer_state("x.pth", saved, optimizer, {"optimizer": "adam", "lr": 0.001})
+    except commands.UsageError as error:
+        assert "\n" not in str(error)
+        return
+    optimizer.load_state_dict(saved)  # what passed the rule loads
