@@ -107,8 +107,8 @@ def batch_sizes(n, batch_size, steps):
 
 
 def classic_runner(data_dir, device):
-    """run(count): `count` more steps of the blog's pipeline, epoch after epoch: tutorial.py's transforms,
-    DataLoader, NoteModel, loss, Adam and step, as its run() writes them (the loss read every 100 steps)."""
+    """steps(count): `count` more steps of the blog's pipeline, epoch after epoch: tutorial.py's transforms,
+    DataLoader, NoteModel, loss, Adam and step, as its blog_program() writes them (the loss read every 100 steps)."""
     transforms = torchvision.transforms
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
     train_loader = torch.utils.data.DataLoader(
@@ -129,7 +129,7 @@ def classic_runner(data_dir, device):
 
     batch_iterator = batches()
 
-    def run(count):
+    def steps(count):
         for _ in range(count):
             inputs, labels = next(batch_iterator)
             inputs, labels = inputs.to(device), labels.to(device)
@@ -142,12 +142,12 @@ def classic_runner(data_dir, device):
             if position[0] % 100 == 0:
                 loss.item()
 
-    run.optimizer = opt
-    return run
+    steps.optimizer = opt
+    return steps
 
 
 def train_py_runner(data_dir, device, step_choice, fused=False, optimizer_name="adam"):
-    """run(count): `count` more steps of train.py's loop with --step step_choice (--fused: torch's fused
+    """steps(count): `count` more steps of train.py's loop with --step step_choice (--fused: torch's fused
     optimizer), with train.py's default Adam or its --optimizer sgd (--momentum 0.9, --lr 0.01)."""
     train_split, _ = data_files.load(data_dir, download=False)
     train_split = train_split.to(device)
@@ -159,24 +159,24 @@ def train_py_runner(data_dir, device, step_choice, fused=False, optimizer_name="
     )
     generator = torch.Generator().manual_seed(1)
 
-    def run(count):
+    def steps(count):
         while count > 0:
             order = mnist_mlp.epoch_order(len(train_split), generator)[: count * 64].to(device)
             result = mnist_mlp.train_epoch(step, train_split, order.split(64), log_interval=100)
             count -= len(result.step_losses)
 
-    run.optimizer = optimizer
-    return run
+    steps.optimizer = optimizer
+    return steps
 
 
 def floor_runner(device, hidden=(128, 64)):
-    """run(count): only the matmuls of `count` steps: 3 forward, 3 weight gradients, 2 input gradients."""
+    """steps(count): only the matmuls of `count` steps: 3 forward, 3 weight gradients, 2 input gradients."""
     sizes = [784, *hidden, 10]
     weights = [torch.randn(n_out, n_in, device=device) for n_in, n_out in zip(sizes, sizes[1:])]
     activations = {}  # batch size -> random stand-ins for each layer's input and output
     position = [0]  # steps run so far, for the short last batch of each epoch
 
-    def run(count):
+    def steps(count):
         for batch in batch_sizes(60000, 64, position[0] + count)[position[0] :]:
             if batch not in activations:
                 activations[batch] = [torch.randn(batch, n, device=device) for n in sizes]
@@ -188,25 +188,25 @@ def floor_runner(device, hidden=(128, 64)):
                     torch.mm(x[index + 1], weight)  # gradient of the layer's input
         position[0] += count
 
-    return run
+    return steps
 
 
-def time_runner(run, device, steps, warmup_epochs):
-    """(seconds of the first epoch or None, seconds of `steps` steps after warmup_epochs epochs, bytes of
+def time_steps(take_steps, device, count, warmup_epochs):
+    """(seconds of the first epoch or None, seconds of `count` steps after warmup_epochs epochs, bytes of
     the optimizer's state at the end or None)."""
 
-    def timed(count):
+    def timed(number):
         synchronize(device)
         started = time.perf_counter()
-        run(count)
+        take_steps(number)
         synchronize(device)
         return time.perf_counter() - started
 
     first = timed(STEPS_PER_EPOCH) if warmup_epochs else None
     if warmup_epochs > 1:
-        run(STEPS_PER_EPOCH * (warmup_epochs - 1))
-    seconds = timed(steps)
-    optimizer = getattr(run, "optimizer", None)
+        take_steps(STEPS_PER_EPOCH * (warmup_epochs - 1))
+    seconds = timed(count)
+    optimizer = getattr(take_steps, "optimizer", None)
     state = (
         None
         if optimizer is None
@@ -232,10 +232,10 @@ def cpu_name():
 
 
 def main(argv=None):
-    return commands.run_main(run, argv)
+    return commands.run_main(measure, argv)
 
 
-def run(argv):
+def measure(argv):
     """bench.py's work: the flags checked, then the timings; its errors and Ctrl-C as every script's."""
     args = parse_args(argv)
     device = commands.resolve_device(args.device)
@@ -258,13 +258,13 @@ def run(argv):
                 "floor": lambda: floor_runner(device),
             }
             timings = {
-                name: time_runner(runners[name](), device, args.steps, args.warmup_epochs)
+                name: time_steps(runners[name](), device, args.steps, args.warmup_epochs)
                 for name in PIPELINES[1:]
                 if name in args.pipelines
             }
         if "classic" in args.pipelines:
             timings = {
-                "classic": time_runner(classic_runner(args.data_dir, device), device, args.steps, args.warmup_epochs),
+                "classic": time_steps(classic_runner(args.data_dir, device), device, args.steps, args.warmup_epochs),
                 **timings,
             }
     finally:

@@ -67,7 +67,7 @@ REQUEST_DEADLINE = 10.0  # seconds to send a whole request, however slowly it tr
 DATA_URL_PREFIX = b"data:image/png;base64,"
 
 
-class Reader:
+class DigitReader:
     """The model, loaded once (weights only) and in eval mode, and what it reads in a picture."""
 
     def __init__(self, path, device="cpu"):
@@ -195,7 +195,7 @@ class Server(ThreadingHTTPServer):
         """A client that went away mid-answer is no error of ours; anything else is reported in one line."""
         error = sys.exc_info()[1]
         if not isinstance(error, (ConnectionError, TimeoutError)):
-            print(f"error: a request from {client_address[0]} failed ({commands.reason(error)})", file=sys.stderr)
+            print(f"error: a request from {client_address[0]} failed ({commands.error_text(error)})", file=sys.stderr)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -296,7 +296,7 @@ def main(argv=None):
     def body(argv):
         args = parse_args(argv)
         path = args.checkpoint
-        reader = Reader(path, commands.resolve_device(args.device))
+        reader = DigitReader(path, commands.resolve_device(args.device))
         page = read_page(reader)  # a missing draw.html is its own error, not "cannot listen"
         try:
             server = Server((args.host, args.port), reader, page)

@@ -87,7 +87,7 @@ class Study:
             "step_losses": setting.step_losses,
         }
 
-    def run(self, setting, seed):
+    def train_seed(self, setting, seed):
         """Train one seed of a setting with train.main, unless a complete run of the same description is
         there already; a folder holding a run of another description is refused, never replaced."""
         folder = self.folder(setting, seed)
@@ -596,10 +596,10 @@ def run_all(args, study, settings, everything, fair, started):
     """Every run (reused where done), then study.md and the figures; returns the exit code."""
     for setting in everything:
         for seed in setting.seeds:
-            study.run(setting, seed)
+            study.train_seed(setting, seed)
     for setting in fair:
         for seed in setting.seeds:
-            study.run(setting, seed)
+            study.train_seed(setting, seed)
     try:
         chosen = report(study, settings)
         figures(study, settings, chosen)

@@ -109,7 +109,7 @@ class Run:
         self.args, self.device, self.progress = args, device, progress
         run_folder.writable_folder(args.checkpoint_dir)
         resumed = None if not args.resume else checkpoints.load_checkpoint(args.resume, trust_pickle=args.trust_pickle)
-        model_args = models.fitting(
+        model_args = models.fit_in_memory(
             models.constructor_args(args.hidden)
             if resumed is None
             else checkpoints.resume_widths(args.resume, resumed["config"], args.hidden)
@@ -167,7 +167,7 @@ class Run:
         """mnist_mlp.train_epoch over this epoch's shuffled batches; None if a stop was asked for."""
 
         def log(step_number, steps, loss):
-            run_folder.say(f"epoch {epoch}/{self.args.epochs}  step {step_number}/{steps}  loss {loss:.4f}")
+            run_folder.print_progress(f"epoch {epoch}/{self.args.epochs}  step {step_number}/{steps}  loss {loss:.4f}")
 
         order = mnist_mlp.epoch_order(len(self.train_split), self.order_generator).to(self.device)
         try:
@@ -223,10 +223,10 @@ class Run:
 def train_loop(run, stop, on_epoch=None):
     """The tutorial's loop: for each epoch, train, evaluate, save. Returns the exit code."""
     args = run.args
-    run_folder.say(f"training with the {run.step_description}")
+    run_folder.print_progress(f"training with the {run.step_description}")
     threads = f" ({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)})" * (run.device.type == "cpu")
     images = f"{len(run.train_split)} {args.dataset} images"
-    run_folder.say(f"on {run.device}{threads}, {images}, epochs {run.start_epoch + 1}..{args.epochs}")
+    run_folder.print_progress(f"on {run.device}{threads}, {images}, epochs {run.start_epoch + 1}..{args.epochs}")
     with fast_step.denormals_flushed():
         for epoch in range(run.start_epoch + 1, args.epochs + 1):
             run.progress.epoch = epoch
@@ -244,7 +244,7 @@ def train_loop(run, stop, on_epoch=None):
             # save the checkpoint and its metrics row; a Ctrl-C now waits until both are written
             with stop.save():
                 path = run.save(epoch, metrics)
-            run_folder.say(f"epoch {epoch}/{args.epochs}  {run_folder.metrics_text(metrics)}  saved {path}")
+            run_folder.print_progress(f"epoch {epoch}/{args.epochs}  {run_folder.metrics_text(metrics)}  saved {path}")
         run.progress.epoch = None
     return 0
 

@@ -64,12 +64,12 @@ def main(argv=None):
         data_files.require_decompressed(args.data_dir)  # torchvision reads only those
         os.makedirs(args.checkpoint_dir, exist_ok=True)
         with commands.torch_threads(1), torch.random.fork_rng():  # as train.py; the global generator given back
-            return run(args)
+            return blog_program(args)
 
     return commands.run_main(body, argv)
 
 
-def run(args):
+def blog_program(args):
     """The blog's program, line for line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device) if args.device else device  # added: --device

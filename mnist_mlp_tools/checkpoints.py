@@ -24,23 +24,23 @@ from torch import nn
 import mnist_mlp
 
 from . import models, optimizers, safe_files
-from .commands import MAX_WIDTH, UsageError, existing_file, printable, reason
+from .commands import MAX_WIDTH, UsageError, error_text, existing_file, printable
 
 
-def brief(value, limit=30):
+def short_text(value, limit=30):
     """`value` for a one-line message, at most `limit` characters, without recursing into it (the repr
     of a list nested thousands deep is a RecursionError), what a terminal cannot show escaped."""
-    return printable(_brief(value, limit))
+    return printable(_short_text(value, limit))
 
 
-def _brief(value, limit):
+def _short_text(value, limit):
     containers = (list, tuple, dict, set)
     if type(value) in (list, tuple) and len(value) <= 4 and not any(isinstance(item, containers) for item in value):
         return repr(value)[:limit]  # (0.9, 0.999)
     if isinstance(value, containers):
         text, first = f"a {type(value).__name__} of {len(value)}", next(iter(value), None)
         if value and not isinstance(first, containers):  # one level shown, never more
-            text += f" starting {_brief(first, limit)}"
+            text += f" starting {_short_text(first, limit)}"
         return text[:limit]
     if isinstance(value, torch.Tensor):
         return f"a {tuple(value.shape)} {value.dtype} tensor on {value.device.type}"
@@ -147,15 +147,19 @@ def check_fields(path, where, value, fields):
     """A one-line UsageError unless `value` is a dict whose every entry passes its rule in `fields`: a rule
     is (test, what it asks for), or a dict of rules checked the same way; fields[str] is any other name's."""
     if not isinstance(value, dict):
-        raise UsageError(f"{path} is not a checkpoint written by train.py: {where} is {brief(value)!r}, not a dict")
+        raise UsageError(
+            f"{path} is not a checkpoint written by train.py: {where} is {short_text(value)!r}, not a dict"
+        )
     for key, item in value.items():
         rule = fields.get(key, fields.get(str))
         if rule is None or not isinstance(key, str):
-            raise UsageError(f"{path} is not a checkpoint written by train.py: {where} holds an entry {brief(key)!r}")
+            raise UsageError(
+                f"{path} is not a checkpoint written by train.py: {where} holds an entry {short_text(key)!r}"
+            )
         if isinstance(rule, dict):
             check_fields(path, f"{where}'s {key}", item, rule)
         elif not rule[0](item):
-            raise UsageError(f"{path}: {where}'s {key} is {brief(item, 40)!r}, not {rule[1]}")
+            raise UsageError(f"{path}: {where}'s {key} is {short_text(item, 40)!r}, not {rule[1]}")
 
 
 # ----------------------------------------------------------------------------- saving and loading
@@ -238,7 +242,7 @@ def load_checkpoint(path, trust_pickle=False):
         except Exception:  # not a zip that torch.save wrote
             unsafe = []
         if not unsafe:
-            raise UsageError(f"{path} is not a checkpoint written by train.py ({reason(error, 120)})") from None
+            raise UsageError(f"{path} is not a checkpoint written by train.py ({error_text(error, 120)})") from None
         if not trust_pickle:
             if any(name.startswith(("__main__.", "torch.nn.")) for name in unsafe):
                 raise UsageError(
@@ -254,7 +258,9 @@ def load_checkpoint(path, trust_pickle=False):
         try:
             data = _load_trusting_pickle(path)
         except Exception as trusted_error:
-            raise UsageError(f"{path} cannot be loaded even with --trust-pickle ({reason(trusted_error)})") from None
+            raise UsageError(
+                f"{path} cannot be loaded even with --trust-pickle ({error_text(trusted_error)})"
+            ) from None
     return checked_checkpoint(path, data)
 
 
@@ -375,7 +381,7 @@ def restore_training_state(path, resumed, config, optimizer, order_generator):
     try:
         optimizer.load_state_dict(resumed["optimizer"])
     except Exception as error:  # a malformed entry: torch raises several kinds
-        raise UsageError(f"{path}: its optimizer state does not fit ({reason(error)})") from None
+        raise UsageError(f"{path}: its optimizer state does not fit ({error_text(error)})") from None
     rng = resumed.get("rng")
     if rng is None:
         print(
@@ -388,7 +394,7 @@ def restore_training_state(path, resumed, config, optimizer, order_generator):
             order_generator.set_state(rng["data_order"])
             torch.set_rng_state(rng["torch"])
         except Exception as error:
-            raise UsageError(f"{path}: its rng entry is malformed ({reason(error)})") from None
+            raise UsageError(f"{path}: its rng entry is malformed ({error_text(error)})") from None
     return resumed["epoch"]
 
 
@@ -424,24 +430,24 @@ def check_optimizer_state(path, saved, optimizer, config):
         refuse("is not one param group and a state dict, as the optimizer saves them")
     group = saved["param_groups"][0]
     if not same(group.get("params"), list(range(len(parameters)))):
-        refuse(f"names parameters {brief(group.get('params'), 60)}, not the model's {len(parameters)}")
+        refuse(f"names parameters {short_text(group.get('params'), 60)}, not the model's {len(parameters)}")
     for key, value in group.items():
         if key in ("foreach", "fused"):
             if type(value) not in (bool, type(None)):
-                refuse(f"has {key} {brief(value)}, not True, False or None")
+                refuse(f"has {key} {short_text(value)}, not True, False or None")
         elif key not in ours:
-            refuse(f"has a param group entry {brief(key)!r} that {config.get('optimizer', 'adam')} does not make")
+            refuse(f"has a param group entry {short_text(key)!r} that {config.get('optimizer', 'adam')} does not make")
         elif key != "params" and not same(value, list(ours[key]) if type(ours[key]) is tuple else ours[key]):
             flag = f"({FLAGS[key]})" if key in FLAGS else "(train.py always uses the default)"
-            refuse(f"says {key} {brief(value)}, but this run's is {ours[key]!r} {flag}")
+            refuse(f"says {key} {short_text(value)}, but this run's is {ours[key]!r} {flag}")
     kind = optimizers.OPTIMIZERS[config.get("optimizer", "adam")]
     names = set(kind.state_tensors) | ({"step"} if kind.counts_steps else set())
     steps = set()
     for index, state in saved["state"].items():
         if type(index) is not int or not 0 <= index < len(parameters):
-            refuse(f"has an entry {brief(index, 20)} that is no parameter of the model")
+            refuse(f"has an entry {short_text(index, 20)} that is no parameter of the model")
         if not (isinstance(state, dict) and set(state) == names):
-            refuse(f"for parameter {index} holds {brief(state)}, not {sorted(names)}")
+            refuse(f"for parameter {index} holds {short_text(state)}, not {sorted(names)}")
         parameter = parameters[index]
         for name in kind.state_tensors:
             tensor = state[name]
@@ -453,7 +459,7 @@ def check_optimizer_state(path, saved, optimizer, config):
                 and tensor.dtype == parameter.dtype
             ):
                 refuse(
-                    f"{name} of parameter {index} is {brief(tensor)}, not a finite {parameter.dtype} tensor "
+                    f"{name} of parameter {index} is {short_text(tensor)}, not a finite {parameter.dtype} tensor "
                     f"of shape {list(parameter.shape)}"
                 )
         if kind.counts_steps:
@@ -461,7 +467,7 @@ def check_optimizer_state(path, saved, optimizer, config):
             if isinstance(step, torch.Tensor):
                 step = float(step) if plain_tensor(step) and step.numel() == 1 else None
             if not (is_number(step) and 0 <= step <= 1e9 and step == int(step)):
-                refuse(f"step count of parameter {index} is {brief(state['step'])}, not a whole number")
+                refuse(f"step count of parameter {index} is {short_text(state['step'])}, not a whole number")
             steps.add(step)
     if len(steps) > 1:
         refuse(f"has different step counts per parameter ({sorted(steps)[:3]}): not one that train.py saved")

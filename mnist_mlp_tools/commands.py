@@ -26,7 +26,7 @@ class UsageError(Exception):
     """Bad input from the user: the scripts print `error: <message>` and exit with code 2."""
 
 
-def reason(error, limit=300):
+def error_text(error, limit=300):
     """An exception as one short line for an `error:` message, cut at a word if it is long."""
     text = " ".join(str(error).split()) or "no details"
     if "WeightsUnpickler error:" in text:  # torch.load's long advice; keep the part that says why

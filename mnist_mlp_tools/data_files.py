@@ -11,7 +11,7 @@ import zlib
 import mnist_mlp
 
 from . import commands, safe_files
-from .commands import UsageError, reason
+from .commands import UsageError, error_text
 from .safe_files import is_regular_file
 
 torchvision = commands.lazy_import("torchvision")  # at first use: only a download needs it
@@ -36,7 +36,7 @@ def load(data_dir, dataset="mnist", download=True):
     try:
         return mnist_mlp.load_dataset(data_dir, dataset)
     except (ValueError, OSError) as error:
-        raise UsageError(str(error) if isinstance(error, ValueError) else reason(error)) from None
+        raise UsageError(str(error) if isinstance(error, ValueError) else error_text(error)) from None
 
 
 def require_decompressed(data_dir, dataset="mnist"):
@@ -102,9 +102,9 @@ def prepare_raw_file(folder, name):
     except OSError as error:
         if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # a read-only install: the lesson reads the .gz
             return True
-        raise UsageError(f"cannot decompress {packed} ({reason(error)})") from None
+        raise UsageError(f"cannot decompress {packed} ({error_text(error)})") from None
     except (EOFError, zlib.error) as error:  # a corrupt .gz (BadGzipFile is an OSError: above)
-        raise UsageError(f"cannot decompress {packed} ({reason(error)})") from None
+        raise UsageError(f"cannot decompress {packed} ({error_text(error)})") from None
     return True
 
 
@@ -146,7 +146,7 @@ def download_raw_files(data_dir, dataset):
         with safe_files.folders_removed_if_left_empty(folder):  # a failed download leaves no empty folders
             getattr(torchvision.datasets, mnist_mlp.DATASETS[dataset][0])(data_dir, train=True, download=True)
     except Exception as error:  # torchvision raises many kinds: offline, corrupt, permissions
-        raise UsageError(f"{missing_data_message(folder, dataset)} (download failed: {reason(error)})") from None
+        raise UsageError(f"{missing_data_message(folder, dataset)} (download failed: {error_text(error)})") from None
     missing = [name for name in mnist_mlp.RAW_FILES if not prepare_raw_file(folder, name)]
     if missing:
         raise UsageError(f"{missing_data_message(folder, dataset)} (the download left out {', '.join(missing)})")

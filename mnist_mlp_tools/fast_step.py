@@ -15,7 +15,7 @@ from torch import nn
 import mnist_mlp
 
 from . import optimizers
-from .commands import UsageError, reason
+from .commands import UsageError, error_text
 
 
 class FastStep:
@@ -75,11 +75,10 @@ def fast_step_problem(model, criterion, batch_sizes):
 
     It can when the model is only a chain of nn.Linear layers, the loss is nn.CrossEntropyLoss()
     with its defaults, no hooks are registered, and on a probe batch of each of the run's batch
-    sizes, on the threads it runs on, the model's own forward() and autograd give bit-identical
-    logits, loss and gradients to FastStep's: a matrix library may split a product differently by
-    its shape and thread count (seen with 2 threads on an AVX2 EPYC: 2 gradient elements of 170 at
-    batch 50, equal at 64). The probe leaves no trace: random generators, gradients and the model
-    are as they were.
+    sizes, on the threads it runs on and into the gradient buffers it writes, the model's own forward()
+    and autograd give bit-identical logits, loss and gradients to FastStep's: a matrix library may
+    split a product differently by its shape, thread count and output address. The probe leaves no
+    trace: random generators, gradients and the model are as they were.
     """
     linears = list(model.children())
     if not linears or any(type(module) is not nn.Linear for module in model.modules() if module is not model):
@@ -143,12 +142,12 @@ def _compare(model, criterion, x, labels, grads):
         try:
             fast_loss, fast_logits = FastStep(linears).forward_backward(x, labels, grads)
         except RuntimeError as error:
-            return f"the fast step does not run on {device} ({reason(error)})"
+            return f"the fast step does not run on {device} ({error_text(error)})"
         with torch.enable_grad():
             try:
                 logits = model(x)
             except Exception as error:  # a forward() written for other inputs: the textbook step's to meet
-                return f"the model's forward() does not take rows of {linears[0].in_features} ({reason(error)})"
+                return f"the model's forward() does not take rows of {linears[0].in_features} ({error_text(error)})"
             if logits.shape != fast_logits.shape:
                 return "the model's forward() gives outputs of another shape than its Linear layers do"
             loss = criterion(logits, labels)

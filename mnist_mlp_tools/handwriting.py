@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 import mnist_mlp
 
-from .commands import reason
+from .commands import error_text
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is larger than any phone's; more is refused, not decoded
 # EXIF orientation -> the turn that shows the picture upright (ImageOps.exif_transpose's table)
@@ -54,7 +54,7 @@ def _decode(source, max_pixels):
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ValueError(f"it is larger than the {max_pixels:,} pixels this reads; scale it down first") from None
     except Exception as error:  # any decoder's failure on a header: this picture's error, not the program's
-        raise ValueError(f"cannot read it ({reason(error)})") from None
+        raise ValueError(f"cannot read it ({error_text(error)})") from None
     try:
         width, height = image.size
         if width * height > max_pixels:
@@ -71,7 +71,7 @@ def _decode(source, max_pixels):
         raise
     except Exception as error:  # PIL's decoders raise OSError, SyntaxError, struct.error, ZeroDivisionError...
         image.close()
-        raise ValueError(f"cannot read it ({reason(error)})") from None
+        raise ValueError(f"cannot read it ({error_text(error)})") from None
 
 
 @torch.no_grad()
@@ -98,7 +98,7 @@ def digit_pixels(image):
     except ValueError:
         raise
     except Exception as error:  # PIL's conversions raise other kinds on odd modes
-        raise ValueError(f"cannot read it ({reason(error)})") from None
+        raise ValueError(f"cannot read it ({error_text(error)})") from None
 
 
 def _digit_pixels(image):

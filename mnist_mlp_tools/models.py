@@ -13,7 +13,7 @@ import torch
 
 import mnist_mlp
 
-from .commands import MAX_WIDTH, UsageError, reason
+from .commands import MAX_WIDTH, UsageError, error_text
 
 
 def width_parameters():
@@ -75,7 +75,8 @@ def build(args, device=None):
         with torch.device(device):
             return mnist_mlp.NoteModel(*args)
     except Exception as error:
-        raise UsageError(f"NoteModel({', '.join(map(str, args))}) in mnist_mlp.py failed: {reason(error)}") from None
+        built = f"NoteModel({', '.join(map(str, args))})"
+        raise UsageError(f"{built} in mnist_mlp.py failed: {error_text(error)}") from None
 
 
 def machine_memory():
@@ -88,7 +89,7 @@ def machine_memory():
         return None
 
 
-def fitting(args):
+def fit_in_memory(args):
     """args, after checking on the meta device (nothing allocated) that training NoteModel(*args) fits in
     memory: its parameters and buffers, their gradients, Adam's m and v and a checkpoint's two copies."""
     try:
@@ -121,7 +122,7 @@ def check_output(model, classes):
             output = model(mnist_mlp.normalize(torch.zeros(2, 784, dtype=torch.uint8, device=device)))
     except Exception as error:
         raise UsageError(
-            f"NoteModel's forward() in mnist_mlp.py fails on a batch of images (N, 1, 28, 28): {reason(error)}"
+            f"NoteModel's forward() in mnist_mlp.py fails on a batch of images (N, 1, 28, 28): {error_text(error)}"
         ) from None
     finally:
         model.train(was_training)
@@ -174,7 +175,7 @@ def _listed(names, limit=4):
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def misfit(state, model):
+def mismatch(state, model):
     """Why the weights `state` do not fit `model` (every missing, unexpected and mis-shaped name, the
     first few of each, and which side is which), or None if each name has the model's shape and dtype."""
     expected = model.state_dict()
@@ -204,7 +205,7 @@ def check_fit(path, checkpoint, model):
     whether they were trained by another version of NoteModel (its recorded source differs)."""
     recorded, current = checkpoint["config"].get("model_source"), source_fingerprint()
     changed = recorded is not None and current is not None and recorded != current
-    problem = misfit(checkpoint["model"], model)
+    problem = mismatch(checkpoint["model"], model)
     if problem:
         version = "another version of NoteModel" if changed else "another NoteModel"
         raise UsageError(

@@ -14,7 +14,7 @@ import sys
 import filelock
 
 from . import commands, safe_files
-from .commands import UsageError, reason, silence_stdout
+from .commands import UsageError, error_text, silence_stdout
 from .safe_files import is_regular_file
 
 checkpoints = commands.lazy_import("mnist_mlp_tools.checkpoints")  # at first use: plot.py needs no torch
@@ -119,7 +119,7 @@ def claim_folder(folder, start_epoch, progress, overwrite, run_id):
     except OSError as error:
         raise UsageError(f"cannot replace the earlier files in {folder} ({error.strerror})") from None
     if conflicts:
-        say(f"--overwrite: removed {_names(conflicts, limit=len(conflicts))} from {folder}")
+        print_progress(f"--overwrite: removed {_names(conflicts, limit=len(conflicts))} from {folder}")
     return [row for row in rows if int(row["epoch"]) <= start_epoch]
 
 
@@ -165,7 +165,7 @@ def read_csv(path, advice=""):
             reader = csv.DictReader(io.StringIO(file.read()))
             return reader.fieldnames, list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise UsageError(f"cannot read {path} ({reason(error)}){advice}") from None
+        raise UsageError(f"cannot read {path} ({error_text(error)}){advice}") from None
 
 
 def read_metrics(path):
@@ -284,7 +284,7 @@ class GracefulStop:
             self.saving = False
 
 
-def say(*args, **kwargs):
+def print_progress(*args, **kwargs):
     """print() to stdout that keeps training when stdout is gone (`train.py | head -1`, a full disk,
     /dev/full): the checkpoints are what matters. The first failure is reported on stderr, if it can be."""
     try:

@@ -196,7 +196,7 @@ def run_at_once(*runs, timeout=300):
 @pytest.fixture(scope="session")
 def server(trained):
     """draw.py's server on a free port, serving the one-epoch checkpoint: its (host, port)."""
-    httpd = draw.Server(("127.0.0.1", 0), draw.Reader(str(trained[0] / "noteLearning_1.pth")))
+    httpd = draw.Server(("127.0.0.1", 0), draw.DigitReader(str(trained[0] / "noteLearning_1.pth")))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield httpd.server_address
     httpd.shutdown()

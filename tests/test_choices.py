@@ -69,7 +69,7 @@ def test_a_zero_one_checkpoint_is_read_as_it_was_trained_by_every_command(tmp_pa
     assert not torch.equal(expected, handwriting.class_probabilities(model, pixels, "tutorial"))
     code, printed, _ = run_main(predict, [path, digit, "--json"], capsys)
     assert code == 0 and json.loads(printed)["predictions"][0]["probability"] == round(float(expected.max()), 4)
-    reader = draw.Reader(path)
+    reader = draw.DigitReader(path)
     with open(digit, "rb") as file:
         assert reader.read(file.read())["probabilities"] == [float(value) for value in expected]
     # resuming with the other scaling is refused, naming the flag

@@ -324,7 +324,7 @@ def test_a_finger_draws_on_a_phone_without_scrolling_the_page(page):
 def test_a_checkpoint_name_cannot_break_the_pages_script(trained, tmp_path):
     odd = tmp_path / "a<!--<script>b.pth"  # a "<!--<script>" inside a script changes how HTML parses it
     odd.write_bytes((trained[0] / "noteLearning_1.pth").read_bytes())
-    server = draw.Server(("127.0.0.1", 0), draw.Reader(str(odd)))
+    server = draw.Server(("127.0.0.1", 0), draw.DigitReader(str(odd)))
     try:
         page = server.page.decode()
     finally:
@@ -480,7 +480,7 @@ def test_any_decoder_failure_is_a_400(server):
 def test_ipv6_hosts_and_a_missing_page_are_served_and_said(trained, monkeypatch, capsys):
     if not socket.has_ipv6:
         pytest.skip("no IPv6 here")
-    reader = draw.Reader(str(trained[0] / "noteLearning_1.pth"))
+    reader = draw.DigitReader(str(trained[0] / "noteLearning_1.pth"))
     try:
         httpd = draw.Server(("::1", 0), reader)
     except OSError:

@@ -211,8 +211,8 @@ def test_the_probe_uses_the_runs_own_batch_sizes(monkeypatch):
 
 
 def test_a_batch_size_where_the_fast_step_rounds_otherwise_is_trained_by_autograd(monkeypatch):
-    """Found on an AVX2 EPYC with 2 threads: the fast step's weight gradient differed from autograd's in
-    the last bit at one batch size and not at another. Simulated here by one ulp at batch 32 only."""
+    """A matrix product may round otherwise at one shape than at another: the proof covers each of the
+    epoch's batch sizes. Simulated here by one ulp at batch 32 only."""
     real = fast_step.FastStep.forward_backward
 
     def off_at_32(self, x, labels, grads):
@@ -271,7 +271,7 @@ assert train.main([*tiny, "--epochs", "2", "--checkpoint-dir", folder, "--resume
 assert train.main([*tiny, "--epochs", "1", "--checkpoint-dir", folder + "/sgd", "--optimizer", "sgd"]) == 0
 assert evaluate.main([folder + "/noteLearning_2.pth", "--data-dir", data]) == 0
 assert predict.main([folder + "/noteLearning_2.pth", {image!r}]) == 0
-draw.Reader(folder + "/noteLearning_2.pth", draw.commands.resolve_device("cpu"))
+draw.DigitReader(folder + "/noteLearning_2.pth", draw.commands.resolve_device("cpu"))
 print("torch._dynamo imported:", "torch._dynamo" in sys.modules)
 """
 

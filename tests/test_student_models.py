@@ -123,7 +123,7 @@ def test_every_kind_of_edit_trains_evaluates_predicts_draws_and_resumes_exactly(
     assert code == 0 and err == "" and json.loads(out)["total"] == 64
     code, out, err = run_main(predict, [checkpoint, DIGITS, "--json"], capsys)
     assert code == 0 and err == "" and len(json.loads(out)["predictions"]) == 8
-    answer = draw.Reader(str(checkpoint)).read(png_bytes(os.path.join(DIGITS, "7_pen.png")))
+    answer = draw.DigitReader(str(checkpoint)).read(png_bytes(os.path.join(DIGITS, "7_pen.png")))
     assert len(answer["probabilities"]) == 10 and abs(sum(answer["probabilities"]) - 1) < 1e-5
     code, _, err = run_main(
         train, tiny_run(tmp_path, "--epochs", "2", "--checkpoint-dir", folder, "--resume", checkpoint), capsys
@@ -306,7 +306,7 @@ checkpoint = os.path.join(out, "noteLearning_2.pth")
 assert evaluate.main([checkpoint, "--data-dir", data]) == 0
 assert predict.main([checkpoint, {digits!r}]) == 0
 with open(os.path.join({digits!r}, "7_pen.png"), "rb") as file:
-    assert len(draw.Reader(checkpoint).read(file.read())["probabilities"]) == 10
+    assert len(draw.DigitReader(checkpoint).read(file.read())["probabilities"]) == 10
 assert plot.main([out, "--output", os.path.join(out, "curves.png")]) == 0
 with run_folder.FolderLock(out):  # filelock's fallback lock: the file itself, created exclusively
     try:

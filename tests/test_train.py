@@ -851,7 +851,7 @@ def test_small_messages_a_newcomer_meets(tmp_path, capsys):
 
     code, out, _ = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", tmp_path / "out"), capsys)
     assert code == 0 and "on cpu (1 thread)," in out.splitlines()[1]
-    long = commands.reason(ValueError("word " * 100), limit=30)
+    long = commands.error_text(ValueError("word " * 100), limit=30)
     assert long == "ValueError: word word word word word word …"  # cut at a word, and says so
     checkpoint = torch.load(tmp_path / "out" / "noteLearning_1.pth", weights_only=True)
     checkpoint["config"].update(val_size=10_000, seed=1)  # more than the tiny set's 256 images
