@@ -259,12 +259,12 @@ ALIGNMENT = 64  # floats: 256 bytes, the most that torch aligns a new tensor to 
 class FlatOptimizer:
     """A torch.optim optimizer's arithmetic and state_dict layout over flat buffers: the parameters,
     gradients and each state tensor live in one contiguous buffer, updated by one call over the whole
-    buffer instead of a Python loop over the tensors. Made only for FastStep, which writes every
-    gradient into the buffer before each step, and only where the update is position-independent.
+    buffer instead of a Python loop over the tensors, where the update is position-independent.
 
     Not a torch.optim.Optimizer: its methods import torch._dynamo on their first call, which costs
     more start-up (about 2 s) than a whole epoch. What train.py uses of one is here: param_groups,
-    state, step, state_dict and load_state_dict, so checkpoints load into the torch class and back.
+    state, step, zero_grad, state_dict and load_state_dict, so checkpoints load into the torch class
+    and back.
     """
 
     torch_class = None  # the torch.optim class whose arithmetic and state_dict this keeps
@@ -281,6 +281,7 @@ class FlatOptimizer:
         self.defaults = {**torch_options, **options}
         self.param_groups = [{"params": parameters, **self.defaults}]
         self.state = {}
+        self.torch_optimizer = None  # the torch class itself, once a step had a parameter without a gradient
         # Each parameter starts 256 bytes into the buffer, as a tensor of its own does: with 2 threads a
         # matrix product's last bits depend on its output's address (seen on AMD EPYC: 2 of fc3's 170
         # weight gradients, for a tensor starting 56 bytes past a 64-byte boundary). The last is not
@@ -296,6 +297,7 @@ class FlatOptimizer:
             ):
                 param_view.copy_(parameter)
                 parameter.data, parameter.grad = param_view, grad_view
+        self.grad_views = [parameter.grad for parameter in parameters]
         # torch keeps the step counts on the CPU unless fused; one 0-d view each, as torch's own tensors
         self.flat_steps = torch.zeros(
             len(parameters), device=self.flat_params.device if options.get("fused") else "cpu"
@@ -316,11 +318,28 @@ class FlatOptimizer:
                 zip(self.state_names, (views[index] for views in map(self.views, self.flat_states)))
             )
 
+    def zero_grad(self, set_to_none=True):
+        """As torch's: the gradients go (a backward pass makes new ones, which step copies in)."""
+        for parameter in self.param_groups[0]["params"]:
+            parameter.grad = None
+
     @torch.no_grad()
     def step(self):
-        """One update from the gradients in the flat buffer, as the torch class's step()."""
+        """One update from the parameters' gradients, as the torch class's step(): FastStep writes them into
+        the flat buffer, autograd's are copied there. torch's loop skips a parameter without a gradient,
+        which one flat update cannot: from such a step on, the torch class itself steps, from this state."""
+        parameters = self.param_groups[0]["params"]
+        if self.torch_optimizer is None and any(parameter.grad is None for parameter in parameters):
+            state = self.state_dict()
+            self.torch_optimizer = self.torch_class(parameters, **self.defaults)
+            self.torch_optimizer.load_state_dict(state)
+        if self.torch_optimizer is not None:
+            return self.torch_optimizer.step()
         if not self.state:
             self._bind_state()
+        for parameter, view in zip(parameters, self.grad_views):
+            if parameter.grad is not view:
+                view.copy_(parameter.grad)
         self.flat_steps.add_(1)
         self.update(
             self.flat_params, self.flat_grads, *self.flat_states, self.flat_steps[0].item(), self.param_groups[0]
@@ -328,6 +347,8 @@ class FlatOptimizer:
 
     def state_dict(self):
         """torch.optim's layout: {"state": {index: {...}}, "param_groups": [{..., "params": [0, 1, ...]}]}."""
+        if self.torch_optimizer is not None:
+            return self.torch_optimizer.state_dict()
         parameters = self.param_groups[0]["params"]
         group = {key: value for key, value in self.param_groups[0].items() if key != "params"}
         return {
@@ -343,6 +364,8 @@ class FlatOptimizer:
     def load_state_dict(self, state_dict):
         """Load what this class or the torch class saved, as checkpoints.check_optimizer_state allows it:
         one step count for all parameters, the hyper-parameters this run's."""
+        if self.torch_optimizer is not None:
+            return self.torch_optimizer.load_state_dict(state_dict)
         saved = state_dict["state"]
         if saved and any(
             saved.get(index, {}).get(name) is None for index in range(len(self.sizes)) for name in self.state_names
@@ -408,11 +431,11 @@ class FlatSGD(FlatOptimizer):
 # ----------------------------------------------------------------------------- choosing
 
 
-def make_optimizer(name, parameters, settings, flat=False):
+def make_optimizer(name, parameters, settings):
     """The optimizer OPTIMIZERS names, over `parameters`, with settings {lr, momentum, weight_decay (None: the
-    torch class's default), fused}. flat: FlatAdam or FlatSGD, for FastStep, where they compute what torch's
-    optimizer computes bit for bit (plain Adam or SGD, float32 on the CPU, kernels position-independent) or
-    where fused asks for torch's fused kernel; elsewhere the torch.optim class itself."""
+    torch class's default), fused}: FlatAdam or FlatSGD where they compute what torch's optimizer computes
+    bit for bit (plain Adam or SGD, float32 on the CPU, kernels position-independent) or where fused asks
+    for torch's fused kernel; elsewhere the torch.optim class itself."""
     parameters = list(parameters)
     lr, momentum, weight_decay, fused = (
         settings.get(key, default)
@@ -424,10 +447,8 @@ def make_optimizer(name, parameters, settings, flat=False):
     if name == "adamw":
         return torch.optim.AdamW(parameters, lr=lr, **decay)
     device = parameters[0].device
-    flat = (
-        flat
-        and not weight_decay
-        and all(parameter.dtype == torch.float32 and parameter.device == device for parameter in parameters)
+    flat = not weight_decay and all(
+        parameter.dtype == torch.float32 and parameter.device == device for parameter in parameters
     )
     if name == "adam":
         if flat and (
@@ -473,7 +494,7 @@ def optimizer_config(optimizer):
 def make_training(model, criterion, settings, choice="auto", batch_sizes=(64,)):
     """(step, optimizer, description) for train.py: step(x, labels) -> the batch's loss.
 
-    "autograd" is textbook_step with torch's optimizer. "fast" is FastStep, allowed only where
+    "autograd" is textbook_step. "fast" is FastStep, allowed only where
     fast_step_problem finds none, on each of batch_sizes (every size the step will be given) and the
     threads it runs on; "auto" takes FastStep where it is proven equal and textbook_step elsewhere, and
     the description says which and why, so an edited model is never silently trained as another.
@@ -482,7 +503,7 @@ def make_training(model, criterion, settings, choice="auto", batch_sizes=(64,)):
     problem = "as asked" if choice == "autograd" else fast_step_problem(model, criterion, batch_sizes)
     if choice == "fast" and problem is not None:
         raise UsageError(f"--step fast cannot train this model exactly: {problem}; use --step auto or autograd")
-    optimizer = make_optimizer(settings["optimizer"], model.parameters(), settings, flat=problem is None)
+    optimizer = make_optimizer(settings["optimizer"], model.parameters(), settings)
     if problem is not None:
         step = functools.partial(mnist_mlp.textbook_step, model, criterion, optimizer)
         return step, optimizer, f"autograd step ({problem})"

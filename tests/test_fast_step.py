@@ -297,3 +297,34 @@ def test_the_default_paths_never_import_torch_dynamo(tmp_path):
     if bare.stdout.strip() == "True":
         pytest.skip("this torch version imports torch._dynamo with torch itself")
     assert result.stdout.strip().endswith("torch._dynamo imported: False"), result.stdout[-500:]
+
+
+class SometimesUnused(mnist_mlp.NoteModel):
+    """An edit whose extra layer takes part in every other step only: torch's Adam skips it on the others."""
+
+    def __init__(self):
+        super().__init__(16, 16)
+        self.extra, self.calls = nn.Linear(16, 16), 0
+
+    def forward(self, x):
+        self.calls += 1
+        x = F.relu(self.fc2(F.relu(self.fc1(x.view(-1, 784)))))
+        return self.fc3(F.relu(self.extra(x)) if self.calls % 2 else x)
+
+
+@pytest.mark.parametrize("model_class", [SigmoidModel, SometimesUnused])
+def test_the_autograd_step_with_the_flat_optimizer_trains_as_torchs_adam(model_class):
+    """The textbook step's gradients copied into the flat buffer; a parameter left without one hands
+    the stepping to torch's own Adam, from the state so far."""
+    torch.manual_seed(0)
+    ours, theirs = model_class(), model_class()
+    theirs.load_state_dict(ours.state_dict())
+    step, flat, description = fast_step.make_training(ours, nn.CrossEntropyLoss(), {"optimizer": "adam", "lr": 0.01})
+    reference = torch.optim.Adam(theirs.parameters(), lr=0.01)
+    assert description.startswith("autograd step") and isinstance(flat, fast_step.FlatAdam)
+    x, labels = torch.randn(20, 784), torch.randint(0, 10, (20,))
+    for _ in range(6):
+        step(x, labels)
+        mnist_mlp.textbook_step(theirs, nn.CrossEntropyLoss(), reference, x, labels)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    assert (flat.torch_optimizer is not None) == (model_class is SometimesUnused)

@@ -92,7 +92,7 @@ def test_the_optimizers_a_study_run_records_are_what_trained(tmp_path):
         for kind, optimizer in (
             ("adamw", torch.optim.AdamW(model.parameters(), weight_decay=0.01)),
             ("adam", torch.optim.Adam(model.parameters(), weight_decay=0.01)),
-            ("sgd", fast_step.make_optimizer("sgd", model.parameters(), {"lr": 0.01, "momentum": 0.9}, flat=True)),
+            ("sgd", fast_step.make_optimizer("sgd", model.parameters(), {"lr": 0.01, "momentum": 0.9})),
         )
     }
     assert recorded == {"adamw": "adamw", "adam": "adam", "sgd": "sgd"}
