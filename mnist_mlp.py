@@ -101,16 +101,19 @@ def read_idx(path, ndim):
     """The uint8 tensor in an IDX file (gzip-compressed when its name ends in .gz).
 
     An IDX file is a header, 0x0800 + ndim then each dimension as a big-endian uint32, followed by
-    the bytes. No more is read than the header promises, so a corrupt file cannot fill the memory.
+    the bytes. No more is read than the header promises, and it may promise at most 2 GiB: a small
+    corrupt file cannot fill the memory.
     """
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as file:
         header = file.read(4 + 4 * ndim)
         if len(header) < 4 + 4 * ndim or struct.unpack(">I", header[:4])[0] != 0x800 + ndim:
-            raise ValueError(f"{path} is not an IDX file of {ndim}-D bytes")
+            raise ValueError(f"{path} is not an IDX file of {ndim}-D bytes (truncated, or another magic number)")
         dims = struct.unpack(f">{ndim}I", header[4:])
+        if math.prod(dims) > 1 << 31:
+            raise ValueError(f"{path} claims {dims[0]:,} items, more than 2 GiB")
         data = bytearray(math.prod(dims))
         if file.readinto(data) != len(data) or file.read(1):
-            raise ValueError(f"{path} does not hold the {len(data):,} bytes its header promises")
+            raise ValueError(f"{path} does not hold the {len(data):,} bytes its header promises: truncated or corrupt")
     return torch.frombuffer(data, dtype=torch.uint8).view(*dims) if data else torch.zeros(dims, dtype=torch.uint8)
 
 
