@@ -26,7 +26,9 @@ from PIL import Image
 from mnist_mlp_tools import commands, run_folder
 from mnist_mlp_tools.commands import UsageError
 
-checkpoints, handwriting = commands.lazy_import("mnist_mlp_tools.checkpoints", "mnist_mlp_tools.handwriting")
+checkpoints, handwriting, models = commands.lazy_import(
+    "mnist_mlp_tools.checkpoints", "mnist_mlp_tools.handwriting", "mnist_mlp_tools.models"
+)
 
 
 def newest_checkpoint(folder="."):
@@ -72,7 +74,7 @@ class DigitReader:
 
     def __init__(self, path, device="cpu"):
         checkpoint = checkpoints.load_checkpoint(path)
-        self.model = checkpoints.model_from_checkpoint(path, checkpoint, device).eval()
+        self.model = models.model_from_checkpoint(path, checkpoint, device).eval()
         self.classes, self.scaling = checkpoints.dataset_classes(checkpoint), checkpoints.input_scaling(checkpoint)
         self.checkpoint_text = f"reading with {os.path.basename(path)} (epoch {checkpoint['epoch']})"
 

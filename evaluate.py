@@ -9,8 +9,12 @@ import sys
 
 from mnist_mlp_tools import commands
 
-mnist_mlp, checkpoints, data_files, pictures = commands.lazy_import(
-    "mnist_mlp", "mnist_mlp_tools.checkpoints", "mnist_mlp_tools.data_files", "mnist_mlp_tools.pictures"
+mnist_mlp, checkpoints, data_files, models, pictures = commands.lazy_import(
+    "mnist_mlp",
+    "mnist_mlp_tools.checkpoints",
+    "mnist_mlp_tools.data_files",
+    "mnist_mlp_tools.models",
+    "mnist_mlp_tools.pictures",
 )
 
 
@@ -71,7 +75,7 @@ def evaluate_checkpoints(args):
     results = []
     for path in sorted(args.checkpoints, key=natural_order):  # one checkpoint in memory at a time
         checkpoint = checkpoints.load_checkpoint(path, trust_pickle=args.trust_pickle)
-        model = checkpoints.model_from_checkpoint(path, checkpoint, device)  # the NoteModel in mnist_mlp.py
+        model = models.model_from_checkpoint(path, checkpoint, device)  # the NoteModel in mnist_mlp.py
         if args.save_weights:  # before any work: the picture needs a first nn.Linear(784, units)
             try:
                 pictures.first_linear(model)

@@ -17,7 +17,9 @@ from mnist_mlp_tools import commands
 from mnist_mlp_tools.commands import UsageError
 from mnist_mlp_tools.safe_files import atomic_write, is_regular_file
 
-checkpoints, handwriting = commands.lazy_import("mnist_mlp_tools.checkpoints", "mnist_mlp_tools.handwriting")
+checkpoints, handwriting, models = commands.lazy_import(
+    "mnist_mlp_tools.checkpoints", "mnist_mlp_tools.handwriting", "mnist_mlp_tools.models"
+)
 
 IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm")
 
@@ -193,7 +195,7 @@ def main(argv=None):
         args = parse_args(argv)
         device = commands.resolve_device(args.device)
         checkpoint = checkpoints.load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle)
-        model = checkpoints.model_from_checkpoint(args.checkpoint, checkpoint, device).eval()
+        model = models.model_from_checkpoint(args.checkpoint, checkpoint, device).eval()
         classes = checkpoints.dataset_classes(checkpoint)
         paths = image_paths(args.images)
         if not paths:

@@ -23,8 +23,12 @@ import train
 from mnist_mlp_tools import commands, run_folder, safe_files
 from mnist_mlp_tools.commands import UsageError
 
-mnist_mlp, checkpoints, data_files, pictures = commands.lazy_import(
-    "mnist_mlp", "mnist_mlp_tools.checkpoints", "mnist_mlp_tools.data_files", "mnist_mlp_tools.pictures"
+mnist_mlp, checkpoints, data_files, models, pictures = commands.lazy_import(
+    "mnist_mlp",
+    "mnist_mlp_tools.checkpoints",
+    "mnist_mlp_tools.data_files",
+    "mnist_mlp_tools.models",
+    "mnist_mlp_tools.pictures",
 )
 
 
@@ -173,7 +177,7 @@ class Study:
         for seed in setting.seeds:
             path = os.path.join(self.folder(setting, seed), run_folder.CHECKPOINT_NAME.format(epoch=epoch))
             checkpoint = checkpoints.load_checkpoint(path)
-            yield seed, checkpoints.model_from_checkpoint(path, checkpoint), checkpoints.input_scaling(checkpoint)
+            yield seed, models.model_from_checkpoint(path, checkpoint), checkpoints.input_scaling(checkpoint)
 
     def train_accuracy(self, setting, epoch):
         """Accuracy (%) on the training images a run trained on (the held-out ones left out), eval mode,

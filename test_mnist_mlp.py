@@ -16,7 +16,7 @@ import bench
 import mnist_mlp
 import train
 import tutorial
-from mnist_mlp_tools import checkpoints, commands, data_files, fast_step
+from mnist_mlp_tools import checkpoints, commands, data_files, fast_step, models
 from tests.conftest import (  # noqa: F401 (mnist: a fixture, used by name)
     ROOT,
     TUTORIAL_TRANSFORM,
@@ -50,7 +50,7 @@ def test_model_matches_the_tutorials_keys_and_shapes():
         match=r"the checkpoint has fc4.weight, fc4.bias that NoteModel lacks; "
         r"fc3.weight is \[30, 40\] there, \[10, 40\] in NoteModel",
     ):
-        checkpoints.model_from_checkpoint("deeper", deeper)
+        models.model_from_checkpoint("deeper", deeper)
 
 
 def test_normalization_equals_torchvision_transforms_bit_for_bit(mnist):  # noqa: F811 (mnist: the fixture imported above)

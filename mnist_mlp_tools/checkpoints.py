@@ -319,11 +319,6 @@ def dataset_classes(checkpoint):
     return mnist_mlp.DATASETS[checkpoint["config"].get("dataset", "mnist")][1]
 
 
-def model_from_checkpoint(path, checkpoint, device="cpu"):
-    """The current NoteModel with a checked checkpoint's weights, on `device` (models.model_from_checkpoint)."""
-    return models.model_from_checkpoint(path, checkpoint, dataset_classes(checkpoint), device)
-
-
 # ----------------------------------------------------------------------------- resuming
 
 FLAGS = {

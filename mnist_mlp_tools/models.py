@@ -228,8 +228,8 @@ def load_weights(path, checkpoint, model):
     return model
 
 
-def model_from_checkpoint(path, checkpoint, classes, device="cpu"):
-    """The current NoteModel built as the checkpoint records (its widths), with its weights, on `device`.
+def model_from_checkpoint(path, checkpoint, device="cpu"):
+    """The current NoteModel built as a checked checkpoint records (its widths), with its weights, on `device`.
 
     Compared on the meta device first, so a misfit allocates nothing and the sizes built are the
     file's own tensors' (bounded by the file).
@@ -242,5 +242,5 @@ def model_from_checkpoint(path, checkpoint, classes, device="cpu"):
     if skeleton is not None:
         check_fit(path, checkpoint, skeleton)
     model = load_weights(path, checkpoint, build(args))
-    check_output(model, classes)
+    check_output(model, mnist_mlp.DATASETS[checkpoint["config"].get("dataset", "mnist")][1])
     return model.to(device)

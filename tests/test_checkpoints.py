@@ -400,7 +400,7 @@ def test_any_value_anywhere_in_a_checkpoint_is_read_or_refused_in_one_line(place
         sys.setrecursionlimit(limit)
     try:
         loaded = checkpoints.load_checkpoint(str(path))
-        models.model_from_checkpoint(str(path), loaded, checkpoints.dataset_classes(loaded))
+        models.model_from_checkpoint(str(path), loaded)
     except commands.UsageError as error:
         assert "\n" not in str(error) and len(str(error)) < 1000
 

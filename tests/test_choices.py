@@ -15,7 +15,7 @@ import evaluate
 import mnist_mlp
 import predict
 import train
-from mnist_mlp_tools import checkpoints, handwriting, optimizers
+from mnist_mlp_tools import checkpoints, handwriting, models, optimizers
 from tests.conftest import ROOT, assert_usage_error, run_main, tiny_run
 
 DIGITS = os.path.join(ROOT, "data", "digits")
@@ -51,7 +51,7 @@ def test_a_zero_one_checkpoint_is_read_as_it_was_trained_by_every_command(tmp_pa
     path = str(out / "noteLearning_1.pth")
     checkpoint = checkpoints.load_checkpoint(path)
     assert checkpoint["config"]["inputs"] == "zero-one" and checkpoints.input_scaling(checkpoint) == "zero-one"
-    model = checkpoints.model_from_checkpoint(path, checkpoint)
+    model = models.model_from_checkpoint(path, checkpoint)
     _, test = mnist_mlp.load_dataset(str(tmp_path / "data"))
     as_trained = mnist_mlp.evaluate(model, dataclasses.replace(test, scaling="zero-one"))
     misread = mnist_mlp.evaluate(model, test)  # the tutorial's scaling: other inputs, another loss

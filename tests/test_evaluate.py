@@ -11,7 +11,7 @@ import torch
 import evaluate
 import mnist_mlp
 import train
-from mnist_mlp_tools import checkpoints, commands, data_files, pictures
+from mnist_mlp_tools import checkpoints, commands, data_files, models, pictures
 from tests.conftest import DropoutModel, assert_usage_error, run_main, tiny_run
 
 
@@ -72,7 +72,7 @@ def test_save_errors_writes_a_titled_png_grid_of_misclassified_images(trained, t
     with Image.open(path) as image:  # a two-line title, then 8 rows of 84-pixel digits with their captions
         assert image.format == "PNG" and image.size[1] == 52 + 8 * (28 * 3 + 22) and image.size[0] >= 8 * 28 * 3
     result = json.loads(run_main(evaluate, [checkpoint, "--json"], capsys)[1])
-    model = checkpoints.model_from_checkpoint(str(checkpoint), checkpoints.load_checkpoint(str(checkpoint)), "cpu")
+    model = models.model_from_checkpoint(str(checkpoint), checkpoints.load_checkpoint(str(checkpoint)), "cpu")
     _, test_split = data_files.load(commands.DEFAULT_DATA_DIR, download=False)
     grid, wrong = pictures.error_grid(model, test_split, result["classes"], "title")
     assert wrong == result["total"] - result["correct"] > 64  # "the first 64 of <wrong>"
@@ -105,7 +105,7 @@ def test_the_confusion_heatmap_writes_the_jsons_counts_and_the_weights_box_the_s
     cells = {tuple(map(round, text.get_position())): int(text.get_text()) for text in drawn[str(heatmap)].axes[0].texts}
     assert cells == {(column, row): confusion[row][column] for row in range(10) for column in range(10)}
     # the boxed tiles are the units whose fc1 output is <= 0 on every test image, computed here apart
-    model = checkpoints.model_from_checkpoint(str(checkpoint), checkpoints.load_checkpoint(str(checkpoint)), "cpu")
+    model = models.model_from_checkpoint(str(checkpoint), checkpoints.load_checkpoint(str(checkpoint)), "cpu")
     _, test_split = data_files.load(commands.DEFAULT_DATA_DIR, download=False)
     with torch.no_grad():
         active = (model.fc1(mnist_mlp.normalize(test_split.pixels).view(-1, 784)) > 0).any(0)

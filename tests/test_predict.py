@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mnist_mlp
-from mnist_mlp_tools import checkpoints, handwriting
+from mnist_mlp_tools import checkpoints, handwriting, models
 from tests.conftest import ROOT, assert_usage_error, run_main
 
 
@@ -46,7 +46,7 @@ def test_predict_reads_digits_as_a_user_would_have_them(trained, mnist, tmp_path
         label = int(test_split.labels[index])
         as_user_would_have_it(test_split.pixels[index], rng).save(folder / f"{label}_{index:03d}.png")
     checkpoint = trained[0] / "noteLearning_1.pth"
-    model = checkpoints.model_from_checkpoint(checkpoint, checkpoints.load_checkpoint(str(checkpoint))).eval()
+    model = models.model_from_checkpoint(checkpoint, checkpoints.load_checkpoint(str(checkpoint))).eval()
     with torch.no_grad():
         predictions = model(mnist_mlp.normalize(test_split.pixels[:count])).argmax(1)
     original = 100 * float((predictions == test_split.labels[:count]).float().mean())
@@ -197,7 +197,7 @@ def test_predict_reads_one_picture_at_a_time_and_keeps_none_unless_shown(trained
     real = predict.read_image
     monkeypatch.setattr(predict, "read_image", lambda path: read.append(path) or real(path))
     checkpoint = checkpoints.load_checkpoint(str(trained[0] / "noteLearning_1.pth"))
-    model = checkpoints.model_from_checkpoint("x", checkpoint)
+    model = models.model_from_checkpoint("x", checkpoint)
     digits = sorted(
         os.path.join(ROOT, "data", "digits", name) for name in os.listdir(os.path.join(ROOT, "data", "digits"))
     )

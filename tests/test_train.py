@@ -264,7 +264,7 @@ def test_sigkill_at_any_moment_leaves_only_complete_files(tmp_path, moment, epoc
     for name in files:
         checkpoint = checkpoints.load_checkpoint(str(tmp_path / name))
         assert checkpoint["epoch"] == int(name.split("_")[1].split(".")[0])
-        checkpoints.model_from_checkpoint(name, checkpoint)
+        models.model_from_checkpoint(name, checkpoint)
     if survivors:
         rows = (tmp_path / "metrics.csv").read_text().splitlines()
         assert [row.split(",")[0] for row in rows[1:]] == [str(n) for n in survivors[: len(rows) - 1]]
