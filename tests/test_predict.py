@@ -1,5 +1,6 @@
 """predict.py and the preparation of your own handwriting (handwriting.digit_pixels)."""
 
+import io
 import json
 import os
 import subprocess
@@ -7,6 +8,9 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw
 
 import mnist_mlp
 from mnist_mlp_tools import checkpoints, handwriting, models
@@ -266,3 +270,32 @@ def test_a_hairline_is_refused_on_the_28x28_and_a_huge_picture_in_one_line(train
     assert code == 2 and out == "" and len(lines) == 2 and all(line.startswith("error: ") for line in lines), err
     assert "hairline.png: no ink left at 28x28" in lines[0] and "huge.png" in lines[1] and "scale it down" in lines[1]
     assert "Warning" not in err
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    mode=st.sampled_from(["1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16", "F", "CMYK"]),
+    size=st.tuples(st.integers(1, 300), st.integers(1, 300)),
+    fill=st.integers(0, 255),
+    ink=st.one_of(st.none(), st.tuples(st.integers(0, 299), st.integers(0, 299), st.integers(1, 80))),
+    form=st.sampled_from(["PNG", "TIFF", "BMP", "GIF", "JPEG", "WEBP", "truncated"]),
+)
+def test_any_picture_is_a_digit_or_one_line(mode, size, fill, ink, form):
+    """The picture rule, on generated inputs: whatever its mode, size, ink and format (or a file cut short),
+    a picture becomes a (28, 28) uint8 digit or a one-line ValueError, never another exception."""
+    image = Image.new(mode, size, fill if mode not in ("RGB", "RGBA", "CMYK", "LA") else (fill,) * len(mode))
+    if ink is not None:
+        x, y, radius = ink
+        ImageDraw.Draw(image).ellipse((x - radius, y - radius, x + radius, y + radius), fill=255 - fill)
+    data = io.BytesIO()
+    try:
+        image.save(data, format="PNG" if form == "truncated" else form)
+    except (OSError, ValueError, KeyError):
+        return  # PIL writes no such file: nothing to read
+    body = data.getvalue()[: len(data.getvalue()) // 2] if form == "truncated" else data.getvalue()
+    try:
+        pixels = handwriting.digit_pixels(handwriting.decode_image(io.BytesIO(body)))
+    except ValueError as error:
+        assert "\n" not in str(error)
+        return
+    assert pixels.shape == (28, 28) and pixels.dtype == torch.uint8

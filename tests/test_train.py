@@ -10,11 +10,13 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import evaluate
 import mnist_mlp
 import train
-from mnist_mlp_tools import checkpoints, data_files, models
+from mnist_mlp_tools import checkpoints, commands, data_files, models
 from tests.conftest import ROOT, WARM_PYTHON, assert_usage_error, make_tiny_mnist, run_at_once, run_main, tiny_run
 
 
@@ -884,3 +886,67 @@ def test_a_caller_sees_each_epochs_step_losses_through_on_epoch(tmp_path, capsys
     printed = capsys.readouterr().out
     assert code == 0 and [epoch for epoch, _, _ in seen] == [1, 2] and all(len(losses) == 8 for _, losses, _ in seen)
     assert f"epoch 2/2  train loss {seen[1][2]:.4f}" in printed  # the epoch's mean, as printed
+
+
+FLAG_WORDS = [
+    "--epochs",
+    "--batch-size",
+    "--lr",
+    "--optimizer",
+    "--momentum",
+    "--weight-decay",
+    "--inputs",
+    "--hidden",
+    "--seed",
+    "--dataset",
+    "--val-size",
+    "--resume",
+    "--device",
+    "--threads",
+    "--step",
+    "--fused",
+    "--epohcs",
+    "-x",
+    "--",
+    "--lr=",
+    "--hidden=",
+]
+VALUE_WORDS = st.one_of(
+    st.sampled_from(
+        [
+            "0",
+            "1",
+            "-1",
+            "1e-3",
+            "nan",
+            "inf",
+            "1e400",
+            "adam",
+            "sgd",
+            "cuda",
+            "٣",
+            "３",
+            "",
+            " ",
+            "2" * 30,
+            "0.9999999",
+            "x.pth",
+        ]
+    ),
+    st.text(max_size=6),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(argv=st.lists(st.one_of(st.sampled_from(FLAG_WORDS), VALUE_WORDS), max_size=6))
+def test_any_command_line_is_parsed_or_refused_in_one_line(argv):
+    """The flags' rule, on generated command lines: parsed into their types and ranges, or one UsageError,
+    printed as one line (argparse's own exit never escapes, whatever the words; a newline in a word is
+    escaped as the edge prints it)."""
+    try:
+        args = train.parse_args(argv)
+    except commands.UsageError as error:
+        assert "\n" not in commands.printable(str(error))
+        return
+    assert 1 <= args.epochs and 0 < args.lr < float("inf") and 0 <= args.momentum < 1
+    assert args.hidden is None or all(1 <= width <= commands.MAX_WIDTH for width in args.hidden)
