@@ -294,31 +294,17 @@ def plan(quick, val_size=5000):
     return {"optimizers": optimizers, "bias": bias, "fair": fair, "scaling": scaling, "decay": decay}
 
 
-def report(study, settings):
-    """study.md: the tables, in the order docs/study.md answers the questions."""
+def epochs_shown(settings):
+    """(the last epoch, the epochs the tables show, the words for the last 10 epochs)."""
     last = settings["optimizers"][0].epochs
     shown = [epoch for epoch in (1, 5, 10, 20) if epoch <= last]
-    every = [
-        setting
-        for group in settings.values()
-        for setting in (group if isinstance(group, list) else [s for grid in group.values() for s in grid])
-    ]
-    read = sorted({os.path.relpath(study.runs_folder(setting), study.out) for setting in every})
-    seeds = settings["optimizers"][0].seeds
-    over = (
-        f"mean over seeds {', '.join(map(str, seeds))} (min–max in brackets)"
-        if len(seeds) > 1
-        else f"seed {seeds[0]} alone"
-    )
-    tail_text = "the last 10 epochs (11–20)" if last >= 20 else f"the last {min(10, last)} epoch(s)"
+    return last, shown, "the last 10 epochs (11–20)" if last >= 20 else f"the last {min(10, last)} epoch(s)"
+
+
+def optimizer_tables(study, settings):
+    """The optimizers at the tutorial's settings, and how much their accuracy moves between epochs."""
+    last, shown, tail_text = epochs_shown(settings)
     lines = [
-        "# The study's tables",
-        "",
-        f"Test accuracy (%) and training loss, {over}.",
-        "",
-        f"Runs read: {', '.join(read)} (epochs of each run, and training images held out); each run's "
-        f"full description is the {RUN_DESCRIPTION} beside its checkpoints.",
-        "",
         "## Optimizers at the tutorial's settings",
         "",
         "| setting | " + " | ".join(f"acc. epoch {e}" for e in shown) + " | train loss, last epoch | "
@@ -356,9 +342,14 @@ def report(study, settings):
             + " |"
         )
 
+    return lines
+
+
+def bias_tables(study, settings):
+    """Bias correction against the learning rate, and the multiplier it removes."""
     early = settings["bias"][0].epochs
     epochs_text = "after epoch 1" + (f" and {early}" if early > 1 else "")
-    lines += [
+    lines = [
         "",
         "## Bias correction × learning rate",
         "",
@@ -398,7 +389,12 @@ def report(study, settings):
         f"β2 > 1−(1−β1)² = {1 - (1 - BETAS[0]) ** 2:.2f}.",
     ]
 
-    lines += [
+    return lines
+
+
+def fair_tables(study, settings):
+    """Each optimizer's lr chosen on validation, and the chosen settings' fit: (lines, chosen)."""
+    lines = [
         "",
         "## A fair comparison: each optimizer's lr chosen on validation",
         "",
@@ -446,7 +442,13 @@ def report(study, settings):
             + " |"
         )
 
-    lines += [
+    return lines, chosen
+
+
+def more_tables(study, settings):
+    """What three seeds can show, the inputs' scaling, dead units, weight decay against AdamW."""
+    last, shown, tail_text = epochs_shown(settings)
+    lines = [
         "",
         "## What three seeds can show",
         "",
@@ -508,6 +510,35 @@ def report(study, settings):
     for setting in settings["decay"]:
         accuracy = study.metrics(setting, "test_accuracy")
         lines.append(f"| {setting.name} | " + " | ".join(spread([run[e] for run in accuracy]) for e in shown) + " |")
+    return lines
+
+
+def report(study, settings):
+    """study.md: the tables, in the order docs/study.md answers the questions."""
+    every = [
+        setting
+        for group in settings.values()
+        for setting in (group if isinstance(group, list) else [s for grid in group.values() for s in grid])
+    ]
+    read = sorted({os.path.relpath(study.runs_folder(setting), study.out) for setting in every})
+    seeds = settings["optimizers"][0].seeds
+    over = (
+        f"mean over seeds {', '.join(map(str, seeds))} (min–max in brackets)"
+        if len(seeds) > 1
+        else f"seed {seeds[0]} alone"
+    )
+    lines = [
+        "# The study's tables",
+        "",
+        f"Test accuracy (%) and training loss, {over}.",
+        "",
+        f"Runs read: {', '.join(read)} (epochs of each run, and training images held out); each run's "
+        f"full description is the {RUN_DESCRIPTION} beside its checkpoints.",
+        "",
+    ]
+    lines += optimizer_tables(study, settings) + bias_tables(study, settings)
+    fair, chosen = fair_tables(study, settings)
+    lines += fair + more_tables(study, settings)
     safe_files.atomic_write(
         os.path.join(study.out, "study.md"), lambda file: file.write(("\n".join(lines) + "\n").encode())
     )
