@@ -41,7 +41,7 @@ class FolderLock(filelock.FileLock):
     creation, and one that a killed run left must be removed by hand)."""
 
     def __init__(self, folder):
-        super().__init__(os.path.join(folder, ".train.lock"), blocking=False)
+        super().__init__(os.path.join(folder, ".train.lock"), timeout=0)  # one try: taken is taken
         self.folder = folder
 
     def __enter__(self):

