@@ -14,6 +14,11 @@ import sys
 from mnist_mlp_tools import commands, run_folder, safe_files
 from mnist_mlp_tools.commands import UsageError
 
+# matplotlib, an optional dependency: imported at its first use
+figures, lines, backend_agg = commands.lazy_import(
+    "matplotlib.figure", "matplotlib.lines", "matplotlib.backends.backend_agg"
+)
+
 # The panels and their curves: (metrics.csv column, which images, line style); a run draws the
 # columns it has values in (validation only where it held images out).
 PANELS = [
@@ -124,12 +129,8 @@ def shown(text):
 def draw(groups, path, title=None, accuracy_from=None):
     """Write the two-panel PNG: one colour per run (or a mean line and min-max band per setting),
     one line style per set of images."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global figure state
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
-    figure = Figure(figsize=(11, 4.6), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = figures.Figure(figsize=(11, 4.6), dpi=100, layout="constrained")
+    backend_agg.FigureCanvasAgg(figure)  # no pyplot: no global figure state
     axes = figure.subplots(1, len(PANELS))
     drawn = set()  # the columns some run has: their line styles get a legend
     for axis, (name, curves) in zip(axes, PANELS):
@@ -155,7 +156,7 @@ def draw(groups, path, title=None, accuracy_from=None):
         axes[0].set_ylim(bottom=accuracy_from)
     axes[0].legend(fontsize=8, loc="lower right")
     styles = [
-        Line2D([], [], linestyle=style, color="black", label=text)
+        lines.Line2D([], [], linestyle=style, color="black", label=text)
         for _, curves in PANELS[1:]
         for column, text, style in curves
         if column in drawn

@@ -548,8 +548,6 @@ def report(study, settings):
 def figures(study, settings, chosen):
     """The PNGs: the optimizers' curves (plot.py's picture), bias correction (step losses, the
     multiplier), and the fair comparison's test accuracy and test loss."""
-    from matplotlib.figure import Figure  # here: matplotlib is optional (figures only)
-
     runs = [plot.read_run(study.folder(setting, seed)) for setting in settings["optimizers"] for seed in setting.seeds]
     plot.draw(
         plot.group_by_setting(runs),
@@ -558,7 +556,7 @@ def figures(study, settings, chosen):
         accuracy_from=None,
     )
 
-    figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+    figure = pictures.figures.Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
     left, right = figure.subplots(1, 2)
     for number, setting in enumerate(settings["bias"]):
         losses = read_steps(study.folder(setting, setting.seeds[0]))  # checked complete by Study.run
@@ -582,7 +580,7 @@ def figures(study, settings, chosen):
     right.set_title("(1 − β1ᵗ) / √(1 − β2ᵗ)", fontsize=10)
     pictures.save(figure, os.path.join(study.out, "study_bias_correction.png"))
 
-    figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+    figure = pictures.figures.Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
     axes = figure.subplots(1, 2)
     for number, (name, setting) in enumerate(chosen.items()):  # on validation: what the choice was made on
         for axis, column in zip(axes, ("val_accuracy", "val_loss")):

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import importlib.util
 import math
 import os
 import re
@@ -157,10 +158,8 @@ def decimal_number(text):
 
 def require_matplotlib(what):
     """UsageError naming the install command where matplotlib, an optional dependency, is missing."""
-    try:
-        import matplotlib  # noqa: F401  (only to say clearly that it is missing)
-    except ImportError:
-        raise UsageError(f"{what} needs matplotlib, an optional dependency: pip install matplotlib") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"{what} needs matplotlib, an optional dependency: pip install matplotlib")
 
 
 def png_path(parser, flag, path):

@@ -167,8 +167,7 @@ def _compare(model, criterion, x, labels, grads):
 
 
 def _has_hooks(model, parameters):
-    from torch.nn.modules import module as module_globals  # where nn.Module keeps its global hooks
-
+    module_globals = torch.nn.modules.module  # where nn.Module keeps its global hooks
     global_hooks = [
         getattr(module_globals, name, None)
         for name in (

@@ -14,7 +14,13 @@ from torch import nn
 
 import mnist_mlp
 
+from .commands import lazy_import
 from .safe_files import atomic_write
+
+# matplotlib is optional: imported at its first use, by the pictures that need it
+figures, patches, colors, backend_agg = lazy_import(
+    "matplotlib.figure", "matplotlib.patches", "matplotlib.colors", "matplotlib.backends.backend_agg"
+)
 
 MAX_TILES = 256  # a wide first layer shows its first 256 units: more would be too small to see
 
@@ -46,9 +52,6 @@ def silent_units(model, split, batch_size=1000):
 def weight_tiles(model, split, title=None, columns=16):
     """A Figure: each unit of the first layer as a 28x28 image of its weights, red positive and blue
     negative on a colour scale centred at 0, the units silent on every image of `split` boxed."""
-    from matplotlib.figure import Figure  # here: matplotlib is optional (see the docstring)
-    from matplotlib.patches import Rectangle
-
     layer = first_linear(model)
     silent = silent_units(model, split).cpu()
     weights = layer.weight.detach().float().cpu()[:MAX_TILES]  # (units shown, 784)
@@ -60,13 +63,13 @@ def weight_tiles(model, split, title=None, columns=16):
         top, left = 1 + (unit // columns) * 29, 1 + (unit % columns) * 29
         mosaic[top : top + 28, left : left + 28] = row.view(28, 28)
     limit = float(weights.abs().max()) or 1.0
-    figure = Figure(figsize=(columns * 0.6 + 1.5, rows * 0.6 + 1.2), dpi=100, layout="constrained")
+    figure = figures.Figure(figsize=(columns * 0.6 + 1.5, rows * 0.6 + 1.2), dpi=100, layout="constrained")
     axis = figure.subplots()
     image = axis.imshow(mosaic.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
     for unit in range(units):
         if silent[unit]:
             top, left = (unit // columns) * 29, (unit % columns) * 29
-            axis.add_patch(Rectangle((left, top), 29, 29, fill=False, edgecolor="black", linewidth=1.5))
+            axis.add_patch(patches.Rectangle((left, top), 29, 29, fill=False, edgecolor="black", linewidth=1.5))
     axis.set_axis_off()
     figure.colorbar(image, ax=axis, shrink=0.8, label="weight")
     shown = f"the first {units} of {layer.out_features} units" if units < layer.out_features else f"{units} units"
@@ -80,20 +83,17 @@ def weight_tiles(model, split, title=None, columns=16):
 def confusion_heatmap(confusion, class_names, title=None):
     """A Figure of the confusion matrix (rows = true class): every count written in its cell, the
     diagonal (right answers) in green and the errors in red on a log scale, so that a few stand out."""
-    from matplotlib.colors import LogNorm  # here: matplotlib is optional
-    from matplotlib.figure import Figure
-
     counts = torch.as_tensor(confusion).cpu()
     classes = len(counts)
     diagonal = torch.eye(classes, dtype=torch.bool)
     errors = counts.double().masked_fill(diagonal | (counts == 0), math.nan)
     right = counts.double().masked_fill(~diagonal, math.nan)
     size = max(5.0, 0.55 * classes + 2)
-    figure = Figure(figsize=(size + 1, size), dpi=100, layout="constrained")
+    figure = figures.Figure(figsize=(size + 1, size), dpi=100, layout="constrained")
     axis = figure.subplots()
     most = max(2.0, float(errors.nan_to_num(0).max()))
     if bool(torch.isfinite(errors).any()):
-        image = axis.imshow(errors.numpy(), cmap="Reds", norm=LogNorm(vmin=1, vmax=most))
+        image = axis.imshow(errors.numpy(), cmap="Reds", norm=colors.LogNorm(vmin=1, vmax=most))
         figure.colorbar(image, ax=axis, shrink=0.8, label="errors (log scale)")
     axis.imshow(right.numpy(), cmap="Greens", vmin=0, vmax=max(1, int(counts.max())) * 1.4)
     for row in range(classes):
@@ -178,9 +178,7 @@ def error_grid(model, split, class_names, title, limit=64):
 def save(picture, path):
     """Write a Figure or a PIL image as a PNG at `path`, whole or not at all."""
     if hasattr(picture, "savefig"):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # a Figure: matplotlib is there
-
-        FigureCanvasAgg(picture)
+        backend_agg.FigureCanvasAgg(picture)
         atomic_write(path, lambda file: picture.savefig(file, format="png"))
     else:
         atomic_write(path, lambda file: picture.save(file, format="PNG"))
