@@ -432,7 +432,7 @@ def check_optimizer_state(path, saved, optimizer, config):
                 refuse(f"has {key} {short_text(value)}, not True, False or None")
         elif key not in ours:
             refuse(f"has a param group entry {short_text(key)!r} that {config.get('optimizer', 'adam')} does not make")
-        elif key != "params" and not same(value, list(ours[key]) if type(ours[key]) is tuple else ours[key]):
+        elif key != "params" and not same(value, ours[key]):  # same() takes a list for a tuple
             flag = f"({FLAGS[key]})" if key in FLAGS else "(train.py always uses the default)"
             refuse(f"says {key} {short_text(value)}, but this run's is {ours[key]!r} {flag}")
     kind = optimizers.OPTIMIZERS[config.get("optimizer", "adam")]

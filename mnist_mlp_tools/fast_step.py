@@ -341,7 +341,7 @@ class FlatOptimizer:
                 view.copy_(parameter.grad)
         self.flat_steps.add_(1)
         self.update(
-            self.flat_params, self.flat_grads, *self.flat_states, self.flat_steps[0].item(), self.param_groups[0]
+            self.flat_params, self.flat_grads, self.flat_states, self.flat_steps[0].item(), self.param_groups[0]
         )
 
     def state_dict(self):
@@ -391,7 +391,8 @@ class FlatAdam(FlatOptimizer):
     def __init__(self, parameters, lr=1e-3, fused=False):
         super().__init__(parameters, lr=lr, **({"fused": True} if fused else {}))
 
-    def update(self, params, grads, exp_avgs, exp_avg_sqs, step, group):
+    def update(self, params, grads, states, step, group):
+        exp_avgs, exp_avg_sqs = states
         if not group["fused"]:
             return adam_elementwise(params, grads, exp_avgs, exp_avg_sqs, step, group)
         torch._fused_adam_(
@@ -415,16 +416,13 @@ class FlatSGD(FlatOptimizer):
     """torch.optim.SGD's default step (with momentum, no weight decay or nesterov) over flat buffers."""
 
     torch_class = torch.optim.SGD
-    counts_steps = False
 
     def __init__(self, parameters, lr=1e-3, momentum=0.0):
         self.state_names = ("momentum_buffer",) if momentum else ()  # torch's SGD keeps none without momentum
         super().__init__(parameters, lr=lr, momentum=momentum)
 
-    def update(self, params, grads, *states_step_group):
-        sgd_elementwise(params, grads, *states_step_group) if self.state_names else params.add_(
-            grads, alpha=-states_step_group[-1]["lr"]
-        )
+    def update(self, params, grads, states, step, group):
+        sgd_elementwise(params, grads, states[0] if states else None, step, group)  # no buffer: momentum 0
 
 
 # ----------------------------------------------------------------------------- choosing
