@@ -9,40 +9,32 @@ CPU, `python train.py` gives bit-identical weights after every epoch (a test hol
 pickle the whole model: read them with `evaluate.py --trust-pickle`.
 """
 
-import os  # added: the output folder
-
-import torch
+from torchvision import datasets, transforms
+from torch.utils import data
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils import data
-from torchvision import datasets, transforms
+import torch
 
-from mnist_mlp_tools import (
-    commands,  # added: the flags, errors as one line, Ctrl-C as exit 130
-    data_files,  # added: the bundled MNIST, decompressed where torchvision looks for it
-)
+import os  # added: the output folder
+
+from mnist_mlp_tools import commands  # added: the flags, errors as one line, Ctrl-C as exit 130
+from mnist_mlp_tools import data_files  # added: the bundled MNIST, decompressed where torchvision looks for it
 
 
 def parse_args(argv):  # added: the flags
     parser = commands.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=commands.bounded_int(1, 1_000_000), default=20, help="the blog's epoch = 20")
-    parser.add_argument(
-        "--seed",
-        type=commands.bounded_int(0, 2**63 - 1),
-        default=1,
-        help="seed for the weights and the shuffle (the blog sets none)",
-    )
+    parser.add_argument("--seed", type=commands.bounded_int(0, 2**63 - 1), default=1,
+                        help="seed for the weights and the shuffle (the blog sets none)")
     parser.add_argument("--device", default=None, help="the blog's: cuda if available, else cpu")
     commands.add_data_dir_flag(parser)
-    parser.add_argument(
-        "--checkpoint-dir",
-        default="tutorial_run",
-        help="a folder of its own, so that train.py's noteLearning_*.pth are never overwritten",
-    )
+    parser.add_argument("--checkpoint-dir", default="tutorial_run",
+                        help="a folder of its own, so that train.py's noteLearning_*.pth are never overwritten")
     return parser.parse_args(argv)
 
 
 class NoteModel(nn.Module):
+
     def __init__(self):
         super(NoteModel, self).__init__()
         self.fc1 = nn.Linear(28 * 28, 128)  # 一开始需要预估隐藏神经元的数量
@@ -65,7 +57,6 @@ def main(argv=None):
         os.makedirs(args.checkpoint_dir, exist_ok=True)
         with commands.torch_threads(1), torch.random.fork_rng():  # as train.py; the global generator given back
             return blog_program(args)
-
     return commands.run_main(body, argv)
 
 
@@ -76,20 +67,17 @@ def blog_program(args):
     print(device)
     torch.manual_seed(args.seed)  # added: the same initial weights every run
 
-    transform = transforms.Compose(
-        [
-            transforms.ToTensor(),
-            transforms.Normalize((0.5,), (0.5,)),  # 归一化的操作
-        ]
-    )
+    transform = transforms.Compose([
+        transforms.ToTensor(),
+        transforms.Normalize((0.5,), (0.5,))  # 归一化的操作
+    ])
 
     train_dataset = datasets.MNIST(args.data_dir, transform=transform, train=True, download=True)  # added: data dir
     text_dataset = datasets.MNIST(args.data_dir, transform=transform, train=False, download=True)
 
     batch_size = 64
-    train_loader = data.DataLoader(
-        dataset=train_dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
-    )  # added: a seeded shuffle
+    train_loader = data.DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,
+                                   generator=torch.Generator().manual_seed(args.seed))  # added: a seeded shuffle
     text_loader = data.DataLoader(dataset=text_dataset, batch_size=batch_size)
 
     model = NoteModel().to(device)
@@ -101,7 +89,7 @@ def blog_program(args):
     total_train_step = 0
     epoch = args.epochs  # added: --epochs (the blog: 20)
     for i in range(epoch):
-        print("-------------------第{}轮训练开始-------------------".format(i + 1))
+        print('-------------------第{}轮训练开始-------------------'.format(i + 1))
         for inputs, labels in train_loader:
             inputs, labels = inputs.to(device), labels.to(device)
             outs = model(inputs)
@@ -112,10 +100,10 @@ def blog_program(args):
             total_train_step += 1
             if total_train_step % 100 == 0:
                 print("训练次数{}，loss:{}".format(total_train_step, loss.item()))
-        print("第{}轮训练结束！loss:{}".format(i + 1, loss.item()))
+        print('第{}轮训练结束！loss:{}'.format(i + 1, loss.item()))
         total_text_step = 0
         correct = 0
-        print("-------------------第{}轮测试开始----------------".format(i + 1))
+        print('-------------------第{}轮测试开始----------------'.format(i + 1))
         with torch.no_grad():
             for inputs, labels in text_loader:
                 inputs, labels = inputs.to(device), labels.to(device)
@@ -125,9 +113,9 @@ def blog_program(args):
                 correct += (predicted == labels).sum().item()
 
             accuracy = (correct / total_text_step) * 100
-            print(f"测试数据成功的概率为: {accuracy:.2f}%")
-        torch.save(model, os.path.join(args.checkpoint_dir, "noteLearning_{}.pth".format(i + 1)))  # added: its folder
-        print("第{}训练轮模型已保存！".format(i + 1))
+            print(f'测试数据成功的概率为: {accuracy:.2f}%')
+        torch.save(model, os.path.join(args.checkpoint_dir, 'noteLearning_{}.pth'.format(i + 1)))  # added: its folder
+        print('第{}训练轮模型已保存！'.format(i + 1))
     return 0
 
 
