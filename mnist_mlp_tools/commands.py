@@ -318,7 +318,9 @@ def silence_stdout():
 
 
 def script(main):
-    """Run a script's main() as the program, its exit code the process's."""
+    """Run a script's main() as the program, its exit code the process's. Ctrl-C is KeyboardInterrupt (exit
+    130 at the edge) however the process was started: one started in the background inherits SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     code = main(sys.argv[1:])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl-C must not turn the exit into a traceback
     sys.exit(code)

@@ -174,6 +174,25 @@ def test_it_takes_the_newest_checkpoint_and_stops_on_ctrl_c_with_130(trained, tm
     assert err.startswith("warning: --host 0.0.0.0") and "network" in err
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_it_even_when_started_with_sigint_ignored(trained):
+    """A program started in the background inherits SIGINT ignored: Ctrl-C (SIGINT) must still stop it."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "draw.py"), str(trained[0] / "noteLearning_1.pth"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        assert process.stdout.readline().startswith("http://127.0.0.1:")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------- in a real browser
 
 
