@@ -282,6 +282,8 @@ def test_a_resume_takes_the_checkpoints_widths_without_hidden(tmp_path, capsys):
 
 HIDE_POSIX = """
 import os, signal, sys
+import torch, torchvision  # first: Linux's torch calls os.sysconf at import, where a Windows torch takes its own paths
+assert "filelock" not in sys.modules  # so that filelock, imported below, chooses its lock without fcntl
 sys.modules["fcntl"] = None  # `import fcntl` raises ImportError, as on Windows
 for name in ("O_NOFOLLOW", "O_NONBLOCK", "O_CLOEXEC", "pread", "pwrite", "sysconf", "fchmod"):
     if hasattr(os, name):
@@ -322,7 +324,7 @@ print("every path ran")
 @pytest.mark.slow
 def test_the_user_paths_run_with_the_posix_only_apis_hidden(tmp_path):
     """As on Windows: no fcntl, O_NOFOLLOW, O_NONBLOCK, O_CLOEXEC, pread/pwrite, sysconf, fchmod or POSIX-only
-    signals, hidden before anything is imported: train, resume, evaluate, predict, draw's API, plot, the lock."""
+    signals, hidden before anything of ours or filelock is imported: train, resume, evaluate, predict, draw's API, plot, the lock."""
     pytest.importorskip("matplotlib")
     make_tiny_mnist(tmp_path / "data")
     program = HIDE_POSIX + USER_PATHS.format(
