@@ -324,7 +324,8 @@ print("every path ran")
 @pytest.mark.slow
 def test_the_user_paths_run_with_the_posix_only_apis_hidden(tmp_path):
     """As on Windows: no fcntl, O_NOFOLLOW, O_NONBLOCK, O_CLOEXEC, pread/pwrite, sysconf, fchmod or POSIX-only
-    signals, hidden before anything of ours or filelock is imported: train, resume, evaluate, predict, draw's API, plot, the lock."""
+    signals, hidden before anything of ours or filelock is imported: train, resume, evaluate, predict, draw's API,
+    plot, the lock."""
     pytest.importorskip("matplotlib")
     make_tiny_mnist(tmp_path / "data")
     program = HIDE_POSIX + USER_PATHS.format(
