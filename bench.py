@@ -108,7 +108,8 @@ def batch_sizes(n, batch_size, steps):
 
 def classic_runner(data_dir, device):
     """steps(count): `count` more steps of the blog's pipeline, epoch after epoch: tutorial.py's transforms,
-    DataLoader, NoteModel, loss, Adam and step, as its blog_program() writes them (the loss read every 100 steps)."""
+    DataLoader, NoteModel, loss, Adam and step, as its blog_data() and blog_training() write them (the loss read
+    every 100 steps)."""
     transforms = torchvision.transforms
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
     train_loader = torch.utils.data.DataLoader(

@@ -146,15 +146,17 @@ def summary(evaluation):
 
 
 def best_index(results):
-    """(index, what it is best by): by validation accuracy where every run held some images out.
-
-    Picking by test accuracy would make the test set part of the choice; validation exists for it.
-    """
+    """The index of the best validation accuracy, or None unless every run held images out: the best test
+    accuracy would choose the model on the images that measure it."""
     if all("validation" in result for result in results):
-        return max(range(len(results)), key=lambda i: results[i]["validation"]["accuracy"]), "validation accuracy"
-    return max(
-        range(len(results)), key=lambda i: (results[i]["accuracy"], -(results[i]["loss"] or math.inf))
-    ), "test accuracy"
+        return max(range(len(results)), key=lambda i: results[i]["validation"]["accuracy"])
+    return None
+
+
+NO_VALIDATION = (
+    "no best marked: choosing by test accuracy chooses on the images that measure the model; "
+    "train with --val-size 5000 to hold out 5000 training images, and the best by them is marked"
+)
 
 
 def loss_text(loss):
@@ -185,19 +187,21 @@ def print_results(results, args, saved):
                 f"accuracy {val['correct']}/{val['total']} = {val['accuracy']:.2f}%, mean loss {loss_text(val['loss'])}"
             )
     else:
-        best, best_by = best_index(results)
-        by_validation = best_by == "validation accuracy"  # then the table shows what it ranks by
+        best = best_index(results)
+        by_validation = best is not None  # then the table shows what it ranks by
         width = max(len("checkpoint"), *(len(result["checkpoint"]) for result in results))
         print(
             f"{'checkpoint':<{width}}  epoch  accuracy      correct    loss" + ("  val acc." if by_validation else "")
         )
         for number, result in enumerate(results):
-            mark = f"  <- best {best_by}" if number == best else ""
+            mark = "  <- best validation accuracy" if number == best else ""
             val = f"  {result['validation']['accuracy']:>8.2f}%" if by_validation else ""
             print(
                 f"{result['checkpoint']:<{width}}  {result['epoch']:>5}  {result['accuracy']:>7.2f}%  "
                 f"{result['correct']:>5}/{result['total']:<5}  {loss_text(result['loss']):>6}{val}{mark}"
             )
+        if not by_validation:
+            print(NO_VALIDATION)
     for result in results:
         label = f"{result['checkpoint']}: " if len(results) > 1 else ""
         names = result["classes"]

@@ -166,8 +166,8 @@ def epoch_order(n, generator):
 # ============================================================================= 3. the training step
 def textbook_step(model, criterion, optimizer, x, labels):
     """One training step exactly as the tutorial writes it: the reference for every faster path."""
-    optimizer.zero_grad()
     loss = criterion(model(x), labels)
+    optimizer.zero_grad()  # the gradients add up in .grad: clear the last step's before this backward
     loss.backward()
     optimizer.step()
     return loss.detach()  # not loss.item(): that would make the CPU wait for the GPU every step

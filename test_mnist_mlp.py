@@ -296,3 +296,29 @@ def test_without_bias_correction_adam_is_corrected_adam_times_a_factor_of_t_alon
         torch.testing.assert_close(corrected - before[0], uncorrected - before[1], rtol=1e-9, atol=0)
         corrected.copy_(uncorrected)  # the same point for the next step's comparison
     assert max((1 - 0.9**t) / math.sqrt(1 - 0.999**t) for t in range(1, 100)) == pytest.approx(6.57, abs=0.01)
+
+
+BLOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "blog", "tutorial.md")
+
+
+@pytest.mark.skipif(not os.path.exists(BLOG), reason="the blog's text lies beside the project only on its own machines")
+def test_tutorial_py_holds_the_blogs_lines_in_the_blogs_order():
+    """Every line of the blog's program is a line of tutorial.py, in the blog's order (NoteModel after the data,
+    before the model is made), but for the five that tutorial.py changes, each marked "added"."""
+    with open(BLOG, encoding="utf-8") as file:
+        blog = file.read().split("```python\n")[1].split("```")[0]
+    with open(tutorial.__file__, encoding="utf-8") as file:
+        ours = [line.strip() for line in file]
+    position, changed = 0, []
+    for line in filter(None, (line.strip() for line in blog.splitlines())):
+        if line in ours[position:]:
+            position = ours.index(line, position) + 1
+        else:
+            changed.append(line.split("(")[0])
+    assert changed == [
+        "train_dataset = datasets.MNIST",
+        "text_dataset = datasets.MNIST",
+        "train_loader = data.DataLoader",
+        "epoch = 20",
+        "torch.save",
+    ]  # the data folder, the seeded shuffle, --epochs, tutorial_run/

@@ -21,16 +21,26 @@ from mnist_mlp_tools import commands  # added: the flags, errors as one line, Ct
 from mnist_mlp_tools import data_files  # added: the bundled MNIST, decompressed where torchvision looks for it
 
 
-def parse_args(argv):  # added: the flags
-    parser = commands.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=commands.bounded_int(1, 1_000_000), default=20, help="the blog's epoch = 20")
-    parser.add_argument("--seed", type=commands.bounded_int(0, 2**63 - 1), default=1,
-                        help="seed for the weights and the shuffle (the blog sets none)")
-    parser.add_argument("--device", default=None, help="the blog's: cuda if available, else cpu")
-    commands.add_data_dir_flag(parser)
-    parser.add_argument("--checkpoint-dir", default="tutorial_run",
-                        help="a folder of its own, so that train.py's noteLearning_*.pth are never overwritten")
-    return parser.parse_args(argv)
+def blog_data(args):
+    """The blog's program, line for line, up to NoteModel: the device and the data."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device) if args.device else device  # added: --device
+    print(device)
+    torch.manual_seed(args.seed)  # added: the same initial weights every run
+
+    transform = transforms.Compose([
+        transforms.ToTensor(),
+        transforms.Normalize((0.5,), (0.5,))  # 归一化的操作
+    ])
+
+    train_dataset = datasets.MNIST(args.data_dir, transform=transform, train=True, download=True)  # added: data dir
+    text_dataset = datasets.MNIST(args.data_dir, transform=transform, train=False, download=True)
+
+    batch_size = 64
+    train_loader = data.DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,
+                                   generator=torch.Generator().manual_seed(args.seed))  # added: a seeded shuffle
+    text_loader = data.DataLoader(dataset=text_dataset, batch_size=batch_size)
+    return device, train_loader, text_loader  # added: handed to blog_training, below NoteModel as in the blog
 
 
 class NoteModel(nn.Module):
@@ -49,37 +59,8 @@ class NoteModel(nn.Module):
         return out
 
 
-def main(argv=None):
-    def body(argv):  # added: one thread, the bundled data, its own folder
-        args = parse_args(argv)
-        data_files.load(args.data_dir, download=False)  # decompress the bundled files
-        data_files.require_decompressed(args.data_dir)  # torchvision reads only those
-        os.makedirs(args.checkpoint_dir, exist_ok=True)
-        with commands.torch_threads(1), torch.random.fork_rng():  # as train.py; the global generator given back
-            return blog_program(args)
-    return commands.run_main(body, argv)
-
-
-def blog_program(args):
-    """The blog's program, line for line."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(args.device) if args.device else device  # added: --device
-    print(device)
-    torch.manual_seed(args.seed)  # added: the same initial weights every run
-
-    transform = transforms.Compose([
-        transforms.ToTensor(),
-        transforms.Normalize((0.5,), (0.5,))  # 归一化的操作
-    ])
-
-    train_dataset = datasets.MNIST(args.data_dir, transform=transform, train=True, download=True)  # added: data dir
-    text_dataset = datasets.MNIST(args.data_dir, transform=transform, train=False, download=True)
-
-    batch_size = 64
-    train_loader = data.DataLoader(dataset=train_dataset, batch_size=batch_size, shuffle=True,
-                                   generator=torch.Generator().manual_seed(args.seed))  # added: a seeded shuffle
-    text_loader = data.DataLoader(dataset=text_dataset, batch_size=batch_size)
-
+def blog_training(args, device, train_loader, text_loader):
+    """The blog's program, line for line, from NoteModel on: the model, the loss, Adam and the loop."""
     model = NoteModel().to(device)
 
     loss_fn = nn.CrossEntropyLoss()
@@ -117,6 +98,29 @@ def blog_program(args):
         torch.save(model, os.path.join(args.checkpoint_dir, 'noteLearning_{}.pth'.format(i + 1)))  # added: its folder
         print('第{}训练轮模型已保存！'.format(i + 1))
     return 0
+
+
+def parse_args(argv):  # added: the flags
+    parser = commands.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=commands.bounded_int(1, 1_000_000), default=20, help="the blog's epoch = 20")
+    parser.add_argument("--seed", type=commands.bounded_int(0, 2**63 - 1), default=1,
+                        help="seed for the weights and the shuffle (the blog sets none)")
+    parser.add_argument("--device", default=None, help="the blog's: cuda if available, else cpu")
+    commands.add_data_dir_flag(parser)
+    parser.add_argument("--checkpoint-dir", default="tutorial_run",
+                        help="a folder of its own, so that train.py's noteLearning_*.pth are never overwritten")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    def body(argv):  # added: one thread, the bundled data, its own folder
+        args = parse_args(argv)
+        data_files.load(args.data_dir, download=False)  # decompress the bundled files
+        data_files.require_decompressed(args.data_dir)  # torchvision reads only those
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
+        with commands.torch_threads(1), torch.random.fork_rng():  # as train.py; the global generator given back
+            return blog_training(args, *blog_data(args))
+    return commands.run_main(body, argv)
 
 
 if __name__ == "__main__":

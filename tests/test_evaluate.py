@@ -27,7 +27,9 @@ def test_evaluate_reports_the_accuracy_train_printed(trained, capsys):
     assert result["correct"] == round(float(printed) * 100)
 
 
-def test_evaluate_several_checkpoints_marks_the_best(trained, tmp_path, capsys):
+def test_without_validation_images_no_best_is_chosen_on_the_test_set(trained, tmp_path, capsys):
+    """Several runs that held nothing out: a row each, no row marked best (that would choose on the test set),
+    and one line saying how to hold out a validation set."""
     folder, _ = trained
     worse = mnist_mlp.NoteModel().state_dict()  # untrained: about 10%
     torch.save(worse, tmp_path / "random.pth")
@@ -35,7 +37,8 @@ def test_evaluate_several_checkpoints_marks_the_best(trained, tmp_path, capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["checkpoint", "epoch", "accuracy", "correct", "loss"]
-    assert lines[2].endswith("<- best test accuracy") and "<- best" not in lines[1]
+    assert "best" not in "".join(lines[:3]) and lines[3:] == [evaluate.NO_VALIDATION]
+    assert "--val-size 5000" in lines[3] and "test accuracy" in lines[3]
     code, out, _ = run_main(evaluate, [tmp_path / "random.pth", folder / "noteLearning_1.pth", "--json"], capsys)
     assert [result["epoch"] for result in json.loads(out)] == [0, 1]
 
@@ -163,7 +166,9 @@ def test_evaluate_json_never_prints_nan_and_picks_the_best_by_validation(tmp_pat
         {"checkpoint": "a", "accuracy": 99.0, "loss": 0.1, "validation": {"accuracy": 80.0}},
         {"checkpoint": "b", "accuracy": 90.0, "loss": 0.2, "validation": {"accuracy": 85.0}},
     ]
-    assert evaluate.best_index(results) == (1, "validation accuracy")
+    assert evaluate.best_index(results) == 1
+    held_nothing_out = {key: value for key, value in results[1].items() if key != "validation"}
+    assert evaluate.best_index([results[0], held_nothing_out]) is None  # never by the test accuracy of some
     code, out, _ = run_main(
         evaluate,
         [folder / "noteLearning_1.pth", folder / "noteLearning_2.pth", "--data-dir", tmp_path / "data"],

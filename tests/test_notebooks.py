@@ -38,3 +38,13 @@ def test_the_notebooks_run_top_to_bottom(started_notebooks):
         assert sum("image/png" in output.get("data", {}) for output in outputs) >= 6  # the digits, curve, tiles, ...
         printed = "".join("".join(output.get("text", "")) for output in outputs)
         assert "epoch 3: " in printed and "test accuracy" in printed and "without bias correction" in printed
+        compared = (
+            "Adam, lr 0.001 (the blog's)",
+            "SGD, lr 0.001 (the blog's lr)",
+            "SGD, lr 0.1",
+            "SGD with momentum 0.9",
+        )
+        assert all(f"\n{name}" in printed and "%, " in printed.split(f"\n{name}")[1] for name in compared)
+        moments = [line.split() for line in printed.splitlines() if line[:2] in (" 1", "12")]
+        ratios = [float(row[-1]) for row in moments if len(row) == 9]  # Adam's first and twelfth step, one weight
+        assert ratios == [3.16, 6.57]  # (1 - beta1^t) / sqrt(1 - beta2^t), whatever the gradients
