@@ -4,6 +4,7 @@ takes more than six parameters; train.py stays short enough to read its loop. An
 a short README, Chinese pages with the English ones' outline and numbers, each command's flags as its
 --help prints them, the study's tables as study.py wrote them, no history, no broken link."""
 
+import argparse
 import ast
 import glob
 import importlib
@@ -15,6 +16,8 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mnist_mlp
 from tests.conftest import ROOT
@@ -162,6 +165,34 @@ def help_words(text):
     """A --help text as words, the same on every argparse: the columns and line breaks left out (they move
     with the widest flag), and an option's metavar written once, as Python 3.13 writes `-o, --output PATH`."""
     return re.sub(r"(-\w) (\S+), (--[\w-]+) \2\b", r"\1, \3 \2", " ".join(text.split()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    flags=st.lists(
+        st.tuples(
+            st.text("abcdefgi", min_size=1, max_size=1),  # not h: -h is --help
+            st.text("abcdefghij-", min_size=2, max_size=12).filter(lambda name: name[0] != "-"),
+            st.text("ABCDEFG_.", min_size=1, max_size=10),
+            st.lists(st.text("abcdefgh", min_size=1, max_size=9), max_size=25).map(" ".join),
+        ),
+        max_size=6,
+        unique_by=(lambda flag: flag[0], lambda flag: flag[1]),
+    ),
+    widths=st.tuples(st.integers(30, 200), st.integers(30, 200)),
+)
+def test_help_words_are_the_same_at_any_width(flags, widths):
+    """The rule behind the comparison: argparse wraps a help text by the terminal's width (and its columns move with
+    the widest flag), never changing its words."""
+    texts = []
+    for width in widths:
+        parser = argparse.ArgumentParser(
+            prog="x.py", formatter_class=lambda prog: argparse.HelpFormatter(prog, width=width)
+        )
+        for short, long, metavar, words in flags:
+            parser.add_argument(f"-{short}", f"--{long}", metavar=metavar, help=words or None)
+        texts.append(help_words(parser.format_help()))
+    assert texts[0] == texts[1]
 
 
 def test_help_words_hold_across_argparse_versions():
