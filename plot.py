@@ -129,7 +129,9 @@ def shown(text):
 def draw(groups, path, title=None, accuracy_from=None):
     """Write the two-panel PNG: one colour per run (or a mean line and min-max band per setting),
     one line style per set of images."""
-    figure = figures.Figure(figsize=(11, 4.6), dpi=100, layout="constrained")
+    # 4.62 in: a height whose 100 dpi is 462.0 pixels exactly (4.6 * 100 is 459.99..., which matplotlib
+    # before 3.11 cuts to 459): the same picture on every matplotlib
+    figure = figures.Figure(figsize=(11, 4.62), dpi=100, layout="constrained")
     backend_agg.FigureCanvasAgg(figure)  # no pyplot: no global figure state
     axes = figure.subplots(1, len(PANELS))
     drawn = set()  # the columns some run has: their line styles get a legend
